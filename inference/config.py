@@ -1,0 +1,289 @@
+"""The typed configuration every `rescue` command reads: one YAML file per model size.
+
+Plain dataclasses are the schema: each field has a type, a default (or none, if required) and a help
+text that becomes the `--section.field` command-line flag. `load_config` validates a YAML file
+strictly against them (unknown keys, wrong types, missing required fields and out-of-range values
+are errors that name the file and the field), then applies command-line overrides with the same
+checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inference.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny-s"
+
+
+def _help(text: str, **checks: Any) -> dict[str, Any]:
+    return {"help": text, **checks}
+
+
+@dataclass
+class ModelConfig:
+    """Which model pair to run: the full-precision model and its 2-bit GPTQ twin."""
+
+    name: str = field(metadata=_help("short name used in run folders and W&B (e.g. qwen3-8b)"))
+    fp16: str = field(metadata=_help("full-precision model: Hugging Face id or local folder"))
+    quantized: str | None = field(
+        default=None,
+        metadata=_help(
+            "2-bit GPTQ model: local folder or published checkpoint id; "
+            "default: <output_dir>/<name>-2bit, where `rescue quantize` writes it"
+        ),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "compute dtype of the full-precision model: auto (bfloat16 on GPU, float32 on CPU), "
+            "float16, bfloat16 or float32",
+            choices=("auto", "float16", "bfloat16", "float32"),
+        ),
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn (Qwen3 thinking-mode defaults) and how many may be generated."""
+
+    temperature: float = field(default=0.6, metadata=_help("0 means greedy decoding", min=0.0))
+    top_p: float = field(default=0.95, metadata=_help("nucleus sampling mass", min=0.0, max=1.0))
+    top_k: int = field(default=20, metadata=_help("keep the k most likely tokens; 0 disables", min=0))
+    budget: int = field(default=2048, metadata=_help("maximum generated tokens per trace", min=1))
+    seed: int = field(default=0, metadata=_help("random seed of sampling"))
+    batch_size: int = field(default=8, metadata=_help("sequences decoded together", min=1))
+
+
+@dataclass
+class CalibrationConfig:
+    """Problems GPTQ calibrates on (the benchmark's train split)."""
+
+    benchmark: str = field(default="gsm8k", metadata=_help("benchmark name (math500, gsm8k, arith)"))
+    split: str = field(default="train", metadata=_help("split to draw calibration problems from"))
+    path: str | None = field(default=None, metadata=_help("local JSONL/Parquet file instead of the hub"))
+    size: int = field(default=128, metadata=_help("number of calibration problems", min=1))
+
+
+@dataclass
+class QuantizationConfig:
+    """GPTQ settings of the low-bit twin."""
+
+    bits: int = field(default=2, metadata=_help("weight bits", choices=(2, 3, 4, 8)))
+    group_size: int = field(default=64, metadata=_help("columns sharing one scale; -1 for per-channel"))
+    desc_act: bool = field(default=False, metadata=_help("GPTQ act-order (quantize columns by activation size)"))
+    damp_percent: float = field(default=0.05, metadata=_help("Hessian dampening", min=0.0, max=1.0))
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class ProbeConfig:
+    """What the learned detector reads."""
+
+    layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata=_help("decoder layers whose output hidden states are captured (negative counts from the end)"),
+    )
+
+
+@dataclass
+class BenchmarkConfig:
+    """Which problems are evaluated."""
+
+    name: str = field(default="gsm8k", metadata=_help("benchmark name (math500, gsm8k, arith)"))
+    split: str = field(default="test", metadata=_help("split to evaluate"))
+    path: str | None = field(default=None, metadata=_help("local JSONL/Parquet file instead of the hub"))
+
+
+@dataclass
+class PretrainConfig:
+    """Architecture and training recipe of an embedded family model (tiny-s/m/l); unused by real models."""
+
+    hidden_size: int = field(default=128, metadata=_help("model width", min=8))
+    num_layers: int = field(default=6, metadata=_help("decoder layers", min=1))
+    num_heads: int = field(default=4, metadata=_help("attention heads", min=1))
+    num_kv_heads: int = field(default=2, metadata=_help("key/value heads (grouped-query attention)", min=1))
+    intermediate_size: int = field(default=256, metadata=_help("MLP width", min=8))
+    max_length: int = field(default=1024, metadata=_help("longest trained sequence and position limit", min=16))
+    train_problems: int = field(default=40000, metadata=_help("synthetic training traces (one epoch)", min=1))
+    val_problems: int = field(default=500, metadata=_help("validation traces", min=1))
+    epochs: int = field(default=4, metadata=_help("passes over the training traces", min=1))
+    batch_size: int = field(default=64, metadata=_help("traces per optimizer step", min=1))
+    learning_rate: float = field(default=2e-3, metadata=_help("peak AdamW learning rate", min=0.0))
+    warmup_steps: int = field(default=200, metadata=_help("linear warm-up steps", min=0))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay", min=0.0))
+    seed: int = field(default=0, metadata=_help("seed of initialisation, data order and task generation"))
+
+
+@dataclass
+class WandbConfig:
+    """Tracking in Weights & Biases (offline unless asked otherwise)."""
+
+    mode: str = field(
+        default="offline",
+        metadata=_help("offline (default, never touches the network), online or disabled",
+                       choices=("offline", "online", "disabled")),
+    )
+    project: str = field(default="lowbit-rescue", metadata=_help("W&B project"))
+
+
+@dataclass
+class RescueConfig:
+    """Everything one model size needs, for every stage."""
+
+    model: ModelConfig
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    output_dir: str = field(default="runs", metadata=_help("where run folders are written"))
+
+    @property
+    def quantized_path(self) -> str:
+        """The 2-bit model's folder or id (config value, or the default folder of `rescue quantize`)."""
+        return self.model.quantized or str(Path(self.output_dir) / f"{self.model.name}-2bit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_config_path(config: str | Path | None) -> Path:
+    """A config given as a path, or as the name of a shipped config (`tiny-s`, `qwen3-8b`)."""
+    if config is None:
+        config = DEFAULT_CONFIG
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():
+        path = CONFIG_DIR / f"{config}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"{config}: config file not found (shipped configs: {shipped})")
+    return path
+
+
+def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RescueConfig:
+    """Read and validate a YAML config, then apply `overrides` (dotted field -> value)."""
+    path = resolve_config_path(config)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return _build(RescueConfig, raw, str(path), "")
+
+
+def config_fields(cls: type = RescueConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field as (dotted name, field, type), for building command-line flags."""
+    leaves = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            leaves.extend(config_fields(kind, f"{prefix}{f.name}."))
+        else:
+            leaves.append((f"{prefix}{f.name}", f, kind))
+    return leaves
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: cannot set {dotted}: '{section}' is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: field '{where}' must be a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field '{prefix}{unknown[0]}' (expected one of: {', '.join(known)})"
+        )
+    values = {}
+    for name, f in known.items():
+        dotted = f"{prefix}{name}"
+        kind = hints[name]
+        if name not in raw:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and dataclasses.is_dataclass(kind):
+                raise ConfigError(f"{source}: missing required section '{dotted}'")
+            if required:
+                raise ConfigError(f"{source}: missing required field '{dotted}'")
+            continue
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name] if raw[name] is not None else {}, source, dotted + ".")
+        else:
+            values[name] = _check_value(raw[name], kind, f, source, dotted)
+    return cls(**values)
+
+
+def _check_value(value: Any, kind: Any, f: dataclasses.Field, source: str, dotted: str) -> Any:
+    value = _coerce(value, kind, source, dotted)
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        options = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{source}: field '{dotted}' must be one of {options}, got {value!r}")
+    if value is not None and "min" in meta and value < meta["min"]:
+        bound = meta["min"]
+        expected = "a positive integer" if bound == 1 and isinstance(value, int) else f">= {bound}"
+        raise ConfigError(f"{source}: field '{dotted}' must be {expected}, got {value!r}")
+    if value is not None and "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{source}: field '{dotted}' must be <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _coerce(value: Any, kind: Any, source: str, dotted: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, source, dotted)
+    if origin is list:
+        (item,) = args
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: field '{dotted}' must be a list of {item.__name__}, got {_describe(value)}")
+        return [_coerce(v, item, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"{source}: field '{dotted}' must be {names.get(kind, kind)}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,146 @@
+"""Running one method over a list of problems and keeping an evaluation record.
+
+The record has one row per problem (prompt id, generated tokens, finish reason, answer,
+correctness, wall time) and a summary; both are written atomically into a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from inference.answers import extract_final_answer, split_thinking
+from inference.config import SamplingConfig
+from inference.generate import Sampler, generate
+from inference.grading import is_correct
+from inference.prompts import Problem, render_prompt
+
+
+@dataclass
+class ProblemRecord:
+    """One problem's outcome under one method. `wall_seconds` is the problem's share of its batch's time."""
+
+    problem_id: str
+    method: str
+    sample: int
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    closed_think: bool
+    answer: str | None
+    gold: str
+    correct: bool
+    wall_seconds: float
+    text: str
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Tokens that end a trace: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+
+
+def run_method(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    *,
+    method: str,
+    sampling: SamplingConfig,
+    progress: bool = True,
+) -> list[ProblemRecord]:
+    """Generate one trace per problem with `model` and grade its final answer."""
+    device = next(model.parameters()).device
+    sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    stop_ids = eos_token_ids(tokenizer, model)
+    records: list[ProblemRecord] = []
+    bar = tqdm(total=len(problems), desc=method, unit="problem", disable=not progress, dynamic_ncols=True)
+    generated_total = 0
+    for start in range(0, len(problems), sampling.batch_size):
+        batch = problems[start : start + sampling.batch_size]
+        prompts = [render_prompt(tokenizer, p.question) for p in batch]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        began = time.perf_counter()
+        result = generate(
+            model,
+            encoded.input_ids,
+            encoded.attention_mask,
+            max_new_tokens=sampling.budget,
+            eos_token_ids=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            sampler=sampler,
+            generator=generator,
+        )
+        share = (time.perf_counter() - began) / len(batch)
+        for problem, ids, reason, prompt_len in zip(batch, result.generated_ids, result.finish_reasons, result.prompt_lengths):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            answer = extract_final_answer(text)
+            records.append(
+                ProblemRecord(
+                    problem_id=problem.id,
+                    method=method,
+                    sample=0,
+                    prompt_tokens=int(prompt_len),
+                    generated_tokens=len(ids),
+                    finish_reason=reason,
+                    closed_think=split_thinking(text)[2],
+                    answer=answer,
+                    gold=problem.answer,
+                    correct=is_correct(answer, problem.answer),
+                    wall_seconds=round(share, 4),
+                    text=text,
+                )
+            )
+            generated_total += len(ids)
+        bar.update(len(batch))
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        accuracy = sum(r.correct for r in records) / len(records)
+        bar.set_postfix(tok_s=f"{generated_total / elapsed:.0f}", acc=f"{accuracy:.2f}")
+    bar.close()
+    return records
+
+
+def summarize(records: Sequence[ProblemRecord]) -> dict:
+    """Accuracy, generated-token statistics and finish-reason counts of one method's records."""
+    tokens = [r.generated_tokens for r in records]
+    return {
+        "method": records[0].method if records else None,
+        "problems": len(records),
+        "accuracy": sum(r.correct for r in records) / len(records) if records else 0.0,
+        "mean_generated_tokens": statistics.fmean(tokens) if tokens else 0.0,
+        "median_generated_tokens": statistics.median(tokens) if tokens else 0.0,
+        "finish_reasons": dict(Counter(r.finish_reason for r in records)),
+        "unclosed_think": sum(not r.closed_think for r in records),
+        "wall_seconds": round(sum(r.wall_seconds for r in records), 3),
+    }
+
+
+def write_evaluation(out_dir: str | Path, records: Sequence[ProblemRecord], summary: dict) -> Path:
+    """Write `records.jsonl` and `summary.json` into `out_dir`, replacing it only once both are complete."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with open(staging / "records.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps(asdict(record)) + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir

@@ -1,0 +1,138 @@
+"""Loading the model pair: the full-precision model and its 2-bit GPTQ twin.
+
+Both are given as a Hugging Face id or a local folder. Ids are resolved through the local Hugging
+Face cache first; without network a missing model is reported in one line instead of a stack trace
+from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from inference.errors import ModelUnavailableError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_MODEL_FILES = ("config.json",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU and float32 on the CPU (half precision matmuls are slow there)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_model_source(ref: str, role: str = "model") -> Path:
+    """A local folder holding the model `ref` (a folder path or a Hugging Face id).
+
+    A path-like `ref` must be a complete local folder. An id is taken from the Hugging Face cache,
+    or downloaded when the hub is reachable and offline mode is off.
+    """
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path  # configs name shipped models relative to the project root
+    looks_local = path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelUnavailableError(f"{role} folder {ref} does not exist")
+        _check_model_folder(path, role)
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            return Path(snapshot_download(ref, etag_timeout=10))
+        except Exception:
+            pass
+    raise ModelUnavailableError(
+        f"{role} {ref} is not available offline; pass a local folder "
+        f"(for example --model.fp16 /path/to/model) or download it once with network access"
+    )
+
+
+def _check_model_folder(path: Path, role: str) -> None:
+    for name in REQUIRED_MODEL_FILES:
+        if not (path / name).is_file():
+            raise ModelUnavailableError(f"{role} folder {path} is missing {name}")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise ModelUnavailableError(f"{role} folder {path} has no weights (*.safetensors or *.bin)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+        raise ModelUnavailableError(f"{role} folder {path}: config.json is not valid JSON") from None
+
+
+def load_tokenizer(source: Path):
+    """The tokenizer saved beside a model (the 2-bit twin carries a copy of its base model's)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise ModelUnavailableError(f"model folder {source} has no usable tokenizer ({type(error).__name__})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_tokenizer_matches(model, tokenizer, source: Path) -> None:
+    """Every token id the tokenizer can produce must have an embedding row in the model."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelUnavailableError(
+            f"{source}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}"
+        )
+
+
+def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
+    """The full-precision model (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(ref, "model")
+    target = pick_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, target))
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"model folder {source} cannot be loaded: {str(error).splitlines()[0]}") from None
+    model = model.to(target).eval()
+    tokenizer = load_tokenizer(source)
+    check_tokenizer_matches(model, tokenizer, source)
+    return model, tokenizer
+
+
+def load_quantized(ref: str, device: str = "auto"):
+    """The 2-bit GPTQ model (a `transformers` model whose linears are GPTQModel kernels) and its tokenizer."""
+    source = resolve_model_source(ref, "2-bit model")
+    if not (source / "quantize_config.json").is_file() and "quantization_config" not in json.loads(
+        (source / "config.json").read_text()
+    ):
+        raise ModelUnavailableError(
+            f"2-bit model folder {source} has no GPTQ quantization config; make it with `rescue quantize`"
+        )
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import BACKEND, GPTQModel
+
+    target = pick_device(device)
+    backend = BACKEND.TORCH if target.type == "cpu" else BACKEND.AUTO
+    wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
+    model = wrapped.model.eval()
+    tokenizer = load_tokenizer(source)
+    check_tokenizer_matches(model, tokenizer, source)
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""The `rescue` command line: one subcommand per pipeline stage, wired from the stage packages."""

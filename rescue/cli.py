@@ -1,0 +1,106 @@
+"""`rescue <stage>`: argparse subcommands whose config flags are generated from the config dataclasses.
+
+Every config field is a `--section.field` flag (help text from the field), so nothing is declared
+twice; `--config` picks the YAML file (a path or a shipped name, default tiny-s) and flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from inference.config import DEFAULT_CONFIG, config_fields, load_config
+from inference.errors import RescueError
+
+# Short spellings of the most used fields.
+ALIASES = {"benchmark": "benchmark.name", "wandb": "wandb.mode", "budget": "sampling.budget"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config: a path or a shipped name (default: {DEFAULT_CONFIG})")
+    for alias, dotted in ALIASES.items():
+        parser.add_argument(f"--{alias}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"same as --{dotted}")
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    for dotted, field, kind in config_fields():
+        text = field.metadata.get("help", "")
+        if "choices" in field.metadata:
+            text += f" {{{', '.join(str(c) for c in field.metadata['choices'])}}}"
+        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS, metavar="VALUE",
+                           help=text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    kinds = {dotted: kind for dotted, _, kind in config_fields()}
+    overrides = {}
+    for key, raw in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        dotted = key[4:]
+        if kinds[dotted] in (str, str | None) and raw not in ("null", "~"):
+            overrides[dotted] = raw
+        else:
+            try:
+                overrides[dotted] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                overrides[dotted] = raw
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rescue",
+        description="lowbit-rescue: make 2-bit reasoning models usable (quantize, evaluate, ...).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    quantize = commands.add_parser("quantize", help="make the 2-bit GPTQ twin of the config's model",
+                                   description="Quantize model.fp16 with GPTQModel (bits, group size and "
+                                               "calibration problems from the config) into a local folder.")
+    _add_config_flags(quantize)
+    quantize.add_argument("--out", default=None, help="output folder (default: the config's 2-bit model folder)")
+
+    evaluate = commands.add_parser("evaluate", help="run one method on a benchmark and grade it",
+                                   description="Generate one trace per problem, grade the final answers and "
+                                               "write an evaluation record (records.jsonl, summary.json).")
+    _add_config_flags(evaluate)
+    evaluate.add_argument("--method", choices=("fp16", "2bit"), default="2bit",
+                          help="fp16: the full-precision model; 2bit: its GPTQ twin (default)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    evaluate.add_argument("--out", default=None, help="record folder (default: <output_dir>/<model>/evaluate-...)")
+    pretrain = commands.add_parser("pretrain", help="train an embedded family model (tiny-s/m/l)",
+                                   description="Train the config's embedded reasoning model on synthetic "
+                                               "arithmetic traces with Lightning (GPU if present), checkpoint "
+                                               "every epoch and save it as a Hugging Face folder at model.fp16.")
+    _add_config_flags(pretrain)
+    pretrain.add_argument("--out", default=None, help="model folder (default: the config's model.fp16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rescue import commands
+
+    try:
+        config = load_config(args.config, _overrides(args))
+        if args.command == "quantize":
+            commands.quantize(config, out=args.out)
+        elif args.command == "evaluate":
+            commands.evaluate(config, method=args.method, limit=args.limit, out=args.out)
+        elif args.command == "pretrain":
+            commands.pretrain(config, out=args.out)
+    except RescueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

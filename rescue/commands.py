@@ -1,0 +1,182 @@
+"""One function per `rescue` subcommand. Each takes the validated config plus its own options.
+
+These functions are the only place that wires stages together (benchmarks from `training`,
+models and runners from `inference`); the stage packages never import each other upward.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from inference.config import RescueConfig
+from inference.errors import RescueError
+
+METHODS = ("fp16", "2bit")
+
+
+def quantize(config: RescueConfig, out: str | None = None) -> dict:
+    """Make the 2-bit GPTQ twin of `model.fp16`, calibrated on `quantization.calibration` problems."""
+    from inference.models import load_tokenizer, resolve_model_source
+    from inference.prompts import render_prompt
+    from inference.quantize import quantize_model
+    from training.benchmarks import load_benchmark
+
+    calibration = config.quantization.calibration
+    source = resolve_model_source(config.model.fp16, "model")
+    problems = load_benchmark(calibration.benchmark, calibration.split, calibration.path, limit=calibration.size)
+    tokenizer = load_tokenizer(source)
+    texts = [render_prompt(tokenizer, p.question) + calibration_completion(p) for p in problems]
+    out_dir = out or config.quantized_path
+    print(f"quantizing {config.model.fp16} to {config.quantization.bits} bits "
+          f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems")
+    summary = quantize_model(str(source), out_dir, texts, config.quantization, device=config.model.device)
+    print(f"wrote {summary['out']} in {summary['seconds']:.1f} s")
+    return summary
+
+
+def calibration_completion(problem) -> str:
+    """What follows the prompt in a calibration text: the problem's worked solution when it has one."""
+    return getattr(problem, "solution", None) or ""
+
+
+def evaluate(
+    config: RescueConfig,
+    method: str = "2bit",
+    limit: int | None = None,
+    out: str | None = None,
+) -> dict:
+    """Run one method on the configured benchmark split and write its evaluation record."""
+    from inference.evaluate import run_method, summarize, write_evaluation
+    from inference.models import load_full_precision, load_quantized
+    from inference.tracking import start_run
+    from training.benchmarks import load_benchmark
+
+    if method not in METHODS:
+        raise RescueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if limit is not None and limit < 1:
+        raise RescueError(f"--limit must be a positive integer, got {limit}")
+    bench = config.benchmark
+    problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
+    if method == "fp16":
+        model, tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
+    else:
+        model, tokenizer = load_quantized(config.quantized_path, config.model.device)
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / f"evaluate-{method}-{bench.name}-{bench.split}")
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-{method}-{bench.name}",
+                    "evaluate", {**config.to_dict(), "method": method, "limit": limit}, out_dir.parent)
+    began = time.perf_counter()
+    records = run_method(model, tokenizer, problems, method=method, sampling=config.sampling)
+    summary = summarize(records)
+    summary.update(model=config.model.name, benchmark=bench.name, split=bench.split,
+                   total_wall_seconds=round(time.perf_counter() - began, 2))
+    write_evaluation(out_dir, records, summary)
+    if run is not None:
+        log_evaluation(run, records, summary)
+        run.finish()
+    print(format_summary(summary))
+    print(f"evaluation record: {out_dir}")
+    return summary
+
+
+def log_evaluation(run, records, summary) -> None:
+    import wandb
+
+    table = wandb.Table(columns=["problem_id", "generated_tokens", "finish_reason", "answer", "gold", "correct"])
+    for r in records:
+        table.add_data(r.problem_id, r.generated_tokens, r.finish_reason, r.answer, r.gold, r.correct)
+    run.log({"records": table})
+    run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    for reason, count in summary["finish_reasons"].items():
+        run.summary[f"finish/{reason}"] = count
+
+
+def format_summary(summary: dict) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items()))
+    return (
+        f"{summary['method']} on {summary['benchmark']}/{summary['split']} ({summary['problems']} problems): "
+        f"accuracy {summary['accuracy']:.1%}, generated tokens mean {summary['mean_generated_tokens']:.1f} "
+        f"median {summary['median_generated_tokens']:.0f}, finish: {reasons}, "
+        f"unclosed think {summary['unclosed_think']}, wall {summary['total_wall_seconds']:.1f} s"
+    )
+
+
+def pretrain(config: RescueConfig, out: str | None = None) -> dict:
+    """Train an embedded family model (architecture and recipe in the config's `pretrain` section)."""
+    import json
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from training.pretrain import ArithTraceData, ReasonerLM, count_parameters, family_config
+    from training.tokenizer import build_tokenizer
+
+    spec = config.pretrain
+    out_dir = Path(out or config.model.fp16)
+    run_dir = Path(config.output_dir) / config.model.name / "pretrain"
+    tokenizer = build_tokenizer()
+    L.seed_everything(spec.seed, verbose=False)
+    data = ArithTraceData(tokenizer, spec)
+    data.setup()
+    steps = (len(data.train_set) // spec.batch_size) * spec.epochs
+    module = ReasonerLM(family_config(spec, tokenizer), spec, steps)
+    parameters = count_parameters(module.model)
+    print(f"pretraining {config.model.name}: {parameters / 1e6:.2f}M parameters, {len(data.train_set)} traces, "
+          f"{spec.epochs} epochs, {steps} steps")
+    logger = _lightning_logger(config, run_dir, "pretrain")
+    gpu = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_epochs=spec.epochs,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-mixed" if gpu else "32-true",
+        gradient_clip_val=1.0,
+        logger=logger,
+        log_every_n_steps=20,
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_epochs=1, save_top_k=-1),
+                   TQDMProgressBar(refresh_rate=20)],
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
+    began = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - began
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    model = module.model.to(torch.float16).cpu()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    record = {
+        "model": config.model.name,
+        "parameters": parameters,
+        "train_traces": len(data.train_set),
+        "epochs": spec.epochs,
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
+    }
+    (staging / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    import shutil
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    print(f"wrote {out_dir}: val loss {record['val_loss']:.4f}, {seconds:.0f} s on {record['device']}")
+    return record
+
+
+def _lightning_logger(config: RescueConfig, run_dir: Path, job: str):
+    """W&B through Lightning's WandbLogger (offline by default); False when W&B is disabled."""
+    if config.wandb.mode == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    from inference.tracking import start_run
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-{job}", job,
+                    config.to_dict(), run_dir)
+    return WandbLogger(experiment=run)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Qwen3 with the embedded tokenizer, built once per session, no downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def build_tiny_qwen3(folder: Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Save a random Qwen3ForCausalLM plus the embedded tokenizer into `folder`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from training.tokenizer import save_tokenizer
+
+    tokenizer = save_tokenizer(folder)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def arith_jsonl(tmp_path_factory) -> Path:
+    """A 4-problem local benchmark file in GSM8K's format."""
+    path = tmp_path_factory.mktemp("bench") / "four.jsonl"
+    rows = [
+        {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "What is 7 * 6?", "answer": "7 * 6 = 42\n#### 42"},
+        {"question": "What is 10 - 4?", "answer": "10 - 4 = 6\n#### 6"},
+        {"question": "What is 9 + 9?", "answer": "9 + 9 = 18\n#### 18"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

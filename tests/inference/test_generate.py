@@ -1,0 +1,103 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference.generate import FINISH_BUDGET, FINISH_EOS, Sampler, generate
+from inference.prompts import render_prompt
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return model, tokenizer
+
+
+def _batch(tokenizer, questions):
+    prompts = [render_prompt(tokenizer, q) for q in questions]
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def test_greedy_matches_model_generate_on_left_padded_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "Start with 17. Add 8, multiply by 3."])
+    assert (enc.attention_mask == 0).any(), "the batch must actually be left-padded"
+    ours = generate(
+        model, enc.input_ids, enc.attention_mask, max_new_tokens=24,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+    )
+    reference = model.generate(
+        **enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    for row, ids in enumerate(ours.generated_ids):
+        expected = reference[row, enc.input_ids.shape[1]:].tolist()
+        assert ids == expected[: len(ids)]
+        assert len(ids) == 24 or ids[-1] == tokenizer.eos_token_id
+
+
+def test_hook_sees_live_sequences_and_hidden_states_of_the_same_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?", "Add 1 and 1."])
+    seen = []
+    result = generate(
+        model, enc.input_ids, enc.attention_mask, max_new_tokens=6,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        layers=[0, -1], hook=seen.append,
+    )
+    assert [view.step for view in seen] == list(range(6))
+    for view in seen:
+        assert view.rows.tolist() == [0, 1, 2]
+        assert set(view.hidden) == {0, -1}
+        assert view.hidden[-1].shape == (3, model.config.hidden_size)
+    # Replaying prompt + generated tokens in one pass gives the hidden states the hook saw.
+    full = torch.cat([enc.input_ids, torch.tensor(result.generated_ids)], dim=1)
+    mask = torch.cat([enc.attention_mask, torch.ones(3, 6, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        states = model(input_ids=full, attention_mask=mask, position_ids=positions, output_hidden_states=True).hidden_states
+    prompt_len = enc.input_ids.shape[1]
+    for view in seen:
+        position = prompt_len + view.step - 1
+        torch.testing.assert_close(view.hidden[0], states[1][:, position], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(view.hidden[-1], states[-1][:, position], rtol=1e-4, atol=1e-4)
+        assert view.tokens.tolist() == [ids[view.step] for ids in result.generated_ids]
+
+
+def test_sequences_stop_independently_at_eos_or_budget(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"])
+    # Make the model's first choice for row 0 an EOS by declaring that token an EOS id.
+    first = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=1,
+                     eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    stop_token = first.generated_ids[0][0]
+    live_rows = []
+    result = generate(
+        model, enc.input_ids, enc.attention_mask, max_new_tokens=5, eos_token_ids=[stop_token],
+        pad_token_id=tokenizer.pad_token_id, hook=lambda v: live_rows.append(v.rows.tolist()),
+    )
+    assert result.finish_reasons[0] == FINISH_EOS and result.generated_ids[0] == [stop_token]
+    if stop_token not in result.generated_ids[1]:
+        assert result.finish_reasons[1] == FINISH_BUDGET and len(result.generated_ids[1]) == 5
+        assert live_rows[0] == [0, 1] and all(rows == [1] for rows in live_rows[1:])
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?"] * 2)
+    sampler = Sampler(temperature=1.0, top_k=20, top_p=0.95)
+
+    def run(seed):
+        return generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=16,
+                        eos_token_ids=[], pad_token_id=tokenizer.pad_token_id, sampler=sampler,
+                        generator=torch.Generator().manual_seed(seed)).generated_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_zero_budget_is_refused(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?"])
+    with pytest.raises(ValueError, match="positive integer"):
+        generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=0, eos_token_ids=[1], pad_token_id=0)
