@@ -50,6 +50,14 @@ class ModelConfig:
         ),
     )
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    kernel: str = field(
+        default="dequantized",
+        metadata=_help(
+            "how the 2-bit model runs: dequantized (its 2-bit weights unpacked once into plain linears: "
+            "same traces, fast for small models and CPUs) or gptq (GPTQModel's packed kernels)",
+            choices=("dequantized", "gptq"),
+        ),
+    )
 
 
 @dataclass

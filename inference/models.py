@@ -117,8 +117,14 @@ def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
     return model, tokenizer
 
 
-def load_quantized(ref: str, device: str = "auto"):
-    """The 2-bit GPTQ model (a `transformers` model whose linears are GPTQModel kernels) and its tokenizer."""
+def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", dtype: str = "auto"):
+    """The 2-bit GPTQ model and its tokenizer.
+
+    `kernel="gptq"` keeps GPTQModel's packed 2-bit linears (the real memory saving; speed depends on
+    the backend). `kernel="dequantized"` unpacks each quantized weight once into a plain linear in
+    `dtype`: the same 2-bit weight values, hence the same traces, but ordinary matmuls, which is
+    much faster for small models and on the CPU.
+    """
     source = resolve_model_source(ref, "2-bit model")
     if not (source / "quantize_config.json").is_file() and "quantization_config" not in json.loads(
         (source / "config.json").read_text()
@@ -130,9 +136,29 @@ def load_quantized(ref: str, device: str = "auto"):
     from gptqmodel import BACKEND, GPTQModel
 
     target = pick_device(device)
-    backend = BACKEND.TORCH if target.type == "cpu" else BACKEND.AUTO
+    backend = BACKEND.TORCH if target.type == "cpu" or kernel == "dequantized" else BACKEND.AUTO
     wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
     model = wrapped.model.eval()
+    if kernel == "dequantized":
+        model = dequantize_linears(model).to(device=target, dtype=pick_dtype(dtype, target))
     tokenizer = load_tokenizer(source)
     check_tokenizer_matches(model, tokenizer, source)
     return model, tokenizer
+
+
+@torch.no_grad()
+def dequantize_linears(model):
+    """Replace every GPTQModel torch-kernel linear by an `nn.Linear` holding its dequantized weight."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, TorchLinear):
+            continue
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.copy_(module.dequantize_weight().T.float())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    model.config.quantization_config = None
+    return model

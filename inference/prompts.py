@@ -14,12 +14,17 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark problem: a stable id (same across runs and machines), the question, the gold answer."""
+    """One benchmark problem: a stable id (same across runs and machines), the question, the gold answer.
+
+    `solution` is a worked solution where the benchmark has one (GPTQ calibrates on prompt + solution,
+    so the activations it sees include reasoning, not only questions).
+    """
 
     id: str
     question: str
     answer: str
     benchmark: str
+    solution: str | None = None
 
 
 def render_prompt(tokenizer, question: str, enable_thinking: bool = True) -> str:

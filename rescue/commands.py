@@ -20,24 +20,19 @@ def quantize(config: RescueConfig, out: str | None = None) -> dict:
     from inference.models import load_tokenizer, resolve_model_source
     from inference.prompts import render_prompt
     from inference.quantize import quantize_model
-    from training.benchmarks import load_benchmark
+    from training.benchmarks import calibration_problems
 
     calibration = config.quantization.calibration
     source = resolve_model_source(config.model.fp16, "model")
-    problems = load_benchmark(calibration.benchmark, calibration.split, calibration.path, limit=calibration.size)
+    problems = calibration_problems(calibration.benchmark, calibration.split, calibration.path, calibration.size)
     tokenizer = load_tokenizer(source)
-    texts = [render_prompt(tokenizer, p.question) + calibration_completion(p) for p in problems]
+    texts = [render_prompt(tokenizer, p.question) + (p.solution or "") for p in problems]
     out_dir = out or config.quantized_path
     print(f"quantizing {config.model.fp16} to {config.quantization.bits} bits "
           f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems")
     summary = quantize_model(str(source), out_dir, texts, config.quantization, device=config.model.device)
     print(f"wrote {summary['out']} in {summary['seconds']:.1f} s")
     return summary
-
-
-def calibration_completion(problem) -> str:
-    """What follows the prompt in a calibration text: the problem's worked solution when it has one."""
-    return getattr(problem, "solution", None) or ""
 
 
 def evaluate(
@@ -61,7 +56,8 @@ def evaluate(
     if method == "fp16":
         model, tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
     else:
-        model, tokenizer = load_quantized(config.quantized_path, config.model.device)
+        model, tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
+                                          config.model.dtype)
     out_dir = Path(out or Path(config.output_dir) / config.model.name / f"evaluate-{method}-{bench.name}-{bench.split}")
 
     run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-{method}-{bench.name}",

@@ -341,10 +341,12 @@ def arith_problems(
     """The first `limit` problems of a split (default size: DEFAULT_SPLIT_SIZES), for evaluation."""
     _check_split(split)
     size = DEFAULT_SPLIT_SIZES[split] if limit is None else limit
+    spec = spec or ArithSpec()
     problems = []
     for index in range(size):
         chain = arith_chain(split, index, seed, spec)
-        problems.append(Problem(problem_id(split, index, seed), chain.question, str(chain.answer), "arith"))
+        trace = write_trace(chain, _trace_rng(split, index, seed), spec.trace)
+        problems.append(Problem(problem_id(split, index, seed), chain.question, str(chain.answer), "arith", trace))
     return problems
 
 

@@ -57,6 +57,7 @@ def _math500_problem(row: Mapping[str, Any], split: str) -> Problem:
         question=_text_field(row, "problem"),
         answer=_text_field(row, "answer"),
         benchmark="math500",
+        solution=row.get("solution") or None,
     )
 
 
@@ -77,6 +78,7 @@ def _gsm8k_problem(row: Mapping[str, Any], split: str) -> Problem:
         question=question,
         answer=gold.replace(",", ""),
         benchmark="gsm8k",
+        solution=solution.rsplit("####", 1)[0].strip() or None,
     )
 
 
@@ -266,10 +268,10 @@ def load_benchmark(
     return problems
 
 
-def calibration_texts(
+def calibration_problems(
     name: str, split: str = "train", path: str | None = None, size: int = 128
-) -> list[str]:
-    """The first `size` question texts of a training split, for GPTQ calibration.
+) -> list[Problem]:
+    """The first `size` problems of a training split, for GPTQ calibration.
 
     Calibrating on the problems that are later evaluated would leak them into the quantized
     model, so a benchmark without a train split (math500, aime24) is refused.
@@ -282,4 +284,4 @@ def calibration_texts(
             f"benchmark '{key}' has no train split to calibrate on (it has only: "
             f"{', '.join(_SOURCES[key].splits)}); use gsm8k or arith for calibration"
         )
-    return [problem.question for problem in load_benchmark(key, split, path, limit=size)]
+    return load_benchmark(key, split, path, limit=size)

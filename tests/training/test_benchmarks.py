@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from inference.prompts import Problem
-from training.benchmarks import BenchmarkError, calibration_texts, load_benchmark
+from training.benchmarks import BenchmarkError, calibration_problems, load_benchmark
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -210,19 +210,21 @@ def test_unreachable_hub_gives_the_offline_message(monkeypatch):
         load_benchmark("math500")
 
 
-def test_calibration_texts_are_the_first_questions(gsm8k_file):
-    texts = calibration_texts("gsm8k", split="train", path=str(gsm8k_file), size=3)
-    assert texts == [row["question"] for row in GSM8K_ROWS[:3]]
+def test_calibration_problems_are_the_first_questions(gsm8k_file):
+    problems = calibration_problems("gsm8k", split="train", path=str(gsm8k_file), size=3)
+    assert [p.question for p in problems] == [row["question"] for row in GSM8K_ROWS[:3]]
+    # The worked solution (without the '#### N' line) comes along for calibration.
+    assert all(p.solution and "####" not in p.solution for p in problems)
 
 
 def test_calibration_refuses_a_benchmark_without_train_split(math500_file):
     with pytest.raises(BenchmarkError, match="'math500' has no train split"):
-        calibration_texts("math500", path=str(math500_file))
+        calibration_problems("math500", path=str(math500_file))
 
 
 def test_calibration_size_must_be_positive(gsm8k_file):
     with pytest.raises(BenchmarkError, match="calibration size"):
-        calibration_texts("gsm8k", path=str(gsm8k_file), size=0)
+        calibration_problems("gsm8k", path=str(gsm8k_file), size=0)
 
 
 def test_arith_is_generated_and_takes_no_file(tmp_path):
