@@ -23,11 +23,13 @@ from inference.config import SamplingConfig
 from inference.generate import Sampler, generate
 from inference.grading import is_correct
 from inference.prompts import Problem, render_prompt
+from inference.repetition import has_loop
 
 
 @dataclass
 class ProblemRecord:
-    """One problem's outcome under one method. `wall_seconds` is the problem's share of its batch's time."""
+    """One problem's outcome under one method. `wall_seconds` is the problem's share of its batch's time;
+    `loop` is the naive repetition check of `inference.repetition.has_loop` on the generated text."""
 
     problem_id: str
     method: str
@@ -36,6 +38,7 @@ class ProblemRecord:
     generated_tokens: int
     finish_reason: str
     closed_think: bool
+    loop: bool
     answer: str | None
     gold: str
     correct: bool
@@ -99,6 +102,7 @@ def run_method(
                     generated_tokens=len(ids),
                     finish_reason=reason,
                     closed_think=split_thinking(text)[2],
+                    loop=has_loop(text),
                     answer=answer,
                     gold=problem.answer,
                     correct=is_correct(answer, problem.answer),
@@ -116,18 +120,45 @@ def run_method(
 
 
 def summarize(records: Sequence[ProblemRecord]) -> dict:
-    """Accuracy, generated-token statistics and finish-reason counts of one method's records."""
+    """Accuracy, generated-token statistics, finish-reason counts and failure shares of one method's records.
+
+    Shares are fractions of the records: `budget_share` hit the token budget, `unclosed_share` never
+    closed `</think>`, `loop_share` tripped the naive repetition check, `loop_or_no_commit_share`
+    looped, left `</think>` unclosed or gave no parseable final answer. `p90_generated_tokens` is the
+    90th percentile (linear interpolation between order statistics).
+    """
     tokens = [r.generated_tokens for r in records]
+    count = len(records)
+
+    def share(flags) -> float:
+        return sum(flags) / count if count else 0.0
+
     return {
         "method": records[0].method if records else None,
-        "problems": len(records),
-        "accuracy": sum(r.correct for r in records) / len(records) if records else 0.0,
+        "problems": count,
+        "accuracy": share(r.correct for r in records),
         "mean_generated_tokens": statistics.fmean(tokens) if tokens else 0.0,
         "median_generated_tokens": statistics.median(tokens) if tokens else 0.0,
+        "p90_generated_tokens": _percentile(tokens, 0.9),
         "finish_reasons": dict(Counter(r.finish_reason for r in records)),
         "unclosed_think": sum(not r.closed_think for r in records),
+        "budget_share": share(r.finish_reason == "budget" for r in records),
+        "unclosed_share": share(not r.closed_think for r in records),
+        "loop_share": share(r.loop for r in records),
+        "loop_or_no_commit_share": share(r.loop or not r.closed_think or r.answer is None for r in records),
         "wall_seconds": round(sum(r.wall_seconds for r in records), 3),
     }
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    """The `fraction` quantile of `values`, interpolating linearly between sorted values (numpy's default)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def write_evaluation(out_dir: str | Path, records: Sequence[ProblemRecord], summary: dict) -> Path:

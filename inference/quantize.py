@@ -6,6 +6,7 @@ interrupted run never leaves a folder that looks like a finished model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,10 +31,10 @@ def quantize_model(
     if not calibration_texts:
         raise RescueError("quantization needs at least one calibration text; the calibration set is empty")
     source = resolve_model_source(fp16_ref, "model")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True)
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -47,9 +48,15 @@ def quantize_model(
         offload_to_disk=False,
     )
     started = time.perf_counter()
-    model = GPTQModel.load(str(source), quantize_config, device=str(target))
-    model.quantize(list(calibration_texts), batch_size=batch_size)
-    model.save(str(staging))
+    try:
+        # GPTQModel writes its per-layer logs to ./logs; keep them inside the model folder instead.
+        with contextlib.chdir(staging):
+            model = GPTQModel.load(str(source.resolve()), quantize_config, device=str(target))
+            model.quantize(list(calibration_texts), batch_size=batch_size)
+            model.save(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - started
     summary = {
         "fp16": fp16_ref,

@@ -81,8 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silence import-time deprecation chatter of torch/torchao that says nothing about the user's run."""
+    import logging
+    import os
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_noise()
     from rescue import commands
 
     try:

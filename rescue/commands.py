@@ -93,8 +93,10 @@ def format_summary(summary: dict) -> str:
     return (
         f"{summary['method']} on {summary['benchmark']}/{summary['split']} ({summary['problems']} problems): "
         f"accuracy {summary['accuracy']:.1%}, generated tokens mean {summary['mean_generated_tokens']:.1f} "
-        f"median {summary['median_generated_tokens']:.0f}, finish: {reasons}, "
-        f"unclosed think {summary['unclosed_think']}, wall {summary['total_wall_seconds']:.1f} s"
+        f"median {summary['median_generated_tokens']:.0f} p90 {summary['p90_generated_tokens']:.0f}, "
+        f"finish: {reasons}, unclosed think {summary['unclosed_think']} ({summary['unclosed_share']:.1%}), "
+        f"hit budget {summary['budget_share']:.1%}, loop {summary['loop_share']:.1%}, "
+        f"loop or no commit {summary['loop_or_no_commit_share']:.1%}, wall {summary['total_wall_seconds']:.1f} s"
     )
 
 

@@ -1,0 +1,61 @@
+import pytest
+
+from inference.evaluate import ProblemRecord, summarize
+
+
+def make_record(index: int, *, tokens: int, reason: str = "eos", closed: bool = True, loop: bool = False,
+                answer: str | None = "7", gold: str = "7") -> ProblemRecord:
+    return ProblemRecord(
+        problem_id=f"arith/test/{index:06d}", method="2bit", sample=0, prompt_tokens=100,
+        generated_tokens=tokens, finish_reason=reason, closed_think=closed, loop=loop, answer=answer,
+        gold=gold, correct=answer == gold, wall_seconds=0.5, text="",
+    )
+
+
+@pytest.fixture
+def records() -> list[ProblemRecord]:
+    return [
+        make_record(0, tokens=100),                                   # healthy, correct
+        make_record(1, tokens=200, answer="8"),                       # committed, wrong
+        make_record(2, tokens=300, loop=True),                        # loop, still correct
+        make_record(3, tokens=400, closed=True, answer=None),         # closed but no parseable answer
+        make_record(4, tokens=1024, reason="budget", closed=False, loop=True, answer=None),
+    ]
+
+
+def test_summarize_counts_accuracy_tokens_and_finish_reasons(records):
+    summary = summarize(records)
+    assert summary["method"] == "2bit"
+    assert summary["problems"] == 5
+    assert summary["accuracy"] == pytest.approx(2 / 5)
+    assert summary["mean_generated_tokens"] == pytest.approx(2024 / 5)
+    assert summary["median_generated_tokens"] == 300
+    assert summary["finish_reasons"] == {"eos": 4, "budget": 1}
+    assert summary["unclosed_think"] == 1
+    assert summary["wall_seconds"] == pytest.approx(2.5)
+
+
+def test_summarize_p90_interpolates_between_sorted_lengths(records):
+    # Sorted lengths 100, 200, 300, 400, 1024: the 0.9 quantile sits 60% of the way from 400 to 1024.
+    assert summarize(records)["p90_generated_tokens"] == pytest.approx(400 + 0.6 * 624)
+
+
+def test_summarize_failure_shares(records):
+    summary = summarize(records)
+    assert summary["budget_share"] == pytest.approx(1 / 5)
+    assert summary["unclosed_share"] == pytest.approx(1 / 5)
+    assert summary["loop_share"] == pytest.approx(2 / 5)
+    # loop (records 2 and 4) or no commit (records 3 and 4): three distinct records.
+    assert summary["loop_or_no_commit_share"] == pytest.approx(3 / 5)
+
+
+def test_summarize_single_record_has_its_length_as_p90():
+    assert summarize([make_record(0, tokens=42)])["p90_generated_tokens"] == 42
+
+
+def test_summarize_no_records_is_all_zero():
+    summary = summarize([])
+    assert summary["problems"] == 0
+    assert summary["accuracy"] == 0.0
+    assert summary["p90_generated_tokens"] == 0.0
+    assert summary["loop_or_no_commit_share"] == 0.0

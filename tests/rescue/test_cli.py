@@ -1,0 +1,167 @@
+"""The `rescue` commands end to end on a tiny random Qwen3 (CPU, no downloads)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rescue.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory, tiny_model_dir, arith_jsonl):
+    folder = tmp_path_factory.mktemp("cli")
+    config = {
+        "model": {"name": "tiny", "fp16": str(tiny_model_dir), "device": "cpu"},
+        "sampling": {"budget": 8, "batch_size": 4},
+        "quantization": {"bits": 2, "group_size": 32,
+                         "calibration": {"benchmark": "arith", "split": "train", "size": 8}},
+        "probe": {"layers": [-1]},
+        "benchmark": {"name": "gsm8k", "split": "test", "path": str(arith_jsonl)},
+        "wandb": {"mode": "offline"},
+        "output_dir": str(folder / "runs"),
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_config):
+    assert main(["quantize", "--config", str(tiny_config)]) == 0
+    return tiny_config.parent / "runs" / "tiny-2bit"
+
+
+def run_failing(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_quantize_writes_a_2bit_gptq_folder(quantized_dir):
+    settings = json.loads((quantized_dir / "quantize_config.json").read_text())
+    assert settings["bits"] == 2 and settings["group_size"] == 32
+    assert (quantized_dir / "tokenizer.json").is_file()
+    assert not quantized_dir.with_name("tiny-2bit.partial").exists()
+
+
+def test_2bit_model_generates_with_gptq_kernels_and_dequantized_weights_alike(quantized_dir):
+    import torch
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from inference.generate import generate
+    from inference.models import load_quantized
+    from inference.prompts import render_prompt
+
+    packed, tokenizer = load_quantized(str(quantized_dir), "cpu", kernel="gptq")
+    assert any(isinstance(m, TorchLinear) for m in packed.modules())
+    plain, _ = load_quantized(str(quantized_dir), "cpu", kernel="dequantized")
+    assert not any(isinstance(m, TorchLinear) for m in plain.modules())
+    enc = tokenizer([render_prompt(tokenizer, "What is 2 + 3?")], return_tensors="pt")
+    with torch.no_grad():
+        a = packed(**enc).logits.float()
+        b = plain(**enc).logits.float()
+    assert torch.allclose(a, b, atol=0.05 * b.abs().max().item())
+    result = generate(plain, enc.input_ids, enc.attention_mask, max_new_tokens=5,
+                      eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert len(result.generated_ids[0]) >= 1
+
+
+@pytest.mark.parametrize("method", ["fp16", "2bit"])
+def test_evaluate_writes_a_record_and_a_summary(tiny_config, quantized_dir, method, capsys):
+    out = tiny_config.parent / f"eval-{method}"
+    assert main(["evaluate", "--config", str(tiny_config), "--method", method, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{method} on gsm8k/test (4 problems): accuracy" in printed
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["method"] for r in rows} == {method}
+    assert all(r["finish_reason"] in ("eos", "budget") and 1 <= r["generated_tokens"] <= 8 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 4
+    assert sum(summary["finish_reasons"].values()) == 4
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert list((tiny_config.parent / "wandb").glob("offline-run-*")), "an offline W&B run is written"
+
+
+def test_limit_evaluates_the_first_problems(tiny_config, quantized_dir, tmp_path):
+    out = tmp_path / "two"
+    assert main(["evaluate", "--config", str(tiny_config), "--method", "2bit", "--limit", "2",
+                 "--wandb", "disabled", "--out", str(out)]) == 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.fp16", "/no/such/model"], "model folder /no/such/model does not exist"),
+        (["--model.fp16", "Qwen/NoSuchModel-0B"], "model Qwen/NoSuchModel-0B is not available offline; pass a local folder"),
+        (["--budget", "0"], "field 'sampling.budget' must be a positive integer, got 0"),
+        (["--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["--benchmark", "nope"], "nope"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_config, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--method", "fp16",
+                                "--wandb", "disabled", "--out", str(out), *extra])
+    assert message in line
+    assert not out.exists() and not out.with_name("never.partial").exists()
+
+
+def test_empty_benchmark_file_is_refused(tiny_config, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--benchmark.path", str(empty),
+                                "--wandb", "disabled", "--out", str(tmp_path / "x")])
+    assert "empty.jsonl" in line and "no problems" in line
+
+
+def test_missing_2bit_model_says_how_to_make_it(tiny_config, tmp_path, capsys):
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--method", "2bit",
+                                "--model.quantized", str(tmp_path / "absent"), "--wandb", "disabled"])
+    assert "2-bit model folder" in line and "does not exist" in line
+
+
+def test_full_precision_folder_is_not_a_2bit_model(tiny_config, tiny_model_dir, capsys):
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--method", "2bit",
+                                "--model.quantized", str(tiny_model_dir), "--wandb", "disabled"])
+    assert "has no GPTQ quantization config" in line
+
+
+def test_incomplete_model_folder_and_mismatched_tokenizer_are_named(tiny_config, tiny_model_dir, tmp_path, capsys):
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--method", "fp16",
+                                "--model.fp16", str(broken), "--wandb", "disabled"])
+    assert "has no weights" in line
+
+    from transformers import AutoTokenizer
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_model_dir, mismatched)
+    tokenizer = AutoTokenizer.from_pretrained(mismatched)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(200)])
+    tokenizer.save_pretrained(mismatched)
+    line = run_failing(capsys, ["evaluate", "--config", str(tiny_config), "--method", "fp16",
+                                "--model.fp16", str(mismatched), "--wandb", "disabled"])
+    assert "tokenizer has" in line and "vocabulary has" in line
+
+
+def test_missing_config_file_exits_non_zero(capsys, tmp_path):
+    line = run_failing(capsys, ["evaluate", "--config", str(tmp_path / "absent.yaml")])
+    assert "absent.yaml: config file not found" in line
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, "-m", "rescue.cli", "evaluate", "--help"],
+                            capture_output=True, text=True, check=True)
+    for flag in ("--method", "--limit", "--sampling.budget", "--quantization.group_size", "--wandb"):
+        assert flag in result.stdout
+    assert "maximum generated tokens per trace" in result.stdout
