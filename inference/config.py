@@ -20,7 +20,8 @@ import yaml
 
 from inference.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = "tiny-s"
 
 
@@ -104,6 +105,32 @@ class ProbeConfig:
 
 
 @dataclass
+class CaptureConfig:
+    """Which generated positions keep their hidden states in a trace set."""
+
+    stride: int = field(default=8, metadata=_help("keep every stride-th generated position", min=1))
+    window: int = field(
+        default=32, metadata=_help("also keep every position within this many tokens of a label event", min=0)
+    )
+    dtype: str = field(default="float16", metadata=_help("stored dtype", choices=("float16", "bfloat16")))
+    shard_size: int = field(default=64, metadata=_help("traces per shard file", min=1))
+    samples: int = field(default=1, metadata=_help("sampled traces per problem", min=1))
+
+
+@dataclass
+class LabelsConfig:
+    """Label definitions (see training/labels.py): loops, commitment, and the probe's per-position targets."""
+
+    max_period: int = field(default=128, metadata=_help("P: longest repeating block, in tokens", min=1))
+    min_repeats: int = field(default=3, metadata=_help("R: consecutive occurrences that make a loop", min=2))
+    min_span: int = field(default=48, metadata=_help("L: tokens a loop must cover at least", min=1))
+    horizon: int = field(default=64, metadata=_help("H: loop_within_h is true this many tokens before onset", min=0))
+    commit_delay: int = field(
+        default=256, metadata=_help("D: tokens after the first candidate answer that make commitment delayed", min=0)
+    )
+
+
+@dataclass
 class BenchmarkConfig:
     """Which problems are evaluated."""
 
@@ -152,6 +179,8 @@ class RescueConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from inference.config import REPO_ROOT
 from inference.errors import ModelUnavailableError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MODEL_FILES = ("config.json",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -48,7 +48,7 @@ def resolve_model_source(ref: str, role: str = "model") -> Path:
         if not path.is_dir():
             raise ModelUnavailableError(f"{role} folder {ref} does not exist")
         _check_model_folder(path, role)
-        return path
+        return path.resolve()
     from huggingface_hub import snapshot_download
 
     try:
@@ -62,8 +62,9 @@ def resolve_model_source(ref: str, role: str = "model") -> Path:
         except Exception:
             pass
     raise ModelUnavailableError(
-        f"{role} {ref} is not available offline; pass a local folder "
-        f"(for example --model.fp16 /path/to/model) or download it once with network access"
+        f"{role} {ref} is not available offline (no such local folder, not in the Hugging Face cache); "
+        f"pass a local folder (for example --model.fp16 /path/to/model), download it once with network "
+        f"access, or for a 2-bit model make it with `rescue quantize`"
     )
 
 

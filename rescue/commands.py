@@ -6,6 +6,7 @@ models and runners from `inference`); the stage packages never import each other
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -178,3 +179,120 @@ def _lightning_logger(config: RescueConfig, run_dir: Path, job: str):
     run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-{job}", job,
                     config.to_dict(), run_dir)
     return WandbLogger(experiment=run)
+
+
+def _load_for_precision(config: RescueConfig, precision: str):
+    from inference.models import load_full_precision, load_quantized
+
+    if precision == "fp16":
+        return load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
+    return load_quantized(config.quantized_path, config.model.device, config.model.kernel, config.model.dtype)
+
+
+def collect(
+    config: RescueConfig,
+    split: str = "train",
+    samples: int | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+    precision: str = "2bit",
+) -> dict:
+    """Run the model over a benchmark split through the step hook and write (or resume) a trace set."""
+    from training.benchmarks import load_benchmark
+    from training.collect import collect_traces, collection_identity, distributed_context
+
+    if precision not in METHODS:
+        raise RescueError(f"--precision must be one of {', '.join(METHODS)}, got {precision!r}")
+    if limit is not None and limit < 1:
+        raise RescueError(f"--limit must be a positive integer, got {limit}")
+    samples = config.capture.samples if samples is None else samples
+    if samples < 1:
+        raise RescueError(f"--samples must be a positive integer, got {samples}")
+    problems = load_benchmark(config.benchmark.name, split, config.benchmark.path, limit=limit)
+    rank, world = distributed_context()
+    if world > 1 and config.model.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            config.model.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    model, tokenizer = _load_for_precision(config, precision)
+    model_ids = {"name": config.model.name, "fp16": config.model.fp16,
+                 "quantized": config.quantized_path if precision == "2bit" else None,
+                 "kernel": config.model.kernel if precision == "2bit" else None}
+    identity = collection_identity(config, model_ids, tokenizer, model.config.hidden_size, split, samples, limit,
+                                   precision)
+    bench = config.benchmark
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / f"traces-{precision}-{bench.name}-{split}")
+    result = collect_traces(model, tokenizer, problems, config, out_dir=out_dir, identity=identity, samples=samples,
+                            rank=rank, world=world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank != 0:
+        return result
+    manifest = result["writer"].finish()
+    generated = sum(s.generated_tokens for s in manifest.shards)
+    captured = sum(s.captured_positions for s in manifest.shards)
+    stored = sum(s.bytes for s in manifest.shards)
+    summary = {"out": str(out_dir), "traces": sum(s.rows for s in manifest.shards), "shards": len(manifest.shards),
+               "complete": manifest.complete, "generated_tokens": generated, "captured_positions": captured,
+               "stored_bytes": stored, "bytes_per_generated_token": stored / max(generated, 1)}
+    print(f"trace set {out_dir}: {summary['traces']} traces in {summary['shards']} shards, {generated} generated "
+          f"tokens, {captured} captured positions; stored {stored / 1e6:.2f} MB = "
+          f"{summary['bytes_per_generated_token']:.0f} bytes per generated token "
+          f"(stride {config.capture.stride}, window {config.capture.window}, {config.capture.dtype})")
+    return summary
+
+
+def label(config: RescueConfig, traces: str, report: str | None = None) -> dict:
+    """Label every trace of a trace set (from token ids and text alone) and write the label report.
+
+    Labels go to `<traces>/labels.json` together with the parameters used, so relabeling with other
+    parameters rewrites that file and never needs a new collection.
+    """
+    import json
+    from dataclasses import asdict
+
+    from inference.models import load_tokenizer, resolve_model_source
+    from inference.tracking import start_run
+    from training.collect import tokenizer_hash
+    from training.labels import label_report, label_trace, token_char_ends
+    from training.traces import LABELS, TraceSet, TraceSetError, write_atomically
+
+    trace_set = TraceSet(traces)
+    identity = trace_set.identity
+    tokenizer = load_tokenizer(resolve_model_source(identity["model"]["fp16"], "model"))
+    if tokenizer_hash(tokenizer) != identity["tokenizer_hash"]:
+        raise TraceSetError(f"{traces}: collected with another tokenizer than {identity['model']['fp16']}'s")
+    labels = {}
+    for trace in trace_set.traces(with_hidden=False):
+        labels[trace.id] = label_trace(trace.generated_ids, trace.text, token_char_ends(tokenizer, trace.generated_ids),
+                                       trace.finish_reason, trace.gold, config.labels)
+    if not labels:
+        raise TraceSetError(f"{traces}: the trace set holds no traces")
+    record = {"params": asdict(config.labels), "traces": {k: v.to_dict() for k, v in labels.items()}}
+    write_atomically(Path(traces) / LABELS, json.dumps(record).encode())
+    report_dir = Path(report or Path(traces) / "label-report")
+    summary = label_report(list(labels.values()), report_dir)
+    run = start_run(config.wandb.mode, config.wandb.project, f"{identity['model']['name']}-label", "label",
+                    {"labels": asdict(config.labels), "traces": str(traces)}, Path(traces).parent)
+    if run is not None:
+        import wandb
+
+        run.summary.update({k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float, str))})
+        run.log({png.stem: wandb.Image(str(png)) for png in sorted(report_dir.glob("*.png"))})
+        run.finish()
+    print((report_dir / "label-report.md").read_text())
+    print(f"labels: {Path(traces) / LABELS}; report: {report_dir}")
+    return summary
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

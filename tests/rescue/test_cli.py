@@ -99,7 +99,7 @@ def test_limit_evaluates_the_first_problems(tiny_config, quantized_dir, tmp_path
     "extra, message",
     [
         (["--model.fp16", "/no/such/model"], "model folder /no/such/model does not exist"),
-        (["--model.fp16", "Qwen/NoSuchModel-0B"], "model Qwen/NoSuchModel-0B is not available offline; pass a local folder"),
+        (["--model.fp16", "Qwen/NoSuchModel-0B"], "model Qwen/NoSuchModel-0B is not available offline (no such local folder, not in the Hugging Face cache); pass a local folder"),
         (["--budget", "0"], "field 'sampling.budget' must be a positive integer, got 0"),
         (["--limit", "0"], "--limit must be a positive integer, got 0"),
         (["--benchmark", "nope"], "nope"),
@@ -165,3 +165,13 @@ def test_help_explains_every_option():
     for flag in ("--method", "--limit", "--sampling.budget", "--quantization.group_size", "--wandb"):
         assert flag in result.stdout
     assert "maximum generated tokens per trace" in result.stdout
+
+
+def test_main_job_commands_work_from_the_project_root_with_relative_paths(tmp_path, monkeypatch):
+    """`rescue quantize` on the shipped tiny-s (relative model path) writes a loadable 2-bit folder."""
+    from inference.config import REPO_ROOT  # noqa: F401  (the shipped model lives under the project root)
+
+    monkeypatch.chdir(REPO_ROOT)
+    out = tmp_path / "tiny-s-2bit"
+    assert main(["quantize", "--quantization.calibration.size", "4", "--out", str(out)]) == 0
+    assert (out / "quantize_config.json").is_file() and not (REPO_ROOT / "logs").exists()
