@@ -72,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fp16: the full-precision model; 2bit: its GPTQ twin (default)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     evaluate.add_argument("--out", default=None, help="record folder (default: <output_dir>/<model>/evaluate-...)")
+    collect = commands.add_parser("collect", help="write a trace set: traces and hidden states of a split",
+                                  description="Generate traces of the 2-bit (or FP16) model over a benchmark split "
+                                              "through the step hook and write a resumable trace set (manifest + "
+                                              "shards with hidden states at a stride and around label events). "
+                                              "Under torchrun each rank takes every N-th shard.")
+    _add_config_flags(collect)
+    collect.add_argument("--split", default="train", help="benchmark split to collect (train, val, test)")
+    collect.add_argument("--samples", type=int, default=None, help="sampled traces per problem (default: capture.samples)")
+    collect.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    collect.add_argument("--precision", choices=("2bit", "fp16"), default="2bit", help="which model generates")
+    collect.add_argument("--out", default=None, help="trace set folder (default: <output_dir>/<model>/traces-...)")
+
+    label = commands.add_parser("label", help="label where the traces of a trace set go wrong",
+                                description="Compute loop onsets, budget exhaustion, unclosed think, commitment, "
+                                            "first candidate answers and the probe's per-position targets from "
+                                            "token ids and text; write labels.json beside the traces and a "
+                                            "label report (table + PNG plots, logged to W&B).")
+    label.add_argument("traces", help="trace set folder (written by rescue collect)")
+    _add_config_flags(label)
+    label.add_argument("--report", default=None, help="report folder (default: <traces>/label-report)")
+
     pretrain = commands.add_parser("pretrain", help="train an embedded family model (tiny-s/m/l)",
                                    description="Train the config's embedded reasoning model on synthetic "
                                                "arithmetic traces with Lightning (GPU if present), checkpoint "
@@ -101,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             commands.quantize(config, out=args.out)
         elif args.command == "evaluate":
             commands.evaluate(config, method=args.method, limit=args.limit, out=args.out)
+        elif args.command == "collect":
+            commands.collect(config, split=args.split, samples=args.samples, limit=args.limit, out=args.out,
+                             precision=args.precision)
+        elif args.command == "label":
+            commands.label(config, traces=args.traces, report=args.report)
         elif args.command == "pretrain":
             commands.pretrain(config, out=args.out)
     except RescueError as error:

@@ -175,3 +175,25 @@ def test_main_job_commands_work_from_the_project_root_with_relative_paths(tmp_pa
     out = tmp_path / "tiny-s-2bit"
     assert main(["quantize", "--quantization.calibration.size", "4", "--out", str(out)]) == 0
     assert (out / "quantize_config.json").is_file() and not (REPO_ROOT / "logs").exists()
+
+
+def test_collect_then_label_writes_labels_beside_the_traces_and_a_report(tmp_path, capsys, monkeypatch):
+    from inference.config import REPO_ROOT
+
+    monkeypatch.chdir(REPO_ROOT)
+    traces = tmp_path / "traces"
+    small = ["--budget", "40", "--sampling.batch_size", "3", "--capture.shard_size", "3", "--wandb", "disabled",
+             "--model.device", "cpu"]
+    assert main(["collect", "--precision", "fp16", "--split", "val", "--limit", "3", "--out", str(traces), *small]) == 0
+    assert "bytes per generated token" in capsys.readouterr().out
+    assert main(["label", str(traces), "--wandb", "offline"]) == 0
+    labels = json.loads((traces / "labels.json").read_text())
+    assert labels["params"]["min_repeats"] == 3 and len(labels["traces"]) == 3
+    assert all("loop_onset" in row and "fails_to_commit" in row for row in labels["traces"].values())
+    assert (traces / "label-report" / "label-report.md").is_file()
+    assert list((traces / "label-report").glob("*.png"))
+
+
+def test_label_refuses_a_folder_that_is_not_a_trace_set(tmp_path, capsys):
+    line = run_failing(capsys, ["label", str(tmp_path), "--wandb", "disabled"])
+    assert "not a trace set (no manifest.json)" in line

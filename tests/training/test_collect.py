@@ -1,0 +1,136 @@
+"""Trace collection on the embedded tiny-s model: resumable, lossless, checksummed, rank-parallel."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from inference.config import load_config
+from rescue import commands
+from training.traces import TraceSet, TraceSetError
+
+SMALL = {"sampling.budget": 48, "sampling.batch_size": 2, "capture.shard_size": 2, "capture.stride": 4,
+         "capture.window": 2, "probe.layers": [2, -1], "wandb.mode": "disabled", "model.device": "cpu"}
+
+
+def config(**overrides):
+    return load_config("tiny-s", {**SMALL, **overrides})
+
+
+def collect(out, **overrides):
+    return commands.collect(config(**overrides), split="val", limit=5, out=str(out), precision="fp16")
+
+
+def shard_digests(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [(s["index"], s["rows"], s["sha256"]) for s in manifest["shards"]]
+
+
+def contents(folder):
+    """Everything a trace set holds except timings (wall time differs from run to run)."""
+    rows = []
+    for trace in TraceSet(folder):
+        fields = {k: v for k, v in trace.fields().items() if k != "wall_seconds"}
+        rows.append((fields, trace.prompt_ids, trace.generated_ids, trace.positions.tolist(), trace.hidden))
+    return rows
+
+
+def assert_same_trace_set(a, b, exact=True):
+    left, right = contents(a), contents(b)
+    assert [r[0]["id"] for r in left] == [r[0]["id"] for r in right]
+    for x, y in zip(left, right):
+        assert x[:4] == y[:4]
+        if exact:
+            assert torch.equal(x[4], y[4])
+        else:  # other processes may use other CPU thread counts, so float sums round differently
+            torch.testing.assert_close(x[4], y[4], rtol=1e-2, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "traces"
+    summary = collect(out)
+    return out, summary
+
+
+def test_trace_set_holds_every_problem_once_with_hidden_states(reference):
+    out, summary = reference
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["planned_shards"] == 3 and summary["traces"] == 5
+    assert manifest["capture"]["stride"] == 4 and manifest["layers"] == [2, -1]
+    traces = list(TraceSet(out))
+    assert [t.problem_id for t in traces] == [f"arith/val/{i:06d}" for i in range(5)]
+    for trace in traces:
+        length = len(trace.generated_ids)
+        assert 1 <= length <= 48 and trace.finish_reason in ("eos", "budget")
+        assert trace.hidden.shape == (len(trace.positions), 2, 128) and trace.hidden.dtype == torch.float16
+        assert set(range(0, length, 4)) <= set(trace.positions.tolist())
+        assert length - 1 in trace.positions.tolist()
+    assert summary["bytes_per_generated_token"] > 0
+
+
+def test_resume_after_kill_equals_uninterrupted_run(reference, tmp_path, monkeypatch):
+    out = tmp_path / "traces"
+    import training.collect as collect_module
+
+    real_write = collect_module.write_shard
+    calls = {"n": 0}
+
+    def dying_write(folder, index, traces, dtype):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (folder / "shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # killed mid-write
+            raise KeyboardInterrupt
+        return real_write(folder, index, traces, dtype)
+
+    monkeypatch.setattr(collect_module, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        collect(out)
+    assert len(shard_digests(out)) == 1
+    monkeypatch.setattr(collect_module, "write_shard", real_write)
+    summary = collect(out)
+    assert [d[:2] for d in shard_digests(out)] == [d[:2] for d in shard_digests(reference[0])]
+    assert_same_trace_set(out, reference[0])
+    assert summary["traces"] == 5 and not list(out.glob("*.tmp"))
+
+
+def test_resume_with_other_settings_is_refused_naming_the_fields(reference, tmp_path):
+    out = tmp_path / "traces"
+    collect(out)
+    with pytest.raises(TraceSetError, match=r"refusing to resume.*sampling\.temperature \(0\.6 -> 0\.9\)"):
+        collect(out, **{"sampling.temperature": 0.9})
+
+
+def test_corrupt_or_truncated_shard_is_named_when_read(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "traces"
+    shutil.copytree(reference[0], out)
+    shard = out / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(TraceSetError, match="shard-00001.safetensors: shard is corrupt or truncated"):
+        list(TraceSet(out))
+
+
+def _rank_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    collect(out)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_processes_write_the_union_of_a_single_process_run(reference, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "traces"
+    mp.start_processes(_rank_worker, args=(2, port, str(out)), nprocs=2, start_method="fork")
+    assert [d[:2] for d in shard_digests(out)] == [d[:2] for d in shard_digests(reference[0])]
+    assert_same_trace_set(out, reference[0], exact=False)
+    assert not list(out.glob("manifest.rank*.json"))

@@ -1,0 +1,400 @@
+"""Trace labels: where and how a generated trace went wrong, computed from token ids and text alone.
+
+Labels are model-agnostic (any tokenizer: the embedded character tokenizer or Qwen3's BPE) and
+cheap to recompute, so a trace set can be relabeled with other parameters without re-collection.
+
+Per trace (`TraceLabels`):
+- `loop_onset`, `loop_period`: where a repetitive loop begins and its block length (`find_loop`);
+- `budget_exhausted`: generation stopped at the token budget;
+- `unclosed_think`: `</think>` was never emitted;
+- `committed`: a parseable final answer after `</think>`, and the budget was not hit;
+- `first_candidate_pos`: the token that completes the first answer stated while thinking (or, if
+  none was, the final answer);
+- `delayed_commitment`: the trace went on for more than D tokens after that token;
+- `correct`: the final answer equals the gold answer (as `rescue evaluate` grades it);
+- `fails_to_commit`: not `committed`.
+
+Per position (`position_targets`), for the probe: `loop_within_h` (inside a loop, or its onset
+within the next H tokens) and the trace-level `fails_to_commit`.
+
+`label_report` summarizes a list of labels as a markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from inference.answers import THINK_CLOSE, extract_final_answer, find_candidate_answers, split_thinking
+from inference.config import LabelsConfig
+from inference.generate import FINISH_BUDGET
+from inference.grading import is_correct
+
+# A block may carry one edited token per this many tokens (an incrementing counter, a changed
+# digit); blocks shorter than this must repeat exactly, so a counter with a separator
+# ("1, 2, 3, ...") is never enough to make a loop.
+TOKENS_PER_EDIT = 8
+
+
+@dataclass(frozen=True)
+class TraceLabels:
+    """The labels of one generated trace; positions are indices into its generated tokens."""
+
+    length: int
+    """Generated tokens (the EOS token included when emitted)."""
+    loop_onset: int | None
+    """First position of a loop (see `find_loop`); None if the trace has none."""
+    loop_period: int | None
+    """Tokens per repeated block of that loop; None if no loop."""
+    budget_exhausted: bool
+    """Generation stopped because the token budget ran out."""
+    unclosed_think: bool
+    """`</think>` never occurred in the generated text."""
+    committed: bool
+    """A parseable final answer after `</think>`, within a trace that did not hit the budget."""
+    first_candidate_pos: int | None
+    """Token that completes the first candidate answer inside the thinking, or the final answer
+    if the thinking states none; None if neither exists."""
+    delayed_commitment: bool
+    """A candidate answer was available, and the trace went on for more than D tokens after it."""
+    correct: bool
+    """The final answer (read after `</think>`) equals the gold answer."""
+    fails_to_commit: bool
+    """Not committed: the budget ran out, `</think>` never came, or no final answer parses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> TraceLabels:
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+
+
+def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | None:
+    """(onset, period) of the first loop in a generated token sequence, or None.
+
+    A loop of period p (1 <= p <= P) is a stretch of tokens that agrees with itself shifted by p:
+    token i equals token i + p, except for *small edits*:
+    - substitutions: in every p consecutive positions of the stretch at most floor(p / 8) tokens
+      differ from the token p later. So blocks shorter than 8 tokens must repeat exactly, and a
+      block of 8 or more carries at least 7 unchanged tokens per edited one: "Let me check step 3
+      again." / "... step 4 again." is a loop, an enumeration "1, 2, 3, ..., 20" (a counter and
+      a separator) or "2^1 + 2^2 + ..." is not;
+    - a token added or removed (a counter going from 9 to 10, a result one digit longer): for
+      blocks of 8 or more, a stretch of period p followed at once by one of period p + 1 or
+      p - 1 (starting at most floor(p / 8) + 2 tokens after the first one's last agreeing
+      token) continue the same loop.
+    A stretch starts and ends on agreeing tokens; the loop must cover at least R blocks (R * p
+    tokens, with p its longest period: the block occurs R times in a row) and at least L tokens.
+    `onset` is the first token of the earliest loop; `period` is its block length at the onset,
+    the shortest one among loops with the same onset.
+
+    What this means for legitimate repetition: a step re-checked once or a chain redone once (a
+    block occurring twice) is not a loop, nor is a short phrase repeated ("Yes. Yes.") over fewer
+    than L tokens. A whole chain done three times in a row (with at most the edits above, e.g. a
+    changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
+    making progress, even if the model would have stopped on its own after it.
+
+    Cost: O(n * P) vectorized comparisons (a few milliseconds for 8k tokens).
+    """
+    tokens = np.asarray(ids, dtype=np.int64)
+    best: tuple[int, int] | None = None
+    edited: list[tuple[int, int, int]] = []  # (first, last, period) of stretches that may chain
+    for period in range(1, min(params.max_period, len(tokens) // 2) + 1):
+        need = max(params.min_repeats * period, params.min_span)
+        firsts, lasts = _stretches(tokens, period)
+        if period >= TOKENS_PER_EDIT:
+            # Shorter pieces cannot carry a block's worth of agreement; leaving them out keeps
+            # the chaining below to a few candidates per period.
+            piece = lasts - firsts + 1 >= TOKENS_PER_EDIT
+            edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum())))
+            continue
+        long_enough = np.flatnonzero(lasts + period - firsts + 1 >= need)
+        if len(long_enough):
+            best = min(best or (len(tokens), 0), (int(firsts[long_enough[0]]), period))
+    chained = _first_chained_loop(edited, params)
+    if chained is not None:
+        best = min(best or chained, chained)
+    return best
+
+
+def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal stretches that agree with themselves shifted by `period` within the substitution
+    budget of `find_loop` (no `period` consecutive comparisons hold more than floor(period / 8)
+    disagreements), as (first, last) comparison positions, both agreeing: token `first` equals
+    token `first + period`. Such a stretch covers tokens first .. last + period."""
+    differs = tokens[:-period] != tokens[period:]  # differs[i]: token i vs token i + period
+    edits = period // TOKENS_PER_EDIT
+    mismatches = np.flatnonzero(differs)
+    # A stretch may not hold edits + 1 disagreements within fewer than `period` positions: every
+    # such crowded group splits the stretches, the left one ends before its last member and the
+    # right one starts after its first.
+    crowded = np.flatnonzero(mismatches[edits:] - mismatches[: len(mismatches) - edits] < period)
+    starts = np.concatenate(([0], mismatches[crowded] + 1))
+    stops = np.concatenate((mismatches[crowded + edits], [len(differs)]))  # exclusive
+    agree = np.flatnonzero(~differs)
+    first_index = np.searchsorted(agree, starts)
+    last_index = np.searchsorted(agree, stops) - 1
+    keep = last_index >= first_index
+    return agree[first_index[keep]], agree[last_index[keep]]
+
+
+def _first_chained_loop(stretches: list[tuple[int, int, int]], params: LabelsConfig) -> tuple[int, int] | None:
+    """Earliest (onset, period) of a loop made of one stretch or of stretches whose periods
+    differ by one token and that follow each other (`find_loop`, added or removed tokens)."""
+    stretches.sort()
+    # Per stretch, the loop it ends: (onset, period at onset, longest period so far).
+    chains: list[tuple[int, int, int]] = []
+    by_period: dict[int, list[int]] = {}
+    best = None
+    for index, (first, last, period) in enumerate(stretches):
+        chain = (first, period, period)
+        for neighbour in (period - 1, period + 1):
+            gap = max(period, neighbour) // TOKENS_PER_EDIT + 2
+            for before in by_period.get(neighbour, ()):
+                b_first, b_last, _ = stretches[before]
+                if b_first < first <= b_last + gap and b_last < last and chains[before][0] < chain[0]:
+                    onset, onset_period, longest = chains[before]
+                    chain = (onset, onset_period, max(longest, period))
+        chains.append(chain)
+        by_period.setdefault(period, []).append(index)
+        onset, onset_period, longest = chain
+        if last + period - onset + 1 >= max(params.min_repeats * longest, params.min_span):
+            best = min(best or (onset, onset_period), (onset, onset_period))
+    return best
+
+
+def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
+    """For each generated token, the character offset where it ends in the decoded text.
+
+    The text is `tokenizer.decode(ids, skip_special_tokens=True)`, as collection decodes it, so
+    special tokens (EOS) end where the token before them ends. `text[:ends[i]]` is the text of
+    `ids[:i + 1]` wherever that prefix decodes to a prefix of the text; a token holding part of a
+    multi-byte character ends where the character ends. Offsets never decrease.
+
+    Three ways, the first that reproduces the text wins: one decode per token (character and most
+    BPE tokenizers), incremental decoding with a few tokens of context (byte-level pieces, leading
+    space rules), decoding every prefix (slow, exact).
+    """
+    ids = list(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
+    if "".join(pieces) != text:
+        pieces = _incremental_pieces(tokenizer, ids)
+    if "".join(pieces) == text:
+        ends, offset = [], 0
+        for piece in pieces:
+            offset += len(piece)
+            ends.append(offset)
+        return ends
+    return _prefix_ends(tokenizer, ids, text)
+
+
+def _incremental_pieces(tokenizer, ids: list[int], context: int = 6) -> list[str]:
+    """Text added by each token, decoding it together with the tokens before it (as streaming
+    detokenizers do): a token that leaves an incomplete character adds nothing until the token
+    completing it."""
+    pieces = []
+    prefix_start = read_start = 0
+    for index in range(len(ids)):
+        before = tokenizer.decode(ids[prefix_start:read_start], skip_special_tokens=True)
+        after = tokenizer.decode(ids[prefix_start : index + 1], skip_special_tokens=True)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before) :])
+            prefix_start = max(read_start, index + 1 - context)
+            read_start = index + 1
+        else:
+            pieces.append("")
+    return pieces
+
+
+def _prefix_ends(tokenizer, ids: list[int], text: str, chunk: int = 256) -> list[int]:
+    ends = []
+    for start in range(0, len(ids), chunk):
+        prefixes = [ids[: index + 1] for index in range(start, min(len(ids), start + chunk))]
+        for decoded in tokenizer.batch_decode(prefixes, skip_special_tokens=True):
+            # An incomplete character decodes to U+FFFD; it only counts once completed.
+            while decoded.endswith("\ufffd") and not text.startswith(decoded):
+                decoded = decoded[:-1]
+            ends.append(min(len(decoded), len(text)))
+    for index in range(len(ends) - 2, -1, -1):  # never decreasing
+        ends[index] = min(ends[index], ends[index + 1])
+    return ends
+
+
+def _token_at(token_ends: Sequence[int], char_end: int) -> int:
+    """Index of the token whose text completes the characters before `char_end`."""
+    return min(bisect.bisect_left(token_ends, char_end), len(token_ends) - 1)
+
+
+def label_trace(
+    generated_ids: Sequence[int],
+    text: str,
+    token_ends: Sequence[int],
+    finish_reason: str,
+    gold: str,
+    params: LabelsConfig,
+) -> TraceLabels:
+    """All labels of one trace.
+
+    `text` is the decoded generated text and `token_ends[i]` the character offset in it where
+    token i ends (`token_char_ends`); `finish_reason` is the decoding loop's (`eos`, `budget`,
+    `forced`); `gold` is the reference answer.
+    """
+    if len(token_ends) != len(generated_ids):
+        raise ValueError(f"token_ends has {len(token_ends)} offsets for {len(generated_ids)} generated tokens")
+    length = len(generated_ids)
+    loop = find_loop(generated_ids, params)
+    budget_exhausted = finish_reason == FINISH_BUDGET
+    _, _, closed = split_thinking(text)
+    final_answer = extract_final_answer(text)
+    committed = final_answer is not None and not budget_exhausted
+
+    first_candidate_pos = None
+    candidates = find_candidate_answers(text)
+    if candidates:
+        answer_end = candidates[0].end
+    elif final_answer is not None:
+        answer_end = text.find(final_answer, text.find(THINK_CLOSE) + len(THINK_CLOSE)) + len(final_answer)
+    else:
+        answer_end = None
+    if answer_end is not None and length:
+        first_candidate_pos = _token_at(token_ends, answer_end)
+
+    delayed = first_candidate_pos is not None and length - 1 - first_candidate_pos > params.commit_delay
+    return TraceLabels(
+        length=length,
+        loop_onset=None if loop is None else loop[0],
+        loop_period=None if loop is None else loop[1],
+        budget_exhausted=budget_exhausted,
+        unclosed_think=not closed,
+        committed=committed,
+        first_candidate_pos=first_candidate_pos,
+        delayed_commitment=delayed,
+        correct=is_correct(final_answer, gold),
+        fails_to_commit=not committed,
+    )
+
+
+def position_targets(labels: TraceLabels, horizon: int) -> tuple[np.ndarray, bool]:
+    """The probe's targets for one trace: `loop_within_h`, a bool array over generated positions
+    (True from H tokens before the loop onset on, i.e. inside the loop or about to enter it), and
+    the trace-level `fails_to_commit`, the same at every position."""
+    positions = np.arange(labels.length)
+    if labels.loop_onset is None:
+        loop_within_h = np.zeros(labels.length, dtype=bool)
+    else:
+        loop_within_h = positions >= labels.loop_onset - horizon
+    return loop_within_h, labels.fails_to_commit
+
+
+# Rates reported for each label, in table order.
+_FLAGS = {
+    "loop": lambda t: t.loop_onset is not None,
+    "budget_exhausted": lambda t: t.budget_exhausted,
+    "unclosed_think": lambda t: t.unclosed_think,
+    "committed": lambda t: t.committed,
+    "fails_to_commit": lambda t: t.fails_to_commit,
+    "has_candidate": lambda t: t.first_candidate_pos is not None,
+    "delayed_commitment": lambda t: t.delayed_commitment,
+    "correct": lambda t: t.correct,
+}
+
+
+def _is_failing(labels: TraceLabels) -> bool:
+    return labels.fails_to_commit or labels.loop_onset is not None
+
+
+def _distribution(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = np.asarray(sorted(values), dtype=float)
+    return {
+        "count": len(values),
+        "mean": float(ordered.mean()),
+        "min": float(ordered[0]),
+        "p10": float(np.percentile(ordered, 10)),
+        "median": float(statistics.median(ordered)),
+        "p90": float(np.percentile(ordered, 90)),
+        "max": float(ordered[-1]),
+    }
+
+
+def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, Any]:
+    """Counts and rates per label, loop onset and period distributions, and trace lengths of
+    healthy vs failing traces (failing: fails to commit or loops).
+
+    Writes `label-report.md` and the plots `loop-onsets.png`, `loop-periods.png` and
+    `trace-lengths.png` into `out_dir`; returns the same numbers as a nested dict.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(labels)
+    counts = {name: sum(flag(t) for t in labels) for name, flag in _FLAGS.items()}
+    rates = {name: count / total if total else 0.0 for name, count in counts.items()}
+    onsets = [t.loop_onset for t in labels if t.loop_onset is not None]
+    periods = [t.loop_period for t in labels if t.loop_period is not None]
+    relative_onsets = [t.loop_onset / t.length for t in labels if t.loop_onset is not None and t.length]
+    healthy = [t.length for t in labels if not _is_failing(t)]
+    failing = [t.length for t in labels if _is_failing(t)]
+    summary = {
+        "traces": total,
+        "counts": counts,
+        "rates": rates,
+        "loop_onset": _distribution(onsets),
+        "loop_onset_fraction_of_length": _distribution(relative_onsets),
+        "loop_period": _distribution(periods),
+        "length_healthy": _distribution(healthy),
+        "length_failing": _distribution(failing),
+    }
+
+    rows = ["| label | traces | rate |", "| --- | ---: | ---: |"]
+    rows += [f"| {name} | {counts[name]} | {rates[name]:.1%} |" for name in _FLAGS]
+    stats = ["| distribution (tokens) | count | mean | p10 | median | p90 | max |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("loop_onset", "loop_period", "length_healthy", "length_failing"):
+        dist = summary[name]
+        if dist["count"]:
+            stats.append(f"| {name} | {dist['count']} | {dist['mean']:.1f} | {dist['p10']:.0f} | "
+                         f"{dist['median']:.0f} | {dist['p90']:.0f} | {dist['max']:.0f} |")
+        else:
+            stats.append(f"| {name} | 0 | - | - | - | - | - |")
+    report = ["# Label report", "", f"{total} traces; failing = fails to commit or loops.", "", *rows, "", *stats, ""]
+    (out / "label-report.md").write_text("\n".join(report))
+
+    def histogram(path: str, groups: dict[str, list[int]], xlabel: str, title: str) -> None:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        present = {name: values for name, values in groups.items() if values}
+        if present:
+            every = [v for values in present.values() for v in values]
+            bins = np.histogram_bin_edges(every, bins=min(40, max(5, len(set(every)))))
+            for name, values in present.items():
+                axes.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})")
+            if len(groups) > 1:
+                axes.legend()
+        else:
+            axes.text(0.5, 0.5, "no traces", ha="center", va="center", transform=axes.transAxes)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel("traces")
+        axes.set_title(title)
+        figure.tight_layout()
+        figure.savefig(out / path, dpi=120)
+        plt.close(figure)
+
+    histogram("loop-onsets.png", {"looping": onsets}, "loop onset (generated token index)",
+              f"Loop onsets ({len(onsets)} of {total} traces loop)")
+    histogram("loop-periods.png", {"looping": periods}, "loop period (tokens per repeated block)",
+              "Loop periods")
+    histogram("trace-lengths.png", {"healthy": healthy, "failing": failing}, "generated tokens",
+              "Trace lengths: healthy vs failing (fails to commit or loops)")
+    return summary
