@@ -1,0 +1,134 @@
+"""Benchmark: what capturing hidden states costs trace collection, and what it stores per token.
+
+For each model, the same left-padded batch is decoded for a fixed number of steps (no early stop,
+so every variant does the same work) three ways, timed side by side in one process:
+  plain    - the decoding loop with no hook;
+  capture  - plus the collection hook that copies the configured layers' states into a buffer;
+  collect  - plus what collection does after a batch: labeling, position selection, copy to host.
+Bytes per generated token are computed for several capture policies on the traces generated.
+
+    python benchmarks/collect_throughput.py --models tiny-s qwen3-0.6b --batch 16 --steps 256 --out results.json
+
+`qwen3-0.6b` is a random-weight model built from the public Qwen3-0.6B config (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from inference.config import LabelsConfig, load_config
+from inference.generate import Sampler, generate
+from inference.models import load_full_precision
+from inference.prompts import render_prompt
+from training.arith import arith_problems
+from training.collect import HiddenRecorder, capture_positions
+from training.labels import label_trace, token_char_ends
+from training.tokenizer import build_tokenizer
+
+QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                 tie_word_embeddings=True, rope_theta=1000000.0)
+POLICIES = {"dense (stride 1)": (1, 0), "stride 4": (4, 0), "stride 8 + window 32": (8, 32), "stride 16": (16, 0)}
+
+
+def load(name: str, device: torch.device):
+    if name == "qwen3-0.6b":
+        tokenizer = build_tokenizer()
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        layers = [13, 20, 27]
+        return model, tokenizer, layers
+    config = load_config(name)
+    model, tokenizer = load_full_precision(config.model.fp16, "auto", str(device))
+    return model, tokenizer, list(config.probe.layers)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: int = 3) -> dict:
+    problems = arith_problems("test", limit=batch)
+    prompts = [render_prompt(tokenizer, p.question) for p in problems]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    sampler = Sampler(0.6, 20, 0.95)
+    labels_config = LabelsConfig()
+
+    def run(variant: str):
+        generator = torch.Generator(device=device).manual_seed(0)
+        recorder = HiddenRecorder(layers, batch, steps, torch.float16) if variant != "plain" else None
+        sync(device)
+        began = time.perf_counter()
+        out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps, eos_token_ids=[],
+                       pad_token_id=tokenizer.pad_token_id, sampler=sampler, generator=generator,
+                       layers=layers if recorder else (), hook=recorder)
+        kept = []
+        if variant == "collect":
+            for row, ids in enumerate(out.generated_ids):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                labels = label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
+                keep = capture_positions(len(ids), labels, None, 8, 32)
+                kept.append(recorder.buffer[row, keep].cpu())
+        sync(device)
+        return time.perf_counter() - began, out
+
+    results = {}
+    run("capture")  # warm-up
+    for variant in ("plain", "capture", "collect"):
+        times = [run(variant)[0] for _ in range(repeats)]
+        results[variant] = {"seconds": statistics.median(times), "tokens_per_s": batch * steps / statistics.median(times)}
+    _, out = run("plain")
+    hidden = model.config.hidden_size
+    stored = {}
+    for name, (stride, window) in POLICIES.items():
+        positions = 0
+        for ids in out.generated_ids:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            labels = label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
+            positions += len(capture_positions(len(ids), labels, None, stride, window))
+        stored[name] = positions * len(layers) * hidden * 2 / (batch * steps)
+    results["capture_cost"] = 1 - results["capture"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    results["collect_cost"] = 1 - results["collect"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    results["bytes_per_generated_token"] = stored
+    results["layers"] = layers
+    results["hidden_size"] = hidden
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-s", "qwen3-0.6b"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    report = {"machine": machine, "batch": args.batch, "steps": args.steps, "models": {}}
+    for name in args.models:
+        model, tokenizer, layers = load(name, device)
+        report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device)
+        del model
+    print(f"collection throughput on {machine}, batch {args.batch}, {args.steps} steps")
+    print("| model | plain tok/s | capture tok/s | collect tok/s | capture cost | collect cost | bytes/token: " +
+          " / ".join(POLICIES) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in report["models"].items():
+        sizes = " / ".join(f"{r['bytes_per_generated_token'][p]:.0f}" for p in POLICIES)
+        print(f"| {name} | {r['plain']['tokens_per_s']:.0f} | {r['capture']['tokens_per_s']:.0f} | "
+              f"{r['collect']['tokens_per_s']:.0f} | {r['capture_cost']:.1%} | {r['collect_cost']:.1%} | {sizes} |")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
