@@ -74,11 +74,12 @@ class Sampler:
                 warpers.append(TopPLogitsWarper(self.top_p))
         object.__setattr__(self, "_warpers", warpers)
 
-    def choose(self, input_ids: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row of `logits` (batch, vocab). The warpers used here ignore past tokens."""
         logits = logits.float()
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        scores = self._warpers(input_ids, logits)
+        scores = self._warpers(None, logits)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
@@ -125,7 +126,6 @@ def generate(
     attention_mask = attention_mask.to(device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    sequences = input_ids
     live = torch.ones(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -145,7 +145,7 @@ def generate(
             logits_to_keep=1,
         )
         logits = outputs.logits[:, -1, :]
-        tokens = sampler.choose(sequences, logits, generator)
+        tokens = sampler.choose(logits, generator)
         tokens = torch.where(live, tokens, torch.full_like(tokens, pad_token_id))
 
         rows = live.nonzero().squeeze(1)
@@ -167,7 +167,6 @@ def generate(
         if not bool(live.any()):
             break
 
-        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
         step_positions = step_positions[:, -1:] + 1
         step_input = tokens[:, None]
