@@ -63,7 +63,8 @@ class TraceLabels:
     delayed_commitment: bool
     """A candidate answer was available, and the trace went on for more than D tokens after it."""
     correct: bool
-    """The final answer (read after `</think>`) equals the gold answer."""
+    """The final answer (read after `</think>`) equals the gold answer, graded as `rescue evaluate`
+    grades: an answer given before the budget ran out counts even though the trace failed to commit."""
     fails_to_commit: bool
     """Not committed: the budget ran out, `</think>` never came, or no final answer parses."""
 
@@ -88,7 +89,8 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     - a token added or removed (a counter going from 9 to 10, a result one digit longer): for
       blocks of 8 or more, a stretch of period p followed at once by one of period p + 1 or
       p - 1 (starting at most floor(p / 8) + 2 tokens after the first one's last agreeing
-      token) continue the same loop.
+      token) continue the same loop. A stretch shorter than half a block does not start such a
+      chain, so an added or removed token may make the onset up to half a block late.
     A stretch starts and ends on agreeing tokens; the loop must cover at least R blocks (R * p
     tokens, with p its longest period: the block occurs R times in a row) and at least L tokens.
     `onset` is the first token of the earliest loop; `period` is its block length at the onset,
@@ -100,20 +102,20 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
     making progress, even if the model would have stopped on its own after it.
 
-    Cost: O(n * P) vectorized comparisons (a few milliseconds for 8k tokens).
+    Cost: O(n * P) vectorized comparisons, about 30 ms for 8k tokens.
     """
     tokens = np.asarray(ids, dtype=np.int64)
     best: tuple[int, int] | None = None
     edited: list[tuple[int, int, int]] = []  # (first, last, period) of stretches that may chain
-    for period in range(1, min(params.max_period, len(tokens) // 2) + 1):
-        need = max(params.min_repeats * period, params.min_span)
+    for period in range(1, min(params.max_period, len(tokens) // params.min_repeats) + 1):
         firsts, lasts = _stretches(tokens, period)
         if period >= TOKENS_PER_EDIT:
-            # Shorter pieces cannot carry a block's worth of agreement; leaving them out keeps
-            # the chaining below to a few candidates per period.
-            piece = lasts - firsts + 1 >= TOKENS_PER_EDIT
+            # Stretches shorter than half a block are left out of chains: they would be many in
+            # repetitive text, and a chain starting after one begins at most half a block late.
+            piece = lasts - firsts + 1 >= max(TOKENS_PER_EDIT, period // 2)
             edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum())))
             continue
+        need = max(params.min_repeats * period, params.min_span)
         long_enough = np.flatnonzero(lasts + period - firsts + 1 >= need)
         if len(long_enough):
             best = min(best or (len(tokens), 0), (int(firsts[long_enough[0]]), period))
@@ -183,7 +185,9 @@ def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
     """
     ids = list(ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    pieces = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
+    distinct = sorted(set(ids))
+    piece_of = dict(zip(distinct, tokenizer.batch_decode([[token] for token in distinct], skip_special_tokens=True)))
+    pieces = [piece_of[token] for token in ids]
     if "".join(pieces) != text:
         pieces = _incremental_pieces(tokenizer, ids)
     if "".join(pieces) == text:
@@ -206,7 +210,7 @@ def _incremental_pieces(tokenizer, ids: list[int], context: int = 6) -> list[str
         after = tokenizer.decode(ids[prefix_start : index + 1], skip_special_tokens=True)
         if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
             pieces.append(after[len(before) :])
-            prefix_start = max(read_start, index + 1 - context)
+            prefix_start = max(0, index + 1 - context)
             read_start = index + 1
         else:
             pieces.append("")
