@@ -131,6 +131,51 @@ class LabelsConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The learned detector: probe architecture, features, training and threshold calibration."""
+
+    hidden_width: int = field(
+        default=64, metadata=_help("width of the probe's MLP body; 0 makes the probe linear", min=0)
+    )
+    hidden_layers: int = field(default=1, metadata=_help("hidden layers of the MLP body (1 or 2; unused when linear)",
+                                                         min=1, max=2))
+    dropout: float = field(default=0.1, metadata=_help("dropout after each hidden layer", min=0.0, max=1.0))
+    mean_window: int = field(
+        default=32,
+        metadata=_help("also feed the running mean of the states on the capture grid within the last W generated "
+                       "tokens (W // capture stride states); 0 disables", min=0),
+    )
+    learning_rate: float = field(default=1e-3, metadata=_help("AdamW learning rate", min=0.0))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay", min=0.0))
+    max_epochs: int = field(default=30, metadata=_help("most passes over the training traces", min=1))
+    batch_size: int = field(default=512, metadata=_help("captured positions per optimizer step", min=1))
+    early_stopping_patience: int = field(
+        default=4, metadata=_help("epochs without a better validation AUPRC of loop_within_h before stopping", min=1)
+    )
+    val_fraction: float = field(
+        default=0.2, metadata=_help("share of problems held out for validation when no --val trace set is given",
+                                    min=0.0, max=1.0)
+    )
+    patience: int = field(
+        default=2, metadata=_help("k: an alarm needs k consecutive probe steps above the threshold", min=1)
+    )
+    target_false_alarm_rate: float = field(
+        default=0.05,
+        metadata=_help("calibrated share of healthy validation traces (no loop, committed) with an alarm",
+                       min=0.0, max=1.0),
+    )
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes reading shards", min=0))
+    seed: int = field(default=0, metadata=_help("seed of initialisation, split and data order"))
+    rule_ngram: int = field(
+        default=16, metadata=_help("offline comparison: n of the repeated-n-gram rule (tokens)", min=1)
+    )
+    rule_window: int = field(
+        default=256,
+        metadata=_help("offline comparison: the n-gram rule counts the newest n-gram within this many tokens", min=2),
+    )
+
+
+@dataclass
 class BenchmarkConfig:
     """Which problems are evaluated."""
 
@@ -181,6 +226,7 @@ class RescueConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -1,0 +1,178 @@
+"""TraceDataModule: split by problem, targets, streaming batches, and the trace sets it refuses.
+
+`write_planted_trace_set` (also used by test_fit.py) writes a labeled synthetic trace set whose hidden
+states carry a planted signal: a direction in layer 1 while `loop_within_h` holds, another in layer 0
+along every trace that fails to commit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.probe import HEADS
+from inference.config import load_config
+from training.datamodule import TraceDataModule
+from training.labels import TraceLabels, position_targets
+from training.traces import LABELS, MANIFEST, Manifest, Trace, TraceSetError, write_shard
+
+HIDDEN = 16
+LAYERS = [0, 1]
+STRIDE = 4
+HORIZON = 16
+
+
+def synthetic_config(tmp_path: Path, **overrides):
+    values = {"model.name": "synthetic", "model.fp16": str(tmp_path / "no-such-model"), "probe.layers": LAYERS,
+              "labels.horizon": HORIZON, "wandb.mode": "disabled", "output_dir": str(tmp_path / "runs"),
+              "detector.batch_size": 128, "detector.val_fraction": 0.25, **overrides}
+    return load_config("tiny-s", values)
+
+
+def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, seed: int = 0,
+                            hidden_size: int = HIDDEN, signal: float = 2.0, loops: bool = True,
+                            name: str = "synthetic", labels: bool = True) -> Path:
+    """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The same "model" for every seed: the planted directions do not depend on it.
+    directions = np.random.default_rng(1234).standard_normal((2, hidden_size)).astype(np.float32)
+    loop_direction, commit_direction = directions
+    traces, records = [], {}
+    for index in range(problems * samples):
+        length = int(rng.integers(100, 200))
+        loop_onset = int(rng.integers(20, length - 20)) if loops and rng.random() < 0.3 else None
+        fails = bool(rng.random() < 0.2)
+        trace_labels = TraceLabels(length=length, loop_onset=loop_onset, loop_period=None if loop_onset is None else 10,
+                                   budget_exhausted=fails, unclosed_think=fails, committed=not fails,
+                                   first_candidate_pos=None, delayed_commitment=False, correct=not fails,
+                                   fails_to_commit=fails)
+        positions = np.arange(0, length, STRIDE)
+        hidden = rng.standard_normal((len(positions), len(LAYERS), hidden_size)).astype(np.float32)
+        looping, _ = position_targets(trace_labels, HORIZON)
+        hidden[:, 1] += signal * looping[positions, None] * loop_direction
+        hidden[:, 0] += signal * fails * commit_direction
+        trace_id = f"p{index // samples}#{index % samples}"
+        traces.append(Trace(id=trace_id, problem_id=f"p{index // samples}", sample=index % samples,
+                            prompt_ids=[1, 2, 3], generated_ids=rng.integers(3, 50, length).tolist(),
+                            finish_reason="budget" if fails else "eos", answer=None if fails else "1", gold="1",
+                            correct=not fails, wall_seconds=0.0, text="", positions=torch.from_numpy(positions),
+                            hidden=torch.from_numpy(hidden)))
+        records[trace_id] = trace_labels.to_dict()
+    entries = [write_shard(folder, shard, traces[start : start + 16], torch.float16)
+               for shard, start in enumerate(range(0, len(traces), 16))]
+    identity = {"kind": "lowbit-rescue trace set",
+                "model": {"name": name, "fp16": "synthetic", "quantized": None, "precision": "2bit",
+                          "hidden_size": hidden_size},
+                "tokenizer_hash": "synthetic", "layers": LAYERS, "sampling": {"budget": 256},
+                "capture": {"stride": STRIDE, "window": 0}}
+    manifest = Manifest(identity=identity, shards=entries, planned_shards=len(entries), complete=True)
+    (folder / MANIFEST).write_text(manifest.to_json())
+    if labels:
+        (folder / LABELS).write_text(json.dumps({"params": {"horizon": HORIZON}, "traces": records}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    return write_planted_trace_set(tmp_path_factory.mktemp("planted"))
+
+
+def test_split_by_problem_keeps_every_problem_on_one_side(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    train, val = data.problem_ids("train"), data.problem_ids("val")
+    assert train and val and not train & val
+    assert len(train | val) == 40
+    assert data.counts["train"]["traces"] + data.counts["val"]["traces"] == 80
+    assert data.counts["val"]["traces"] == 2 * len(val)  # both samples of a held-out problem
+
+
+def test_batches_cover_every_position_once_with_position_targets(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    for split, loader in (("train", data.train_dataloader()), ("val", data.val_dataloader())):
+        batches = list(loader)
+        assert all(f.shape[1] == data.recipe.feature_dim == 2 * len(LAYERS) * HIDDEN for f, _ in batches)
+        targets = torch.cat([t for _, t in batches])
+        assert targets.shape == (data.counts[split]["positions"], len(HEADS))
+        for index, head in enumerate(HEADS):
+            assert int(targets[:, index].sum()) == data.counts[split][f"{head}_positives"]
+    example = next(data.traces("val"))
+    looping, fails = position_targets(example.labels, HORIZON)
+    assert torch.equal(example.targets[:, 0].bool(), torch.from_numpy(looping[example.positions.numpy()]))
+    assert bool(example.targets[0, 1]) == fails
+
+
+def test_normalisation_statistics_fitted_on_training_split_only(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    train = torch.cat([e.features for e in data.traces("train")])
+    raw = train[:, : len(LAYERS) * HIDDEN]
+    assert raw.mean(dim=0).abs().max() < 1e-2
+    assert (raw.std(dim=0) - 1).abs().max() < 1e-2
+
+
+def test_separate_validation_set(planted, tmp_path):
+    val = write_planted_trace_set(tmp_path / "val", problems=20, seed=1)
+    data = TraceDataModule(synthetic_config(tmp_path), planted, val)
+    data.setup()
+    assert data.counts["train"]["traces"] == 80 and data.counts["val"]["traces"] == 40
+    assert [s["role"] for s in data.sources] == ["train", "val"]
+
+
+def test_mismatched_hidden_size_refused(tmp_path):
+    # tiny-s (hidden size 128) is the config's model; these traces claim to be tiny-s at 16.
+    traces = write_planted_trace_set(tmp_path / "traces", problems=4, name="tiny-s")
+    config = load_config("tiny-s", {"probe.layers": LAYERS, "wandb.mode": "disabled"})
+    with pytest.raises(TraceSetError, match="hidden size 16, but tiny-s has hidden size 128"):
+        TraceDataModule(config, traces).setup()
+
+
+def test_other_model_or_layers_refused(planted, tmp_path):
+    with pytest.raises(TraceSetError, match="collected with model 'synthetic'"):
+        TraceDataModule(synthetic_config(tmp_path, **{"model.name": "tiny-m"}), planted).setup()
+    with pytest.raises(TraceSetError, match=r"captured layers \[0, 1\]"):
+        TraceDataModule(synthetic_config(tmp_path, **{"probe.layers": [-1]}), planted).setup()
+
+
+def test_no_positive_labels_refused(tmp_path):
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False)
+    with pytest.raises(TraceSetError, match="no positive labels for loop_within_h"):
+        TraceDataModule(synthetic_config(tmp_path), traces).setup()
+
+
+def test_missing_labels_refused(tmp_path):
+    traces = write_planted_trace_set(tmp_path / "traces", problems=4, labels=False)
+    with pytest.raises(TraceSetError, match="no labels.json; label the trace set first"):
+        TraceDataModule(synthetic_config(tmp_path), traces).setup()
+
+
+def test_corrupt_shard_refused(tmp_path):
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8)
+    shard = traces / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(TraceSetError, match="corrupt or truncated"):
+        TraceDataModule(synthetic_config(tmp_path), traces).setup()
+
+
+def test_running_mean_window_zero_halves_the_features(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path, **{"detector.mean_window": 0}), planted)
+    data.setup()
+    features, _ = next(iter(data.val_dataloader()))
+    assert features.shape[1] == len(LAYERS) * HIDDEN
+
+
+def test_worker_processes_read_disjoint_shards(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path, **{"detector.num_workers": 2}), planted)
+    data.setup()
+    single = TraceDataModule(synthetic_config(tmp_path), planted)
+    single.setup()
+    for split, loader in (("train", data.train_dataloader()), ("val", data.val_dataloader())):
+        targets = torch.cat([t for _, t in loader])
+        assert targets.shape[0] == single.counts[split]["positions"]
+        assert int(targets[:, 0].sum()) == single.counts[split]["loop_within_h_positives"]

@@ -1,0 +1,446 @@
+"""`rescue train`: fit the detector on labeled trace sets, calibrate its thresholds, write the artifact.
+
+Steps: `TraceDataModule` (checks, split by problem, normalisation statistics, class counts) ->
+Lightning fit of `ProbeModule` (early stopping on the validation AUPRC of `loop_within_h`, the best
+epoch's weights kept) -> scores on the validation traces -> per-head thresholds for the target
+false-alarm rate (`detector.calibration`) -> `detector.artifact.save_detector`. Tracking goes through
+Lightning's WandbLogger (offline by default, none when `wandb.mode` is disabled): losses, AUROC/AUPRC
+per epoch, PR curves, the card as config, and the artifact folder.
+
+`detect_report` is the offline comparison of issue 5 (item 6): held-out traces replayed with the
+learned trigger and the repeated-n-gram rule, both set for the same false-alarm rate on validation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from inference.config import RescueConfig
+from inference.errors import RescueError
+
+
+def _wandb_logger(config: RescueConfig, run_dir: Path):
+    """W&B through Lightning's WandbLogger (offline by default); False when W&B is disabled."""
+    if config.wandb.mode == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    from inference.tracking import start_run
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-train", "train",
+                    config.to_dict(), run_dir)
+    return WandbLogger(experiment=run)
+
+
+def base_model_parameters(config: RescueConfig) -> int | None:
+    """Parameters of the configured full-precision model, counted on the meta device from its
+    config.json (no weights read); None where the model is not at hand."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from inference.models import resolve_model_source
+
+        model_config = AutoConfig.from_pretrained(resolve_model_source(config.model.fp16, "model"))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an estimate for the card; its absence must not stop training
+        return None
+
+
+@torch.no_grad()
+def score_traces(probe, examples) -> list[dict[str, Any]]:
+    """Per trace: positions, probabilities [captured, 2], targets and labels (for metrics and calibration)."""
+    probe.eval()
+    scored = []
+    for example in examples:
+        scored.append({"positions": example.positions.numpy(), "scores": probe(example.features).sigmoid().numpy(),
+                       "targets": example.targets.numpy(), "labels": example.labels, "healthy": example.healthy,
+                       "generated_ids": example.generated_ids.tolist()})
+    return scored
+
+
+def position_metrics(scored: list[dict[str, Any]], budget: int | None) -> dict[str, float]:
+    """AUROC and AUPRC per head over all validation positions; for `fails_to_commit` also from the
+    positions within the first quarter of the budget alone (how early non-commitment shows)."""
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    from detector.probe import HEADS
+
+    scores = torch.from_numpy(np.concatenate([s["scores"] for s in scored]))
+    targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored])).long()
+    positions = np.concatenate([s["positions"] for s in scored])
+    metrics = {}
+    for index, head in enumerate(HEADS):
+        metrics[f"{head}/auroc"] = float(binary_auroc(scores[:, index], targets[:, index]))
+        metrics[f"{head}/auprc"] = float(binary_average_precision(scores[:, index], targets[:, index]))
+    if budget:
+        early = torch.from_numpy(positions < budget / 4)
+        early_targets = targets[early, 1]
+        if 0 < int(early_targets.sum()) < len(early_targets):
+            metrics["fails_to_commit/auroc_first_quarter"] = float(binary_auroc(scores[early, 1], early_targets))
+    return metrics
+
+
+def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: float) -> dict[str, Any]:
+    """Per-head thresholds on the stride-grid scores of the validation traces, and loop lead times."""
+    from detector.calibration import calibrate_head, first_alarm
+    from detector.probe import HEADS
+
+    grids = [s["positions"] % stride == 0 for s in scored]
+    healthy = [s["healthy"] for s in scored]
+    positive = {"loop_within_h": [s["labels"].loop_onset is not None for s in scored],
+                "fails_to_commit": [s["labels"].fails_to_commit for s in scored]}
+    heads = {}
+    for index, head in enumerate(HEADS):
+        sequences = [s["scores"][grid, index] for s, grid in zip(scored, grids)]
+        try:
+            heads[head] = calibrate_head(head, sequences, healthy, positive[head], patience, target).to_dict()
+        except ValueError as error:
+            raise RescueError(f"calibration: {error}") from None
+    leads = []
+    threshold = heads["loop_within_h"]["threshold"]
+    for s, grid in zip(scored, grids):
+        onset = s["labels"].loop_onset
+        if onset is None:
+            continue
+        alarm = first_alarm(s["scores"][grid, 0], threshold, patience)
+        if alarm is not None:
+            leads.append(int(s["positions"][grid][alarm]) - onset)
+    return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads,
+            "loop_alarm_minus_onset_tokens": {
+                "count": len(leads), "median": float(np.median(leads)) if leads else None,
+                "note": "first alarm position minus labeled loop onset, caught loops only; negative = before onset"}}
+
+
+def plot_pr_curves(scored: list[dict[str, Any]], path: Path) -> Path:
+    """Precision-recall curves of both heads over the validation positions, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
+
+    from detector.probe import HEADS
+
+    scores = torch.from_numpy(np.concatenate([s["scores"] for s in scored]))
+    targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored])).long()
+    figure, axes = plt.subplots(1, len(HEADS), figsize=(10, 4))
+    for index, head in enumerate(HEADS):
+        precision, recall, _ = binary_precision_recall_curve(scores[:, index], targets[:, index])
+        auprc = float(binary_average_precision(scores[:, index], targets[:, index]))
+        base = float(targets[:, index].float().mean())
+        axes[index].plot(recall.numpy(), precision.numpy(), label=f"probe (AUPRC {auprc:.3f})")
+        axes[index].axhline(base, color="grey", linestyle="--", label=f"chance ({base:.3f})")
+        axes[index].set_xlabel("recall")
+        axes[index].set_ylabel("precision")
+        axes[index].set_title(f"{head} (validation positions)")
+        axes[index].set_xlim(0, 1)
+        axes[index].set_ylim(0, 1.02)
+        axes[index].legend(loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def train_detector(config: RescueConfig, traces: str, val: str | None = None, out: str | None = None,
+                   progress: bool = True) -> dict:
+    """Fit, calibrate and save the detector of the config's model on a labeled trace set.
+
+    `traces`: training trace set (with labels.json); `val`: separate validation trace set (default:
+    hold out `detector.val_fraction` of the training problems); `out`: artifact folder (default
+    `<output_dir>/<model.name>/detector`). Returns the summary (also in the card's `metrics`).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+
+    from detector.artifact import save_detector
+    from detector.probe import ProbeModule, flops_comparison
+    from training.datamodule import TraceDataModule
+
+    spec = config.detector
+    began = time.perf_counter()
+    L.seed_everything(spec.seed, verbose=False)
+    data = TraceDataModule(config, traces, val)
+    data.setup()
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / "detector")
+    run_dir = Path(config.output_dir) / config.model.name / "train"
+    module = ProbeModule(data.recipe.feature_dim, spec.hidden_width, spec.hidden_layers, spec.dropout,
+                         spec.learning_rate, spec.weight_decay, pos_weight=data.pos_weight)
+    counts = data.counts
+    if progress:
+        print(f"training the {config.model.name} detector: {counts['train']['traces']} train / "
+              f"{counts['val']['traces']} val traces, {counts['train']['positions']} / {counts['val']['positions']} "
+              f"positions, {data.recipe.feature_dim} features, pos_weight "
+              + ", ".join(f"{w:.1f}" for w in data.pos_weight))
+    logger = _wandb_logger(config, run_dir)
+    monitor = "val/loop_within_h/auprc"
+    with tempfile.TemporaryDirectory(prefix="detector-checkpoints-") as checkpoints:
+        best = ModelCheckpoint(dirpath=checkpoints, monitor=monitor, mode="max", save_top_k=1, filename="best")
+        callbacks = [EarlyStopping(monitor=monitor, mode="max", patience=spec.early_stopping_patience), best]
+        if progress:
+            callbacks.append(TQDMProgressBar(refresh_rate=10))
+        trainer = L.Trainer(
+            max_epochs=spec.max_epochs, accelerator="auto", devices=1, logger=logger, callbacks=callbacks,
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+            log_every_n_steps=10, default_root_dir=run_dir,
+        )
+        fit_began = time.perf_counter()
+        trainer.fit(module, data)
+        fit_seconds = time.perf_counter() - fit_began
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    probe = module.probe.cpu().eval()
+
+    model = data.identity.get("model", {})
+    base_model = {key: model.get(key) for key in ("name", "fp16", "quantized", "precision", "hidden_size")}
+    base_model["tokenizer_hash"] = data.identity.get("tokenizer_hash")
+    scored = score_traces(probe, data.traces("val"))
+    metrics = position_metrics(scored, data.identity.get("sampling", {}).get("budget"))
+    calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate)
+    calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
+                                                     spec.target_false_alarm_rate)}
+    flops = flops_comparison(probe, data.recipe.mean_window, base_model_parameters(config))
+    plot = plot_pr_curves(scored, run_dir / "pr-curves.png")
+    summary = {
+        "model": config.model.name,
+        "artifact": str(out_dir),
+        "train_traces": counts["train"]["traces"], "val_traces": counts["val"]["traces"],
+        "train_positions": counts["train"]["positions"], "val_positions": counts["val"]["positions"],
+        "epochs": trainer.current_epoch, "best_epoch_score": float(best.best_model_score or float("nan")),
+        "fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - began, 1),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "val": metrics,
+        "calibration": calibration,
+        "flops": flops,
+    }
+    card = {
+        "base_model": base_model,
+        "horizon": config.labels.horizon,
+        "label_params": data.label_params,
+        "probe": {**flops, "dropout": spec.dropout},
+        "calibration": calibration,
+        "training_data": data.sources,
+        "training": {"counts": counts, "pos_weight": data.pos_weight, "config": config.to_dict()["detector"],
+                     "epochs": trainer.current_epoch, "fit_seconds": summary["fit_seconds"],
+                     "device": summary["device"]},
+        "metrics": {"val": metrics},
+    }
+    save_detector(out_dir, probe, data.recipe, data.stats, card)
+    summary["total_seconds"] = round(time.perf_counter() - began, 1)
+    if logger:
+        _log_to_wandb(logger, summary, plot, out_dir, config.model.name)
+    if progress:
+        print(format_summary(summary))
+    return summary
+
+
+def _log_to_wandb(logger, summary: dict, plot: Path, out_dir: Path, model_name: str) -> None:
+    import wandb
+
+    def flatten(tree: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}/"))
+            elif isinstance(value, (int, float, str)) or value is None:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    logger.experiment.summary.update(flatten(summary))
+    logger.log_image("val/pr_curves", images=[str(plot)])
+    artifact = wandb.Artifact(f"{model_name}-detector", type="detector",
+                              metadata=json.loads((out_dir / "card.json").read_text()))
+    artifact.add_dir(str(out_dir))
+    logger.experiment.log_artifact(artifact)
+    logger.experiment.finish()
+
+
+def format_summary(summary: dict) -> str:
+    heads = summary["calibration"]["heads"]
+    parts = [f"detector {summary['artifact']}: {summary['epochs']} epochs in {summary['fit_seconds']:.1f} s "
+             f"({summary['device']})"]
+    for head, entry in heads.items():
+        detection = "n/a" if entry["detection_rate"] is None else f"{entry['detection_rate']:.1%}"
+        parts.append(f"{head}: AUROC {summary['val'][f'{head}/auroc']:.3f} AUPRC {summary['val'][f'{head}/auprc']:.3f}, "
+                     f"threshold {entry['threshold']:.3f} x{entry['patience']} steps -> false alarms "
+                     f"{entry['false_alarm_rate']:.1%} of {entry['healthy_traces']} healthy traces, caught "
+                     f"{detection} of {entry['positive_traces']}")
+    return "\n".join(parts)
+
+
+# -- offline comparison with the rule (issue 5, item 6) ---------------------------------------------
+
+
+def ngram_repeats(ids: Sequence[int], n: int, window: int) -> np.ndarray:
+    """The repeated-n-gram rule's reading per generated position t: how many times the n-gram ending
+    at t occurs within the last `window` tokens (t included; 0 before the first n tokens)."""
+    counts = np.zeros(len(ids), dtype=np.int64)
+    ends: dict[tuple[int, ...], list[int]] = {}
+    for t in range(n - 1, len(ids)):
+        seen = ends.setdefault(tuple(ids[t - n + 1 : t + 1]), [])
+        seen.append(t)
+        counts[t] = len(seen) - bisect.bisect_left(seen, t - window + n)
+    return counts
+
+
+def tune_ngram_rule(scored: list[dict[str, Any]], n: int, window: int, target: float) -> dict[str, Any]:
+    """The smallest repeat count (>= 2) at which the n-gram rule alarms on at most `target` of the
+    healthy validation traces; the rule is checked at every token, as the rule trigger does."""
+    from detector.calibration import choose_threshold
+
+    peaks = np.array([ngram_repeats(s["generated_ids"], n, window).max(initial=0) for s in scored])
+    healthy = np.array([s["healthy"] for s in scored])
+    loops = np.array([s["labels"].loop_onset is not None for s in scored])
+    repeats = max(2, math.ceil(choose_threshold(peaks[healthy], target)))
+    return {"ngram": n, "window": window, "min_repeats": repeats, "target_false_alarm_rate": target,
+            "false_alarm_rate": float((peaks[healthy] >= repeats).mean()),
+            "detection_rate": float((peaks[loops] >= repeats).mean()) if loops.any() else None}
+
+
+def trigger_outcomes(alarms: Sequence[int | None], labels: Sequence[Any]) -> dict[str, Any]:
+    """Share of loops caught, false alarms per healthy trace, failures to commit caught, and lead times
+    (first alarm minus labeled loop onset, in tokens; negative = before onset) of one trigger."""
+    loops = [(a, t.loop_onset) for a, t in zip(alarms, labels) if t.loop_onset is not None]
+    healthy = [a for a, t in zip(alarms, labels) if t.loop_onset is None and not t.fails_to_commit]
+    failing = [a for a, t in zip(alarms, labels) if t.fails_to_commit]
+    leads = [a - onset for a, onset in loops if a is not None]
+    share = lambda values: float(np.mean([a is not None for a in values])) if values else None  # noqa: E731
+    return {"loops": len(loops), "loops_caught": share([a for a, _ in loops]), "healthy": len(healthy),
+            "false_alarm_rate": share(healthy), "fails_to_commit": len(failing), "fails_caught": share(failing),
+            "median_lead_tokens": float(np.median(leads)) if leads else None, "lead_tokens": leads}
+
+
+def detect_report(config: RescueConfig, test: str, detector: str | None = None, out: str | None = None) -> dict:
+    """Replay held-out traces step by step with the learned trigger and the repeated-n-gram rule
+    (both set on validation traces for the same false-alarm rate; see the card's calibration) and
+    compare them: loops caught, false alarms per healthy trace, lead times. Writes `report.md`,
+    `comparison.json`, `lead-times.png` and `pr-curves.png` to `out` (default
+    `<output_dir>/<model.name>/detect-report`).
+
+    Not yet here: the confidence rule (top-token probability above a threshold for W steps), which
+    needs per-token probabilities that trace sets do not store.
+    """
+    from detector.artifact import load_detector
+    from detector.calibration import first_alarm
+    from detector.probe import HEADS
+    from training.datamodule import load_labels, model_hidden_size
+    from training.labels import position_targets
+    from training.traces import TraceSet, TraceSetError
+
+    folder = Path(detector or Path(config.output_dir) / config.model.name / "detector")
+    loaded = load_detector(folder, model_name=config.model.name, hidden_size=model_hidden_size(config),
+                           layers=config.probe.layers)
+    calibration = loaded.card["calibration"]
+    rule = calibration.get("rules", {}).get("ngram")
+    if rule is None:
+        raise RescueError(f"{folder}: the card holds no tuned n-gram rule; retrain with `rescue train`")
+    trace_set = TraceSet(test)
+    model = trace_set.identity.get("model", {})
+    if model.get("name") != config.model.name or list(trace_set.identity.get("layers", [])) != list(loaded.recipe.layers):
+        raise TraceSetError(f"{test}: traces of {model.get('name')!r} (layers {trace_set.identity.get('layers')}) do "
+                            f"not fit the detector of {config.model.name!r} (layers {list(loaded.recipe.layers)})")
+    labels, _ = load_labels(test)
+    stride, patience = int(calibration["stride"]), int(calibration["patience"])
+    thresholds = loaded.thresholds
+    scored, alarms = [], {"learned loop_within_h": [], "learned fails_to_commit": [], "learned (either head)": [],
+                          "n-gram rule": []}
+    trace_labels = []
+    for trace in trace_set:
+        if trace.id not in labels:
+            raise TraceSetError(f"{test}: labels.json has no labels for trace {trace.id!r}; rerun `rescue label {test}`")
+        label = labels[trace.id]
+        scores = loaded.score_trace(trace.hidden, trace.positions).numpy()
+        positions = trace.positions.numpy()
+        looping, fails = position_targets(label, int(loaded.card.get("horizon", config.labels.horizon)))
+        scored.append({"scores": scores, "positions": positions,
+                       "targets": np.stack([looping[positions], np.full(len(positions), fails)], axis=1).astype(np.float32)})
+        grid = positions % stride == 0
+        head_alarms = []
+        for index, head in enumerate(HEADS):
+            step = first_alarm(scores[grid, index], thresholds[head], patience)
+            head_alarms.append(None if step is None else int(positions[grid][step]))
+            alarms[f"learned {head}"].append(head_alarms[-1])
+        present = [a for a in head_alarms if a is not None]
+        alarms["learned (either head)"].append(min(present) if present else None)
+        fired = np.flatnonzero(ngram_repeats(trace.generated_ids, rule["ngram"], rule["window"]) >= rule["min_repeats"])
+        alarms["n-gram rule"].append(int(fired[0]) if len(fired) else None)
+        trace_labels.append(label)
+    if not trace_labels:
+        raise TraceSetError(f"{test}: the trace set holds no traces")
+    outcomes = {name: trigger_outcomes(values, trace_labels) for name, values in alarms.items()}
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / "detect-report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_pr_curves(scored, out_dir / "pr-curves.png")
+    _plot_lead_times(outcomes, out_dir / "lead-times.png")
+    metrics = position_metrics(scored, trace_set.identity.get("sampling", {}).get("budget"))
+    table = ["| trigger | loops caught | false alarms / healthy trace | fails to commit caught | median lead (tokens) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    percent = lambda value: "-" if value is None else f"{value:.1%}"  # noqa: E731
+    for name, row in outcomes.items():
+        lead = "-" if row["median_lead_tokens"] is None else f"{row['median_lead_tokens']:+.0f}"
+        table.append(f"| {name} | {percent(row['loops_caught'])} of {row['loops']} | "
+                     f"{percent(row['false_alarm_rate'])} of {row['healthy']} | "
+                     f"{percent(row['fails_caught'])} of {row['fails_to_commit']} | {lead} |")
+    report = [f"# Detector vs rule on {test}", "",
+              f"Learned trigger: thresholds {', '.join(f'{h} {t:.3f}' for h, t in thresholds.items())}, patience "
+              f"{patience} steps of {stride} tokens; n-gram rule: the newest {rule['ngram']}-gram {rule['min_repeats']}x "
+              f"within {rule['window']} tokens, every token. Both set on validation traces for "
+              f"<= {calibration['target_false_alarm_rate']:.0%} false alarms per healthy trace.", "", *table, "",
+              "Lead = first alarm minus labeled loop onset (negative: before onset), loops caught only.", "",
+              "Position-level: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), ""]
+    (out_dir / "report.md").write_text("\n".join(report))
+    summary = {"test": str(test), "detector": str(folder), "traces": len(trace_labels), "triggers": outcomes,
+               "position_metrics": metrics, "out": str(out_dir)}
+    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from inference.tracking import start_run
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-detect-report", "detect-report",
+                    {"test": str(test), "detector_card": loaded.card}, out_dir)
+    if run is not None:
+        import wandb
+
+        run.log({"comparison": wandb.Table(columns=["trigger", "loops_caught", "false_alarm_rate", "fails_caught",
+                                                     "median_lead_tokens"],
+                                            data=[[n, r["loops_caught"], r["false_alarm_rate"], r["fails_caught"],
+                                                   r["median_lead_tokens"]] for n, r in outcomes.items()]),
+                 **{png.stem: wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))}})
+        run.finish()
+    return summary
+
+
+def _plot_lead_times(outcomes: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    groups = {name: outcomes[name]["lead_tokens"] for name in ("learned loop_within_h", "n-gram rule")}
+    every = [v for values in groups.values() for v in values]
+    if every:
+        bins = np.histogram_bin_edges(every, bins=min(30, max(5, len(set(every)))))
+        for name, values in groups.items():
+            if values:
+                axes.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)} caught)")
+        axes.axvline(0, color="grey", linestyle="--")
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no loop caught", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("first alarm - loop onset (tokens; negative = before onset)")
+    axes.set_ylabel("looping traces")
+    axes.set_title("Lead time: learned trigger vs repeated-n-gram rule")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
