@@ -9,7 +9,10 @@ Bytes per generated token are computed for several capture policies on the trace
 
     python benchmarks/collect_throughput.py --models tiny-s qwen3-0.6b --batch 16 --steps 256 --out results.json
 
-`qwen3-0.6b` is a random-weight model built from the public Qwen3-0.6B config (no download).
+`qwen3-0.6b` is a random-weight model built from the public Qwen3-0.6B config (no download). Its
+prompts use the embedded character tokenizer; the tokens it generates are random ids of its 151,936
+vocabulary, so for labeling (which needs text) they are folded into the tokenizer's range: the
+labeler's cost is kept, its verdicts on random text mean nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def label_ids(ids, tokenizer, labels_config):
+    """Labels of generated ids (folded into the tokenizer's vocabulary for random-vocabulary models)."""
+    ids = [i % len(tokenizer) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
+
+
 def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: int = 3) -> dict:
     problems = arith_problems("test", limit=batch)
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
@@ -73,8 +83,7 @@ def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: i
         kept = []
         if variant == "collect":
             for row, ids in enumerate(out.generated_ids):
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                labels = label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
+                labels = label_ids(ids, tokenizer, labels_config)
                 keep = capture_positions(len(ids), labels, None, 8, 32)
                 kept.append(recorder.buffer[row, keep].cpu())
         sync(device)
@@ -91,8 +100,7 @@ def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: i
     for name, (stride, window) in POLICIES.items():
         positions = 0
         for ids in out.generated_ids:
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            labels = label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
+            labels = label_ids(ids, tokenizer, labels_config)
             positions += len(capture_positions(len(ids), labels, None, stride, window))
         stored[name] = positions * len(layers) * hidden * 2 / (batch * steps)
     results["capture_cost"] = 1 - results["capture"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
@@ -113,18 +121,21 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
     report = {"machine": machine, "batch": args.batch, "steps": args.steps, "models": {}}
-    for name in args.models:
-        model, tokenizer, layers = load(name, device)
-        report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device)
-        del model
     print(f"collection throughput on {machine}, batch {args.batch}, {args.steps} steps")
     print("| model | plain tok/s | capture tok/s | collect tok/s | capture cost | collect cost | bytes/token: " +
           " / ".join(POLICIES) + " |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in report["models"].items():
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for name in args.models:
+        model, tokenizer, layers = load(name, device)
+        r = report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device)
+        del model
         sizes = " / ".join(f"{r['bytes_per_generated_token'][p]:.0f}" for p in POLICIES)
         print(f"| {name} | {r['plain']['tokens_per_s']:.0f} | {r['capture']['tokens_per_s']:.0f} | "
-              f"{r['collect']['tokens_per_s']:.0f} | {r['capture_cost']:.1%} | {r['collect_cost']:.1%} | {sizes} |")
+              f"{r['collect']['tokens_per_s']:.0f} | {r['capture_cost']:.1%} | {r['collect_cost']:.1%} | {sizes} |",
+              flush=True)
+        if args.out:  # after every model, so a run cut short keeps what it measured
+            with open(args.out, "w") as handle:
+                json.dump(report, handle, indent=2)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=2)
