@@ -93,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(label)
     label.add_argument("--report", default=None, help="report folder (default: <traces>/label-report)")
 
+    train = commands.add_parser("train", help="train the learned detector on labeled trace sets",
+                                description="Fit the two-head probe on the hidden states of a labeled trace set "
+                                            "(split by problem unless --val is given), early-stop on validation "
+                                            "AUPRC, calibrate thresholds for the target false-alarm rate and write "
+                                            "the detector artifact (weights + card); W&B offline by default.")
+    train.add_argument("--traces", required=True, help="labeled training trace set (rescue collect + rescue label)")
+    _add_config_flags(train)
+    train.add_argument("--val", default=None, help="labeled validation trace set (default: held-out problems of --traces)")
+    train.add_argument("--test", default=None, help="labeled test trace set: run the offline comparison with the rule after training")
+    train.add_argument("--out", default=None, help="detector folder (default: <output_dir>/<model>/detector)")
+
+    report = commands.add_parser("detect-report", help="compare the learned trigger with the rule on held-out traces",
+                                 description="Replay a labeled test trace set step by step with the detector's "
+                                             "calibrated trigger and the repeated-n-gram rule tuned to the same "
+                                             "false-alarm rate: loops caught, false alarms, lead times, plots.")
+    report.add_argument("--test", required=True, help="labeled test trace set")
+    _add_config_flags(report)
+    report.add_argument("--detector", default=None, help="detector folder (default: <output_dir>/<model>/detector)")
+    report.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/detect-report)")
+
     pretrain = commands.add_parser("pretrain", help="train an embedded family model (tiny-s/m/l)",
                                    description="Train the config's embedded reasoning model on synthetic "
                                                "arithmetic traces with Lightning (GPU if present), checkpoint "
@@ -127,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                              precision=args.precision)
         elif args.command == "label":
             commands.label(config, traces=args.traces, report=args.report)
+        elif args.command == "train":
+            commands.train(config, traces=args.traces, val=args.val, out=args.out, test=args.test)
+        elif args.command == "detect-report":
+            commands.detect_report(config, test=args.test, detector=args.detector, out=args.out)
         elif args.command == "pretrain":
             commands.pretrain(config, out=args.out)
     except RescueError as error:

@@ -197,3 +197,16 @@ def test_collect_then_label_writes_labels_beside_the_traces_and_a_report(tmp_pat
 def test_label_refuses_a_folder_that_is_not_a_trace_set(tmp_path, capsys):
     line = run_failing(capsys, ["label", str(tmp_path), "--wandb", "disabled"])
     assert "not a trace set (no manifest.json)" in line
+
+
+def test_train_refuses_a_trace_set_without_labels(tmp_path, capsys, monkeypatch):
+    from inference.config import REPO_ROOT
+
+    monkeypatch.chdir(REPO_ROOT)
+    traces = tmp_path / "traces"
+    assert main(["collect", "--precision", "fp16", "--split", "val", "--limit", "2", "--budget", "16",
+                 "--wandb", "disabled", "--model.device", "cpu", "--out", str(traces)]) == 0
+    line = run_failing(capsys, ["train", "--traces", str(traces), "--wandb", "disabled",
+                                "--out", str(tmp_path / "detector")])
+    assert "labels.json" in line
+    assert not (tmp_path / "detector").exists()
