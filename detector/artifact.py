@@ -22,9 +22,7 @@ for (name, hidden size, layers); any problem is one line of `DetectorError`.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from detector.features import FeatureRecipe, NormalisationStats, StreamingFeatures, trace_features
 from detector.probe import HEADS, Probe
 from inference.errors import RescueError
+from inference.storage import file_sha256, replace_atomically
 
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
@@ -49,21 +48,6 @@ HEAD_MEANINGS = {
 
 class DetectorError(RescueError):
     """A detector artifact is missing, corrupt, or made for another model."""
-
-
-# Local on purpose: `inference` loads detectors, and `detector` must not pull in `training` with it.
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _replace_atomically(temporary: Path, path: Path) -> None:
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 @dataclass
@@ -104,7 +88,7 @@ def save_detector(folder: str | Path, probe: Probe, recipe: FeatureRecipe, stats
     tensors["features.std"] = stats.std.contiguous()
     temporary = folder / (WEIGHTS + ".tmp")
     save_file(tensors, str(temporary), metadata={"kind": KIND})
-    _replace_atomically(temporary, folder / WEIGHTS)
+    replace_atomically(temporary, folder / WEIGHTS)
     full_card = {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
@@ -113,11 +97,11 @@ def save_detector(folder: str | Path, probe: Probe, recipe: FeatureRecipe, stats
         "features": {**recipe.to_dict(), "stats": {"file": WEIGHTS, "mean": "features.mean", "std": "features.std"}},
         "probe": {**card.get("probe", {}), **probe.architecture()},
         "heads": {head: HEAD_MEANINGS[head] for head in HEADS},
-        "weights_sha256": _sha256(folder / WEIGHTS),
+        "weights_sha256": file_sha256(folder / WEIGHTS),
     }
     temporary = folder / (CARD + ".tmp")
     temporary.write_text(json.dumps(full_card, indent=2) + "\n")
-    _replace_atomically(temporary, folder / CARD)
+    replace_atomically(temporary, folder / CARD)
     return folder
 
 
@@ -143,7 +127,7 @@ def load_detector(folder: str | Path, model_name: str | None = None, hidden_size
         raise DetectorError(f"{card_path}: not a readable detector card ({type(error).__name__}: {error})") from None
     if card.get("schema_version") != SCHEMA_VERSION:
         raise DetectorError(f"{card_path}: schema version {card.get('schema_version')}, this code reads {SCHEMA_VERSION}")
-    if _sha256(weights_path) != card.get("weights_sha256"):
+    if file_sha256(weights_path) != card.get("weights_sha256"):
         raise DetectorError(f"{weights_path}: corrupt or replaced (checksum does not match the card)")
 
     if model_name is not None and base.get("name") != model_name:

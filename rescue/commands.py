@@ -258,7 +258,8 @@ def label(config: RescueConfig, traces: str, report: str | None = None) -> dict:
     from inference.tracking import start_run
     from training.collect import tokenizer_hash
     from training.labels import label_report, label_trace, token_char_ends
-    from training.traces import LABELS, TraceSet, TraceSetError, write_atomically
+    from inference.storage import write_atomically
+    from training.traces import LABELS, TraceSet, TraceSetError
 
     trace_set = TraceSet(traces)
     identity = trace_set.identity

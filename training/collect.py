@@ -29,6 +29,7 @@ from inference.evaluate import eos_token_ids
 from inference.generate import Sampler, StepView, generate, resolve_layers
 from inference.grading import is_correct
 from inference.prompts import Problem, render_prompt
+from inference.storage import file_sha256, write_atomically
 from training.labels import TraceLabels, label_trace, token_char_ends
 from training.traces import (
     MANIFEST,
@@ -36,8 +37,6 @@ from training.traces import (
     ShardEntry,
     Trace,
     TraceSetError,
-    file_sha256,
-    write_atomically,
     write_shard,
 )
 

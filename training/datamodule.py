@@ -37,7 +37,8 @@ from detector.probe import HEADS
 from inference.config import RescueConfig
 from inference.errors import ModelUnavailableError
 from training.labels import TraceLabels, position_targets
-from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError, file_sha256
+from inference.storage import file_sha256
+from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError
 
 # Features held at once while shuffling training positions (several shards' worth for small models).
 SHUFFLE_BUFFER_BYTES = 256 << 20

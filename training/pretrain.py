@@ -8,7 +8,6 @@ Qwen3 checkpoints serves these too), trained on the chat-formatted arithmetic tr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -21,9 +21,7 @@ at most the shard in progress.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from inference.errors import RescueError
+from inference.storage import file_sha256, replace_atomically
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -108,23 +107,6 @@ class Manifest:
         return cls(identity=raw, shards=shards, planned_shards=planned, complete=complete, schema_version=version)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -152,9 +134,7 @@ def write_shard(folder: Path, index: int, traces: list[Trace], hidden_dtype: tor
     path = folder / shard_name(index)
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    replace_atomically(temporary, path)
     return ShardEntry(file=path.name, index=index, rows=len(traces), sha256=file_sha256(path),
                       generated_tokens=int(generated_offsets[-1]), captured_positions=int(positions.numel()),
                       bytes=path.stat().st_size)
