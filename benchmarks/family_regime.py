@@ -28,7 +28,7 @@ from pathlib import Path
 from inference.config import load_config
 from inference.errors import RescueError
 from rescue import commands
-from rescue.cli import _add_config_flags, _overrides
+from rescue.cli import add_config_flags, config_overrides
 
 TARGET = "FP16 accuracy >= 90%; 2-bit accuracy 15-75%; >= 15% of 2-bit traces loop or fail to commit; " \
          "2-bit mean length >= 1.3x FP16"
@@ -193,7 +193,7 @@ def parse_bits(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _add_config_flags(parser)
+    add_config_flags(parser)
     parser.add_argument("--out", default="runs/regime", help="output folder (default: runs/regime)")
     parser.add_argument("--bits", default="4,3,2", help="bit widths to quantize to, comma-separated (default 4,3,2)")
     parser.add_argument("--limit", type=int, default=500, help="test problems (default 500)")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             out = path.parent
         else:
             bits_list = parse_bits(args.bits)
-            overrides = {"wandb.mode": "disabled", **_overrides(args)}
+            overrides = {"wandb.mode": "disabled", **config_overrides(args)}
             out = Path(args.out)
             regime = measure(args.config, overrides, bits_list, args.limit, out)
         write_report(regime, out)

@@ -17,7 +17,7 @@ from inference.errors import RescueError
 ALIASES = {"benchmark": "benchmark.name", "wandb": "wandb.mode", "budget": "sampling.budget"}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help=f"YAML config: a path or a shipped name (default: {DEFAULT_CONFIG})")
     for alias, dotted in ALIASES.items():
@@ -32,7 +32,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                            help=text)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
     kinds = {dotted: kind for dotted, _, kind in config_fields()}
@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="make the 2-bit GPTQ twin of the config's model",
                                    description="Quantize model.fp16 with GPTQModel (bits, group size and "
                                                "calibration problems from the config) into a local folder.")
-    _add_config_flags(quantize)
+    add_config_flags(quantize)
     quantize.add_argument("--out", default=None, help="output folder (default: the config's 2-bit model folder)")
 
     evaluate = commands.add_parser("evaluate", help="run one method on a benchmark and grade it",
                                    description="Generate one trace per problem, grade the final answers and "
                                                "write an evaluation record (records.jsonl, summary.json).")
-    _add_config_flags(evaluate)
+    add_config_flags(evaluate)
     evaluate.add_argument("--method", choices=("fp16", "2bit"), default="2bit",
                           help="fp16: the full-precision model; 2bit: its GPTQ twin (default)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "through the step hook and write a resumable trace set (manifest + "
                                               "shards with hidden states at a stride and around label events). "
                                               "Under torchrun each rank takes every N-th shard.")
-    _add_config_flags(collect)
+    add_config_flags(collect)
     collect.add_argument("--split", default="train", help="benchmark split to collect (train, val, test)")
     collect.add_argument("--samples", type=int, default=None, help="sampled traces per problem (default: capture.samples)")
     collect.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "token ids and text; write labels.json beside the traces and a "
                                             "label report (table + PNG plots, logged to W&B).")
     label.add_argument("traces", help="trace set folder (written by rescue collect)")
-    _add_config_flags(label)
+    add_config_flags(label)
     label.add_argument("--report", default=None, help="report folder (default: <traces>/label-report)")
 
     train = commands.add_parser("train", help="train the learned detector on labeled trace sets",
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "AUPRC, calibrate thresholds for the target false-alarm rate and write "
                                             "the detector artifact (weights + card); W&B offline by default.")
     train.add_argument("--traces", required=True, help="labeled training trace set (rescue collect + rescue label)")
-    _add_config_flags(train)
+    add_config_flags(train)
     train.add_argument("--val", default=None, help="labeled validation trace set (default: held-out problems of --traces)")
     train.add_argument("--test", default=None, help="labeled test trace set: run the offline comparison with the rule after training")
     train.add_argument("--out", default=None, help="detector folder (default: <output_dir>/<model>/detector)")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "calibrated trigger and the repeated-n-gram rule tuned to the same "
                                              "false-alarm rate: loops caught, false alarms, lead times, plots.")
     report.add_argument("--test", required=True, help="labeled test trace set")
-    _add_config_flags(report)
+    add_config_flags(report)
     report.add_argument("--detector", default=None, help="detector folder (default: <output_dir>/<model>/detector)")
     report.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/detect-report)")
 
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Train the config's embedded reasoning model on synthetic "
                                                "arithmetic traces with Lightning (GPU if present), checkpoint "
                                                "every epoch and save it as a Hugging Face folder at model.fp16.")
-    _add_config_flags(pretrain)
+    add_config_flags(pretrain)
     pretrain.add_argument("--out", default=None, help="model folder (default: the config's model.fp16)")
     return parser
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from rescue import commands
 
     try:
-        config = load_config(args.config, _overrides(args))
+        config = load_config(args.config, config_overrides(args))
         if args.command == "quantize":
             commands.quantize(config, out=args.out)
         elif args.command == "evaluate":
