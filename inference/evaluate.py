@@ -7,7 +7,6 @@ correctness, wall time) and a summary; both are written atomically into a run fo
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from inference.config import SamplingConfig
 from inference.generate import Sampler, generate
 from inference.grading import is_correct
 from inference.prompts import Problem, render_prompt
+from inference.storage import folder_written_atomically
 from inference.repetition import has_loop
 
 
@@ -164,14 +164,9 @@ def _percentile(values: Sequence[float], fraction: float) -> float:
 def write_evaluation(out_dir: str | Path, records: Sequence[ProblemRecord], summary: dict) -> Path:
     """Write `records.jsonl` and `summary.json` into `out_dir`, replacing it only once both are complete."""
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    with open(staging / "records.jsonl", "w") as handle:
-        for record in records:
-            handle.write(json.dumps(asdict(record)) + "\n")
-    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    with folder_written_atomically(out_dir) as staging:
+        with open(staging / "records.jsonl", "w") as handle:
+            for record in records:
+                handle.write(json.dumps(asdict(record)) + "\n")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir

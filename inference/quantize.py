@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ from typing import Sequence
 from inference.config import QuantizationConfig
 from inference.errors import RescueError
 from inference.models import pick_device, resolve_model_source
+from inference.storage import folder_written_atomically
 
 
 def quantize_model(
@@ -32,10 +32,6 @@ def quantize_model(
         raise RescueError("quantization needs at least one calibration text; the calibration set is empty")
     source = resolve_model_source(fp16_ref, "model")
     out_dir = Path(out_dir).resolve()
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -48,28 +44,21 @@ def quantize_model(
         offload_to_disk=False,
     )
     started = time.perf_counter()
-    try:
+    with folder_written_atomically(out_dir) as staging:
         # GPTQModel writes its per-layer logs to ./logs; keep them inside the model folder instead.
         with contextlib.chdir(staging):
             model = GPTQModel.load(str(source.resolve()), quantize_config, device=str(target))
             model.quantize(list(calibration_texts), batch_size=batch_size)
             model.save(str(staging))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - started
-    summary = {
-        "fp16": fp16_ref,
-        "out": str(out_dir),
-        "bits": settings.bits,
-        "group_size": settings.group_size,
-        "desc_act": settings.desc_act,
-        "calibration_texts": len(calibration_texts),
-        "device": str(target),
-        "seconds": round(seconds, 2),
-    }
-    (staging / "rescue_quantize.json").write_text(json.dumps(summary, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+        summary = {
+            "fp16": fp16_ref,
+            "out": str(out_dir),
+            "bits": settings.bits,
+            "group_size": settings.group_size,
+            "desc_act": settings.desc_act,
+            "calibration_texts": len(calibration_texts),
+            "device": str(target),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (staging / "rescue_quantize.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 
 def file_sha256(path: Path) -> str:
@@ -28,3 +31,23 @@ def write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
     replace_atomically(temporary, path)
+
+
+@contextlib.contextmanager
+def folder_written_atomically(folder: Path) -> Iterator[Path]:
+    """Yield a staging folder beside `folder`; on success it replaces `folder`, on failure it is removed.
+
+    A run that fails or is killed therefore never leaves a folder that looks like a finished artifact.
+    """
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)

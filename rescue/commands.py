@@ -109,6 +109,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
+    from inference.storage import folder_written_atomically
     from training.pretrain import ArithTraceData, ReasonerLM, count_parameters, family_config
     from training.tokenizer import build_tokenizer
 
@@ -142,12 +143,9 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
     began = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - began
-    staging = out_dir.with_name(out_dir.name + ".partial")
     model = module.model.to(torch.float16).cpu()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     record = {
         "model": config.model.name,
         "parameters": parameters,
@@ -158,12 +156,10 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
     }
-    (staging / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    import shutil
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    with folder_written_atomically(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out_dir}: val loss {record['val_loss']:.4f}, {seconds:.0f} s on {record['device']}")
     return record
 
