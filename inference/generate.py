@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
 
 FINISH_EOS = "eos"
 FINISH_BUDGET = "budget"
+FINISH_STOPPED = "stopped"
 
 
 @dataclass
@@ -31,15 +32,21 @@ class StepView:
     `rows[i]`, at generated position `step`. `hidden[layer][i]` is that row's output of decoder
     layer `layer` (as configured, negative counts from the end) at the position that produced the
     token, i.e. what the model "thought" when it chose it; shape (len(rows), hidden_size).
+    `top_prob[i]` is the model's own probability of its most likely next token at that position
+    (softmax of the raw logits, before temperature and truncation): the confidence rules read it.
     """
 
     step: int
     rows: torch.Tensor
     tokens: torch.Tensor
     hidden: dict[int, torch.Tensor]
+    top_prob: torch.Tensor | None = None
 
 
-StepHook = Callable[[StepView], None]
+StepHook = Callable[[StepView], "torch.Tensor | None"]
+"""Called after every step. It may return a bool tensor aligned with `view.rows`: the rows marked True
+stop generating now (finish reason `stopped`, the token just chosen kept), so a controller can act on
+them while the rest of the batch goes on."""
 
 
 @dataclass
@@ -151,6 +158,7 @@ def generate(
         rows = live.nonzero().squeeze(1)
         generated[rows, step] = tokens[rows]
         lengths[rows] += 1
+        stopped = None
         if hook is not None:
             # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
             hidden = (
@@ -158,12 +166,19 @@ def generate(
                 if want_hidden
                 else {}
             )
-            hook(StepView(step=step, rows=rows, tokens=tokens[rows], hidden=hidden))
+            top_prob = torch.softmax(logits[rows].float(), dim=-1).amax(dim=-1)
+            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows], hidden=hidden, top_prob=top_prob))
 
         hit_eos = live & torch.isin(tokens, eos)
         for row in hit_eos.nonzero().squeeze(1).tolist():
             finish[row] = FINISH_EOS
         live = live & ~hit_eos
+        if stopped is not None:
+            stop_rows = rows[stopped.to(device=device, dtype=torch.bool)]
+            for row in stop_rows.tolist():
+                if live[row]:
+                    finish[row] = FINISH_STOPPED
+            live[stop_rows] = False
         if not bool(live.any()):
             break
 

@@ -101,3 +101,26 @@ def test_zero_budget_is_refused(model_and_tokenizer):
     enc = _batch(tokenizer, ["What is 2 + 3?"])
     with pytest.raises(ValueError, match="positive integer"):
         generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=0, eos_token_ids=[1], pad_token_id=0)
+
+
+def test_hook_can_stop_single_rows_while_the_rest_goes_on(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?", "Add 1 and 1."])
+    seen = []
+
+    def stop_middle_row_at_step_2(view):
+        seen.append((view.step, view.rows.tolist(), view.top_prob))
+        return (view.rows == 1) & torch.tensor(view.step == 2)
+
+    result = generate(
+        model, enc.input_ids, enc.attention_mask, max_new_tokens=6,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, hook=stop_middle_row_at_step_2,
+    )
+    assert result.finish_reasons[1] == "stopped" and len(result.generated_ids[1]) == 3
+    assert [rows for step, rows, _ in seen if step > 2] == [[0, 2]] * 3
+    assert all(((p > 0) & (p <= 1)).all() for _, _, p in seen)
+    # The stopped row's tokens are those an unstopped run chooses (greedy).
+    plain = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=6,
+                     eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert result.generated_ids[1] == plain.generated_ids[1][:3]
+    assert result.generated_ids[0] == plain.generated_ids[0]
