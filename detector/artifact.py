@@ -11,7 +11,10 @@ card.json            {
                        "probe": {in_features, hidden_width, hidden_layers, heads, flops...},
                        "heads": {head: what it predicts}, "horizon": H,
                        "calibration": {"stride", "patience", "target_false_alarm_rate",
-                                       "heads": {head: HeadCalibration}},
+                                       "heads": {head: HeadCalibration},
+                                       "rules": {"ngram": {ngram, window, min_repeats, ...},
+                                                 "confidence": {window, threshold, ...} or
+                                                               {window, skipped: reason}}},
                        "training_data": [{path, role, manifest_sha256, traces}],
                        "metrics": {...}, "weights_sha256": "..."
                      }

@@ -88,3 +88,25 @@ def calibrate_head(head: str, scores: Sequence[np.ndarray], healthy: Sequence[bo
         positive_traces=int(positive.sum()),
         detection_rate=float(alarmed[positive].mean()) if positive.any() else None,
     )
+
+
+def choose_plan_threshold(risks: Sequence[float], failing: Sequence[bool]) -> dict:
+    """The planning threshold of the learned trigger: plan when a trace's early risk (its highest
+    `fails_to_commit` score over the first probed positions) is >= the threshold.
+
+    Chosen on validation traces to maximise Youden's J (share of failing traces planned minus share
+    of healthy traces planned): planning costs FP16 tokens on every trace it fires on, so it should fire
+    where the early states separate failing from healthy traces, and nowhere if they do not (then the
+    threshold is above every risk and J = 0).
+    """
+    risks, failing = np.asarray(risks, dtype=np.float64), np.asarray(failing, dtype=bool)
+    never = float(np.nextafter(risks.max(initial=1.0), np.inf))
+    best = {"threshold": never, "j": 0.0, "planned_failing": 0.0, "planned_healthy": 0.0}
+    if failing.any() and (~failing).any():
+        for threshold in np.unique(risks):
+            planned = risks >= threshold
+            hit, false = planned[failing].mean(), planned[~failing].mean()
+            if hit - false > best["j"] + 1e-12:
+                best = {"threshold": float(threshold), "j": float(hit - false), "planned_failing": float(hit),
+                        "planned_healthy": float(false)}
+    return {**best, "failing_traces": int(failing.sum()), "healthy_traces": int((~failing).sum())}

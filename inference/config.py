@@ -173,6 +173,68 @@ class DetectorConfig:
         default=256,
         metadata=_help("offline comparison: the n-gram rule counts the newest n-gram within this many tokens", min=2),
     )
+    rule_confidence_window: int = field(
+        default=32,
+        metadata=_help("offline comparison: W of the confidence rule, which alarms once the top-token probability "
+                       "stays at or above its threshold (tuned like the probe's) for W consecutive tokens", min=1),
+    )
+
+
+@dataclass
+class ControlConfig:
+    """Rescue at inference: the rule trigger, the learned trigger and the actions they take."""
+
+    detector: str | None = field(
+        default=None, metadata=_help("detector artifact of the learned trigger (default: <output_dir>/<model>/detector)")
+    )
+    rule_plan: bool = field(default=True, metadata=_help("the rule trigger has the FP16 model plan every trace"))
+    rule_ngram: int = field(default=16, metadata=_help("n of the rule's repeated-n-gram loop check (tokens)", min=1))
+    rule_window: int = field(
+        default=256, metadata=_help("the loop check counts the newest n-gram within this many recent tokens", min=2)
+    )
+    rule_count: int = field(
+        default=3, metadata=_help("the loop check fires when the newest n-gram occurs this often in the window", min=2)
+    )
+    rule_budget_fraction: float = field(
+        default=0.75,
+        metadata=_help("the rule also fires once a trace has used this share of the budget still thinking; "
+                       "1 disables", min=0.0, max=1.0),
+    )
+    plan_tokens: int = field(
+        default=64, metadata=_help("plan: the FP16 model writes at most this many tokens of outline", min=0)
+    )
+    plan_stop: str = field(
+        default="\n", metadata=_help("plan: the outline ends at the first occurrence of this text after some content")
+    )
+    plan_probe_tokens: int = field(
+        default=1,
+        metadata=_help("learned trigger: 2-bit tokens generated before the planning decision (their states are "
+                       "scored; 1 = the state after the prompt only)", min=1),
+    )
+    on_alarm: str = field(
+        default="auto",
+        metadata=_help("what an alarm does: commit, fallback, or auto (commit when an answer candidate exists "
+                       "before the loop, else fall back to FP16)", choices=("auto", "commit", "fallback")),
+    )
+    commit_template: str = field(
+        default="\n</think>\n\nThe answer is \\boxed{{{answer}}}.",
+        metadata=_help("commit: text appended to close the thinking with the chosen candidate ({answer})"),
+    )
+    commit_open: str = field(
+        default="\n</think>\n\n",
+        metadata=_help("commit without a candidate: text appended to close the thinking; the model then answers"),
+    )
+    answer_tokens: int = field(
+        default=32, metadata=_help("commit without a candidate: tokens the model may spend on its answer", min=1)
+    )
+    fallback_span: int = field(
+        default=0,
+        metadata=_help("fallback: FP16 tokens before handing back to the 2-bit model; 0 = FP16 finishes the trace",
+                       min=0),
+    )
+    max_interventions: int = field(
+        default=2, metadata=_help("alarms acted on per trace; later alarms are ignored", min=1)
+    )
 
 
 @dataclass
@@ -230,6 +292,7 @@ class RescueConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    rescue: ControlConfig = field(default_factory=ControlConfig)
     output_dir: str = field(default="runs", metadata=_help("where run folders are written"))
 
     @property

@@ -8,7 +8,8 @@ set of one uninterrupted run.
 
 Hidden states of the configured layers are captured at every `capture.stride`-th generated
 position plus a dense window of `capture.window` positions around each label event (loop onset,
-first candidate answer, `</think>`, the last token); the manifest records the policy.
+first candidate answer, `</think>`, the last token); the manifest records the policy. The model's
+top-token probability is kept at every generated position (4 bytes a token), for the confidence rule.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from inference.storage import file_sha256, write_atomically
 from training.labels import TraceLabels, label_trace, token_char_ends
 from training.traces import (
     MANIFEST,
+    SCHEMA_VERSION,
     Manifest,
     ShardEntry,
     Trace,
@@ -80,19 +82,23 @@ def capture_positions(length: int, labels: TraceLabels, think_close: int | None,
 
 
 class HiddenRecorder:
-    """A step hook that keeps every live row's hidden states of the chosen layers in one buffer."""
+    """A step hook that keeps every live row's hidden states of the chosen layers in one buffer, and
+    its top-token probability at every step in another ([batch, budget] float32)."""
 
     def __init__(self, layers: Sequence[int], batch: int, budget: int, dtype: torch.dtype):
         self.layers = list(layers)
         self.batch, self.budget, self.dtype = batch, budget, dtype
         self.buffer: torch.Tensor | None = None
+        self.top_prob: torch.Tensor | None = None
 
     def __call__(self, view: StepView) -> None:
         states = torch.stack([view.hidden[layer] for layer in self.layers], dim=1)
         if self.buffer is None:
             self.buffer = torch.zeros((self.batch, self.budget, *states.shape[1:]), dtype=self.dtype,
                                       device=states.device)
+            self.top_prob = torch.zeros((self.batch, self.budget), dtype=torch.float32, device=states.device)
         self.buffer[view.rows, view.step] = states.to(self.dtype)
+        self.top_prob[view.rows, view.step] = view.top_prob.float()
 
 
 def collection_identity(config: RescueConfig, model_ids: dict[str, Any], tokenizer, hidden_size: int,
@@ -135,6 +141,10 @@ class TraceSetWriter:
             if not path.is_file():
                 continue
             previous = Manifest.from_file(path)
+            if previous.schema_version != SCHEMA_VERSION:
+                raise TraceSetError(f"{folder}: refusing to resume a trace set of schema version "
+                                    f"{previous.schema_version} (this code writes {SCHEMA_VERSION}); "
+                                    "collect into a new folder")
             # The config section repeats the specific fields above; run-only settings (output paths,
             # W&B) may differ between a run and its resume.
             diff = [f for f in differing_fields(self._comparable(previous.identity), self._comparable(identity))]
@@ -215,6 +225,7 @@ def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig
                 gold=unit.problem.answer, correct=is_correct(answer, unit.problem.answer),
                 wall_seconds=round(share, 4), text=text, positions=torch.tensor(keep, dtype=torch.long),
                 hidden=recorder.buffer[row, keep].cpu() if keep else torch.zeros(0),
+                top_prob=recorder.top_prob[row, : len(ids)].cpu(),
             )
             results.append((trace, labels))
     return results

@@ -69,6 +69,8 @@ class TraceExample:
     labels: TraceLabels
     generated_ids: torch.Tensor
     """[generated] int32 token ids (for replaying token-level rules)."""
+    top_prob: torch.Tensor | None = None
+    """[generated] float32 top-token probabilities (for the confidence rule); None in schema-1 trace sets."""
 
     @property
     def healthy(self) -> bool:
@@ -101,6 +103,8 @@ def read_shard(path: Path, with_hidden: bool = True) -> dict[str, Any]:
                  "capture_offsets": handle.get_tensor("capture_offsets"),
                  "generated_ids": handle.get_tensor("generated_ids"),
                  "generated_offsets": handle.get_tensor("generated_offsets")}
+        if "top_prob" in handle.keys():
+            shard["top_prob"] = handle.get_tensor("top_prob")
         if with_hidden:
             shard["hidden"] = handle.get_tensor("hidden")
     return shard
@@ -196,7 +200,8 @@ def _plan_traces(plan: ShardPlan, recipe: FeatureRecipe, stats: NormalisationSta
         yield TraceExample(trace_id=trace_id, problem_id=shard["rows"][row]["problem_id"], positions=positions,
                            features=trace_features(shard["hidden"][c0:c1], positions, recipe, stats),
                            targets=_targets(trace_labels, positions, horizon), labels=trace_labels,
-                           generated_ids=shard["generated_ids"][g0:g1])
+                           generated_ids=shard["generated_ids"][g0:g1],
+                           top_prob=shard["top_prob"][g0:g1] if "top_prob" in shard else None)
 
 
 def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

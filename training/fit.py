@@ -8,7 +8,9 @@ Lightning's WandbLogger (offline by default, none when `wandb.mode` is disabled)
 per epoch, PR curves, the card as config, and the artifact folder.
 
 `detect_report` is the offline comparison of issue 5 (item 6): held-out traces replayed with the
-learned trigger and the repeated-n-gram rule, both set for the same false-alarm rate on validation.
+learned trigger and two rules (the repeated-n-gram loop check and the confidence rule: top-token
+probability at or above a threshold for W consecutive tokens), all set for the same false-alarm rate
+on validation.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def score_traces(probe, examples) -> list[dict[str, Any]]:
     for example in examples:
         scored.append({"positions": example.positions.numpy(), "scores": probe(example.features).sigmoid().numpy(),
                        "targets": example.targets.numpy(), "labels": example.labels, "healthy": example.healthy,
-                       "generated_ids": example.generated_ids.tolist()})
+                       "generated_ids": example.generated_ids.tolist(),
+                       "top_prob": None if example.top_prob is None else example.top_prob.numpy()})
     return scored
 
 
@@ -91,9 +94,11 @@ def position_metrics(scored: list[dict[str, Any]], budget: int | None) -> dict[s
     return metrics
 
 
-def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: float) -> dict[str, Any]:
-    """Per-head thresholds on the stride-grid scores of the validation traces, and loop lead times."""
-    from detector.calibration import calibrate_head, first_alarm
+def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: float,
+              plan_positions: int = 1) -> dict[str, Any]:
+    """Per-head thresholds on the stride-grid scores of the validation traces, loop lead times, and the
+    planning threshold on the early `fails_to_commit` risk (positions < `plan_positions`)."""
+    from detector.calibration import calibrate_head, choose_plan_threshold, first_alarm
     from detector.probe import HEADS
 
     grids = [s["positions"] % stride == 0 for s in scored]
@@ -116,7 +121,11 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
         alarm = first_alarm(s["scores"][grid, 0], threshold, patience)
         if alarm is not None:
             leads.append(int(s["positions"][grid][alarm]) - onset)
-    return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads,
+    risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0)) for s in scored]
+    failing = [s["labels"].fails_to_commit or s["labels"].loop_onset is not None for s in scored]
+    plan = {**choose_plan_threshold(risks, failing), "positions": plan_positions,
+            "risk": "highest fails_to_commit score at generated positions < positions; failing = loop or no commit"}
+    return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads, "plan": plan,
             "loop_alarm_minus_onset_tokens": {
                 "count": len(leads), "median": float(np.median(leads)) if leads else None,
                 "note": "first alarm position minus labeled loop onset, caught loops only; negative = before onset"}}
@@ -208,9 +217,12 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     base_model["tokenizer_hash"] = data.identity.get("tokenizer_hash")
     scored = score_traces(probe, data.traces("val"))
     metrics = position_metrics(scored, data.identity.get("sampling", {}).get("budget"))
-    calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate)
+    calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate,
+                            config.rescue.plan_probe_tokens)
     calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
-                                                     spec.target_false_alarm_rate)}
+                                                     spec.target_false_alarm_rate),
+                            "confidence": tune_confidence_rule(scored, spec.rule_confidence_window,
+                                                               spec.target_false_alarm_rate)}
     flops = flops_comparison(probe, data.recipe.mean_window, base_model_parameters(config))
     plot = plot_pr_curves(scored, run_dir / "pr-curves.png")
     summary = {
@@ -277,7 +289,24 @@ def format_summary(summary: dict) -> str:
                      f"threshold {entry['threshold']:.3f} x{entry['patience']} steps -> false alarms "
                      f"{entry['false_alarm_rate']:.1%} of {entry['healthy_traces']} healthy traces, caught "
                      f"{detection} of {entry['positive_traces']}")
+    rules = summary["calibration"].get("rules", {})
+    if "ngram" in rules:
+        rule = rules["ngram"]
+        parts.append(f"n-gram rule: {rule['ngram']}-gram {rule['min_repeats']}x within {rule['window']} tokens -> "
+                     f"false alarms {rule['false_alarm_rate']:.1%}, caught {_percent(rule['detection_rate'])} of loops")
+    if "confidence" in rules:
+        rule = rules["confidence"]
+        if "skipped" in rule:
+            parts.append(f"confidence rule: skipped ({rule['skipped']})")
+        else:
+            parts.append(f"confidence rule: top-token probability >= {rule['threshold']:.6g} for {rule['window']} "
+                         f"tokens -> false alarms {rule['false_alarm_rate']:.1%}, caught "
+                         f"{_percent(rule['detection_rate'])} of loops")
     return "\n".join(parts)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 # -- offline comparison with the rule (issue 5, item 6) ---------------------------------------------
@@ -309,6 +338,48 @@ def tune_ngram_rule(scored: list[dict[str, Any]], n: int, window: int, target: f
             "detection_rate": float((peaks[loops] >= repeats).mean()) if loops.any() else None}
 
 
+def tune_confidence_rule(scored: list[dict[str, Any]], window: int, target: float) -> dict[str, Any]:
+    """The lowest threshold t at which the confidence rule (the top-token probability >= t for `window`
+    consecutive generated tokens, checked at every token) alarms on at most `target` of the healthy
+    validation traces. A trace alarms at t iff its sustained peak (max over `window`-token windows of
+    the window's smallest probability) is >= t, as for the probe's heads (`detector.calibration`).
+    Returns the reason under "skipped" where the validation traces store no top-token probabilities."""
+    from detector.calibration import choose_threshold, sustained_peak
+
+    rule: dict[str, Any] = {"window": window, "target_false_alarm_rate": target}
+    if any(s.get("top_prob") is None for s in scored):
+        return {**rule, "skipped": "the validation traces store no top-token probabilities (trace-set schema 1); "
+                                   "recollect them with `rescue collect` to tune the confidence rule"}
+    peaks = np.array([sustained_peak(s["top_prob"], window) for s in scored])
+    healthy = np.array([s["healthy"] for s in scored])
+    loops = np.array([s["labels"].loop_onset is not None for s in scored])
+    # Probabilities are >= 0, so a threshold below 0 (all but `target` of the healthy traces shorter
+    # than the window) alarms exactly as 0 does.
+    threshold = max(0.0, choose_threshold(peaks[healthy], target))
+    return {**rule, "threshold": threshold, "false_alarm_rate": float((peaks[healthy] >= threshold).mean()),
+            "detection_rate": float((peaks[loops] >= threshold).mean()) if loops.any() else None}
+
+
+def confidence_alarm(top_prob: np.ndarray, threshold: float, window: int) -> int | None:
+    """The generated position at which the confidence rule alarms: the `window`-th consecutive token
+    whose top-token probability is >= `threshold` (None if it never does)."""
+    from detector.calibration import first_alarm
+
+    return first_alarm(np.asarray(top_prob, dtype=np.float64), threshold, window)
+
+
+def confidence_rule_skipped(rule: dict[str, Any] | None, trace_set, test: str, detector: Path) -> str | None:
+    """Why `detect_report` cannot replay the confidence rule (None when it can)."""
+    if rule is None:
+        return f"{detector}: the card holds no tuned confidence rule; retrain with `rescue train`"
+    if "skipped" in rule:
+        return f"not tuned when the detector was trained: {rule['skipped']}"
+    if not trace_set.stores_top_prob:
+        return (f"{test}: trace-set schema version {trace_set.manifest.schema_version} stores no top-token "
+                "probabilities; recollect with `rescue collect`")
+    return None
+
+
 def trigger_outcomes(alarms: Sequence[int | None], labels: Sequence[Any]) -> dict[str, Any]:
     """Share of loops caught, false alarms per healthy trace, failures to commit caught, and lead times
     (first alarm minus labeled loop onset, in tokens; negative = before onset) of one trigger."""
@@ -323,14 +394,14 @@ def trigger_outcomes(alarms: Sequence[int | None], labels: Sequence[Any]) -> dic
 
 
 def detect_report(config: RescueConfig, test: str, detector: str | None = None, out: str | None = None) -> dict:
-    """Replay held-out traces step by step with the learned trigger and the repeated-n-gram rule
-    (both set on validation traces for the same false-alarm rate; see the card's calibration) and
-    compare them: loops caught, false alarms per healthy trace, lead times. Writes `report.md`,
-    `comparison.json`, `lead-times.png` and `pr-curves.png` to `out` (default
+    """Replay held-out traces step by step with the learned trigger, the repeated-n-gram rule and the
+    confidence rule (all set on validation traces for the same false-alarm rate; see the card's
+    calibration) and compare them: loops caught, false alarms per healthy trace, lead times. Writes
+    `report.md`, `comparison.json`, `lead-times.png` and `pr-curves.png` to `out` (default
     `<output_dir>/<model.name>/detect-report`).
 
-    Not yet here: the confidence rule (top-token probability above a threshold for W steps), which
-    needs per-token probabilities that trace sets do not store.
+    The confidence rule needs the traces' top-token probabilities (trace-set schema 2 on) and a card
+    that tuned it; without them its row is left out and the report says why (`skipped_rules`).
     """
     from detector.artifact import load_detector
     from detector.calibration import first_alarm
@@ -347,6 +418,11 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
     if rule is None:
         raise RescueError(f"{folder}: the card holds no tuned n-gram rule; retrain with `rescue train`")
     trace_set = TraceSet(test)
+    confidence = calibration.get("rules", {}).get("confidence")
+    skipped = {}
+    reason = confidence_rule_skipped(confidence, trace_set, test, folder)
+    if reason is not None:
+        skipped["confidence rule"] = reason
     model = trace_set.identity.get("model", {})
     if model.get("name") != config.model.name or list(trace_set.identity.get("layers", [])) != list(loaded.recipe.layers):
         raise TraceSetError(f"{test}: traces of {model.get('name')!r} (layers {trace_set.identity.get('layers')}) do "
@@ -356,6 +432,8 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
     thresholds = loaded.thresholds
     scored, alarms = [], {"learned loop_within_h": [], "learned fails_to_commit": [], "learned (either head)": [],
                           "n-gram rule": []}
+    if "confidence rule" not in skipped:
+        alarms["confidence rule"] = []
     trace_labels = []
     for trace in trace_set:
         if trace.id not in labels:
@@ -376,6 +454,9 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
         alarms["learned (either head)"].append(min(present) if present else None)
         fired = np.flatnonzero(ngram_repeats(trace.generated_ids, rule["ngram"], rule["window"]) >= rule["min_repeats"])
         alarms["n-gram rule"].append(int(fired[0]) if len(fired) else None)
+        if "confidence rule" in alarms:
+            alarms["confidence rule"].append(confidence_alarm(trace.top_prob.numpy(), confidence["threshold"],
+                                                              int(confidence["window"])))
         trace_labels.append(label)
     if not trace_labels:
         raise TraceSetError(f"{test}: the trace set holds no traces")
@@ -393,21 +474,28 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
         table.append(f"| {name} | {percent(row['loops_caught'])} of {row['loops']} | "
                      f"{percent(row['false_alarm_rate'])} of {row['healthy']} | "
                      f"{percent(row['fails_caught'])} of {row['fails_to_commit']} | {lead} |")
-    report = [f"# Detector vs rule on {test}", "",
+    if "confidence rule" in skipped:
+        confidence_text = f"confidence rule: not replayed ({skipped['confidence rule']})"
+    else:
+        confidence_text = (f"confidence rule: top-token probability >= {confidence['threshold']:.6g} for "
+                           f"{confidence['window']} consecutive tokens, every token")
+        if confidence["threshold"] > 1.0:
+            confidence_text += " (never fires: too many healthy validation traces sit at probability 1)"
+    report = [f"# Detector vs rules on {test}", "",
               f"Learned trigger: thresholds {', '.join(f'{h} {t:.3f}' for h, t in thresholds.items())}, patience "
               f"{patience} steps of {stride} tokens; n-gram rule: the newest {rule['ngram']}-gram {rule['min_repeats']}x "
-              f"within {rule['window']} tokens, every token. Both set on validation traces for "
+              f"within {rule['window']} tokens, every token; {confidence_text}. All set on validation traces for "
               f"<= {calibration['target_false_alarm_rate']:.0%} false alarms per healthy trace.", "", *table, "",
               "Lead = first alarm minus labeled loop onset (negative: before onset), loops caught only.", "",
               "Position-level: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), ""]
     (out_dir / "report.md").write_text("\n".join(report))
     summary = {"test": str(test), "detector": str(folder), "traces": len(trace_labels), "triggers": outcomes,
-               "position_metrics": metrics, "out": str(out_dir)}
+               "skipped_rules": skipped, "position_metrics": metrics, "out": str(out_dir)}
     (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     from inference.tracking import start_run
 
     run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-detect-report", "detect-report",
-                    {"test": str(test), "detector_card": loaded.card}, out_dir)
+                    {"test": str(test), "detector_card": loaded.card, "skipped_rules": skipped}, out_dir)
     if run is not None:
         import wandb
 
@@ -427,7 +515,8 @@ def _plot_lead_times(outcomes: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    groups = {name: outcomes[name]["lead_tokens"] for name in ("learned loop_within_h", "n-gram rule")}
+    groups = {name: outcomes[name]["lead_tokens"] for name in ("learned loop_within_h", "n-gram rule",
+                                                               "confidence rule") if name in outcomes}
     every = [v for values in groups.values() for v in values]
     if every:
         bins = np.histogram_bin_edges(every, bins=min(30, max(5, len(set(every)))))
@@ -440,7 +529,7 @@ def _plot_lead_times(outcomes: dict[str, dict], path: Path) -> None:
         axes.text(0.5, 0.5, "no loop caught", ha="center", va="center", transform=axes.transAxes)
     axes.set_xlabel("first alarm - loop onset (tokens; negative = before onset)")
     axes.set_ylabel("looping traces")
-    axes.set_title("Lead time: learned trigger vs repeated-n-gram rule")
+    axes.set_title("Lead time: learned trigger vs rules")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,6 +7,10 @@ file whose tensors hold the token ids and captured hidden states of its traces, 
 offsets, and whose metadata holds the per-trace fields as JSON:
 
   prompt_ids, generated_ids          int32, concatenated; prompt_offsets, generated_offsets int64 [n+1]
+  top_prob                           float32, one per generated token (same offsets as generated_ids):
+                                     the model's softmax probability of its most likely next token at
+                                     the forward pass that produced that token (raw logits, before
+                                     temperature and truncation); the confidence rule reads it
   positions                          int32, generated positions whose hidden states were kept
   hidden                             float16/bfloat16 [captured, layers, hidden_size]
   capture_offsets                    int64 [n+1], slices of positions/hidden per trace
@@ -17,6 +21,9 @@ Position t of a trace is its t-th generated token; its hidden state is the one o
 that produced token t (the state the model was in when it chose it). Shards are written atomically
 (temporary file, then rename) and listed in the manifest only once complete, so a killed run loses
 at most the shard in progress.
+
+Schema versions: 2 added `top_prob`. Version 1 trace sets are still read (their traces have
+`top_prob = None`; what needs it says so) but not resumed.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from safetensors.torch import save_file
 from inference.errors import RescueError
 from inference.storage import file_sha256, replace_atomically
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LABELS = "labels.json"
 
@@ -59,6 +67,9 @@ class Trace:
     text: str
     positions: torch.Tensor
     hidden: torch.Tensor
+    top_prob: torch.Tensor | None = None
+    """[len(generated_ids)] float32: the model's top-token probability at each generated position;
+    None in schema-1 trace sets, which did not store it."""
 
     def fields(self) -> dict[str, Any]:
         """The JSON-able per-trace fields stored in shard metadata."""
@@ -102,8 +113,9 @@ class Manifest:
             planned = raw.pop("planned_shards")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise TraceSetError(f"{path}: not a readable trace-set manifest ({type(error).__name__})") from None
-        if version != SCHEMA_VERSION:
-            raise TraceSetError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise TraceSetError(f"{path}: schema version {version}, this code reads "
+                                + " and ".join(map(str, READABLE_SCHEMA_VERSIONS)))
         return cls(identity=raw, shards=shards, planned_shards=planned, complete=complete, schema_version=version)
 
 
@@ -123,11 +135,17 @@ def write_shard(folder: Path, index: int, traces: list[Trace], hidden_dtype: tor
 
     prompt_ids, prompt_offsets = concat([t.prompt_ids for t in traces])
     generated_ids, generated_offsets = concat([t.generated_ids for t in traces])
+    for t in traces:
+        if t.top_prob is None or t.top_prob.numel() != len(t.generated_ids):
+            got = "none" if t.top_prob is None else t.top_prob.numel()
+            raise ValueError(f"trace {t.id}: top_prob must hold one value per generated token "
+                             f"({len(t.generated_ids)}), got {got}")
+    top_prob = torch.cat([t.top_prob.reshape(-1).float() for t in traces])
     positions, capture_offsets = concat([t.positions.tolist() for t in traces])
     hidden = torch.cat([t.hidden.to(hidden_dtype) for t in traces], dim=0).contiguous()
     tensors = {
         "prompt_ids": prompt_ids, "prompt_offsets": prompt_offsets,
-        "generated_ids": generated_ids, "generated_offsets": generated_offsets,
+        "generated_ids": generated_ids, "generated_offsets": generated_offsets, "top_prob": top_prob,
         "positions": positions, "capture_offsets": capture_offsets, "hidden": hidden,
     }
     metadata = {"schema_version": str(SCHEMA_VERSION), "traces": json.dumps([t.fields() for t in traces])}
@@ -154,6 +172,11 @@ class TraceSet:
     def identity(self) -> dict[str, Any]:
         return self.manifest.identity
 
+    @property
+    def stores_top_prob(self) -> bool:
+        """Whether the traces carry `top_prob` (schema version 2 on)."""
+        return self.manifest.schema_version >= 2
+
     def verify(self, entry: ShardEntry) -> Path:
         path = self.folder / entry.file
         if not path.is_file():
@@ -175,7 +198,8 @@ class TraceSet:
             g0, g1 = t["generated_offsets"][i].item(), t["generated_offsets"][i + 1].item()
             c0, c1 = t["capture_offsets"][i].item(), t["capture_offsets"][i + 1].item()
             yield Trace(prompt_ids=t["prompt_ids"][p0:p1].tolist(), generated_ids=t["generated_ids"][g0:g1].tolist(),
-                        positions=t["positions"][c0:c1].long(), hidden=t["hidden"][c0:c1], **row)
+                        positions=t["positions"][c0:c1].long(), hidden=t["hidden"][c0:c1],
+                        top_prob=t["top_prob"][g0:g1] if "top_prob" in t else None, **row)
 
     def traces(self, with_hidden: bool = True) -> Iterator[Trace]:
         for entry in sorted(self.manifest.shards, key=lambda s: s.index):

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 from inference.config import load_config
 from rescue import commands
-from training.traces import TraceSet, TraceSetError
+from training.collect import TraceSetWriter
+from training.traces import MANIFEST, Manifest, TraceSet, TraceSetError
 
 SMALL = {"sampling.budget": 48, "sampling.batch_size": 2, "capture.shard_size": 2, "capture.stride": 4,
          "capture.window": 2, "probe.layers": [2, -1], "wandb.mode": "disabled", "model.device": "cpu"}
@@ -34,7 +35,8 @@ def contents(folder):
     rows = []
     for trace in TraceSet(folder):
         fields = {k: v for k, v in trace.fields().items() if k != "wall_seconds"}
-        rows.append((fields, trace.prompt_ids, trace.generated_ids, trace.positions.tolist(), trace.hidden))
+        rows.append((fields, trace.prompt_ids, trace.generated_ids, trace.positions.tolist(), trace.hidden,
+                     trace.top_prob))
     return rows
 
 
@@ -43,10 +45,11 @@ def assert_same_trace_set(a, b, exact=True):
     assert [r[0]["id"] for r in left] == [r[0]["id"] for r in right]
     for x, y in zip(left, right):
         assert x[:4] == y[:4]
-        if exact:
-            assert torch.equal(x[4], y[4])
-        else:  # other processes may use other CPU thread counts, so float sums round differently
-            torch.testing.assert_close(x[4], y[4], rtol=1e-2, atol=1e-2)
+        for left_tensor, right_tensor in zip(x[4:], y[4:]):
+            if exact:
+                assert torch.equal(left_tensor, right_tensor)
+            else:  # other processes may use other CPU thread counts, so float sums round differently
+                torch.testing.assert_close(left_tensor, right_tensor, rtol=1e-2, atol=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,20 @@ def test_trace_set_holds_every_problem_once_with_hidden_states(reference):
         assert set(range(0, length, 4)) <= set(trace.positions.tolist())
         assert length - 1 in trace.positions.tolist()
     assert summary["bytes_per_generated_token"] > 0
+
+
+def test_top_prob_of_every_generated_token_is_stored_and_read_back(reference):
+    """What the trace set holds is the model's own top-token probability at the forward pass that
+    produced each token, recomputed here in one unbatched pass over prompt + generated ids."""
+    out, _ = reference
+    model, _ = commands._load_for_precision(config(), "fp16")
+    for trace in TraceSet(out):
+        assert trace.top_prob.dtype == torch.float32 and trace.top_prob.shape == (len(trace.generated_ids),)
+        ids = torch.tensor([trace.prompt_ids + trace.generated_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(trace.prompt_ids) - 1 : -1]
+        expected = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+        torch.testing.assert_close(trace.top_prob, expected, rtol=0, atol=1e-4)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(reference, tmp_path, monkeypatch):
@@ -102,6 +119,19 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(reference, tmp_
     collect(out)
     with pytest.raises(TraceSetError, match=r"refusing to resume.*sampling\.temperature \(0\.6 -> 0\.9\)"):
         collect(out, **{"sampling.temperature": 0.9})
+
+
+def test_schema_1_trace_set_is_read_without_top_prob_but_not_resumed(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "traces"
+    shutil.copytree(reference[0], out)
+    manifest = Manifest.from_file(out / MANIFEST)
+    manifest.schema_version = 1  # the shards still hold top_prob; readers go by what a shard holds
+    (out / MANIFEST).write_text(manifest.to_json())
+    assert not TraceSet(out).stores_top_prob and len(list(TraceSet(out))) == 5
+    with pytest.raises(TraceSetError, match="refusing to resume a trace set of schema version 1"):
+        TraceSetWriter(out, manifest.identity, manifest.planned_shards, rank=0, world=1)
 
 
 def test_corrupt_or_truncated_shard_is_named_when_read(reference, tmp_path):

@@ -2,7 +2,8 @@
 
 `write_planted_trace_set` (also used by test_fit.py) writes a labeled synthetic trace set whose hidden
 states carry a planted signal: a direction in layer 1 while `loop_within_h` holds, another in layer 0
-along every trace that fails to commit.
+along every trace that fails to commit; its top-token probabilities dip to 0.3 every 8 tokens until
+4 tokens after a loop's onset, and stay >= 0.97 from there. `downgrade_to_schema_1` rewrites one as a schema-1 trace set (no `top_prob`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from detector.probe import HEADS
 from inference.config import load_config
+from inference.storage import file_sha256
 from training.datamodule import TraceDataModule
 from training.labels import TraceLabels, position_targets
 from training.traces import LABELS, MANIFEST, Manifest, Trace, TraceSetError, write_shard
@@ -38,6 +40,8 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
                             name: str = "synthetic", labels: bool = True) -> Path:
     """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit."""
     rng = np.random.default_rng(seed)
+    # A second generator for top_prob, so the rest of the planted data does not depend on it.
+    confidence_rng = np.random.default_rng(seed + 10_000)
     folder.mkdir(parents=True, exist_ok=True)
     # The same "model" for every seed: the planted directions do not depend on it.
     directions = np.random.default_rng(1234).standard_normal((2, hidden_size)).astype(np.float32)
@@ -56,12 +60,17 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
         looping, _ = position_targets(trace_labels, HORIZON)
         hidden[:, 1] += signal * looping[positions, None] * loop_direction
         hidden[:, 0] += signal * fails * commit_direction
+        # Confident text with an uncertain token every 8 (a computed digit), until a loop sets in.
+        top_prob = confidence_rng.uniform(0.5, 1.0, length)
+        top_prob[::8] = 0.3
+        if loop_onset is not None:
+            top_prob[loop_onset + 4 :] = confidence_rng.uniform(0.97, 1.0, length - loop_onset - 4)
         trace_id = f"p{index // samples}#{index % samples}"
         traces.append(Trace(id=trace_id, problem_id=f"p{index // samples}", sample=index % samples,
                             prompt_ids=[1, 2, 3], generated_ids=rng.integers(3, 50, length).tolist(),
                             finish_reason="budget" if fails else "eos", answer=None if fails else "1", gold="1",
                             correct=not fails, wall_seconds=0.0, text="", positions=torch.from_numpy(positions),
-                            hidden=torch.from_numpy(hidden)))
+                            hidden=torch.from_numpy(hidden), top_prob=torch.from_numpy(top_prob).float()))
         records[trace_id] = trace_labels.to_dict()
     entries = [write_shard(folder, shard, traces[start : start + 16], torch.float16)
                for shard, start in enumerate(range(0, len(traces), 16))]
@@ -74,6 +83,24 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
     (folder / MANIFEST).write_text(manifest.to_json())
     if labels:
         (folder / LABELS).write_text(json.dumps({"params": {"horizon": HORIZON}, "traces": records}))
+    return folder
+
+
+def downgrade_to_schema_1(folder: Path) -> Path:
+    """Rewrite a trace set as schema version 1 wrote it: shards without `top_prob`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    manifest = Manifest.from_file(folder / MANIFEST)
+    for entry in manifest.shards:
+        path = folder / entry.file
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = {**handle.metadata(), "schema_version": "1"}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if name != "top_prob"}
+        save_file(tensors, str(path), metadata=metadata)
+        entry.sha256, entry.bytes = file_sha256(path), path.stat().st_size
+    manifest.schema_version = 1
+    (folder / MANIFEST).write_text(manifest.to_json())
     return folder
 
 
@@ -115,6 +142,17 @@ def test_normalisation_statistics_fitted_on_training_split_only(planted, tmp_pat
     raw = train[:, : len(LAYERS) * HIDDEN]
     assert raw.mean(dim=0).abs().max() < 1e-2
     assert (raw.std(dim=0) - 1).abs().max() < 1e-2
+
+
+def test_top_prob_reaches_the_examples_and_schema_1_sets_still_train(planted, tmp_path):
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    example = next(data.traces("val"))
+    assert example.top_prob.dtype == torch.float32 and example.top_prob.shape == example.generated_ids.shape
+    old = downgrade_to_schema_1(write_planted_trace_set(tmp_path / "old", problems=8))
+    data = TraceDataModule(synthetic_config(tmp_path), old)
+    data.setup()
+    assert all(e.top_prob is None for e in data.traces("val"))
 
 
 def test_separate_validation_set(planted, tmp_path):

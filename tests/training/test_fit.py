@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from detector.artifact import CARD, load_detector
 from detector.probe import HEADS
 from inference.errors import RescueError
-from test_datamodule import synthetic_config, write_planted_trace_set  # same folder, on sys.path under pytest
+from test_datamodule import (  # same folder, on sys.path under pytest
+    downgrade_to_schema_1,
+    synthetic_config,
+    write_planted_trace_set,
+)
 from training.datamodule import manifest_sha256
-from training.fit import detect_report, ngram_repeats, train_detector
+from training.fit import confidence_alarm, detect_report, ngram_repeats, train_detector, tune_confidence_rule
 
 FAST = {"detector.max_epochs": 6, "detector.hidden_width": 16, "detector.learning_rate": 3e-3,
         "detector.early_stopping_patience": 3}
@@ -42,14 +48,30 @@ def test_training_learns_planted_signal_and_writes_calibrated_artifact(planted, 
     assert detector.thresholds.keys() == set(HEADS)
     assert (tmp_path / "runs" / "synthetic" / "train" / "pr-curves.png").is_file()
     assert card["calibration"]["rules"]["ngram"]["false_alarm_rate"] <= 0.05
+    confidence = card["calibration"]["rules"]["confidence"]
+    assert confidence["window"] == 32 and confidence["false_alarm_rate"] <= 0.05
+    assert 0.3 < confidence["threshold"] < 0.31 and confidence["detection_rate"] > 0.5
 
     held_out = write_planted_trace_set(tmp_path / "test", problems=20, seed=2)
     report = detect_report(config, str(held_out))
     learned = report["triggers"]["learned loop_within_h"]
     assert learned["loops_caught"] > 0.8 and learned["false_alarm_rate"] <= 0.15
-    assert set(report["triggers"]) >= {"learned (either head)", "n-gram rule"}
+    assert set(report["triggers"]) >= {"learned (either head)", "n-gram rule", "confidence rule"}
+    assert report["skipped_rules"] == {}
+    rule = report["triggers"]["confidence rule"]
+    # Planted: the last uncertain token comes 1-8 tokens before onset + 4; W = 32 tokens later, the alarm.
+    assert rule["loops_caught"] > 0.5 and rule["false_alarm_rate"] == 0.0
+    assert set(rule["lead_tokens"]) <= set(range(32 - 4, 32 + 4)) and rule["median_lead_tokens"] is not None
+    out = tmp_path / "runs" / "synthetic" / "detect-report"
     for name in ("report.md", "comparison.json", "lead-times.png", "pr-curves.png"):
-        assert (tmp_path / "runs" / "synthetic" / "detect-report" / name).is_file()
+        assert (out / name).is_file()
+    assert "| confidence rule |" in (out / "report.md").read_text()
+
+    old = downgrade_to_schema_1(held_out)
+    report = detect_report(config, str(old), out=str(tmp_path / "old-report"))
+    assert "confidence rule" not in report["triggers"] and "n-gram rule" in report["triggers"]
+    assert "schema version 1 stores no top-token probabilities" in report["skipped_rules"]["confidence rule"]
+    assert "confidence rule: not replayed" in (tmp_path / "old-report" / "report.md").read_text()
 
 
 def test_training_logs_to_offline_wandb(planted, tmp_path, monkeypatch):
@@ -71,3 +93,36 @@ def test_ngram_repeats_counts_the_newest_ngram_within_the_window():
     ids = [1, 2, 1, 2, 1, 2, 9, 1, 2]
     assert ngram_repeats(ids, 2, window=100).tolist() == [0, 1, 1, 2, 2, 3, 1, 1, 4]
     assert ngram_repeats(ids, 2, window=4).tolist() == [0, 1, 1, 2, 2, 2, 1, 1, 1]
+
+
+def _scored(top_prob, loop_onset=None):
+    return {"top_prob": np.asarray(top_prob, dtype=np.float64), "healthy": loop_onset is None,
+            "labels": SimpleNamespace(loop_onset=loop_onset)}
+
+
+def test_confidence_rule_tuned_to_the_false_alarm_target_and_alarms_after_w_high_tokens():
+    window = 8
+    scored = []
+    for i in range(20):  # healthy trace i: one 8-token run at 0.5 + 0.02 i, its sustained peak
+        top_prob = np.full(100, 0.5)
+        top_prob[30 : 30 + window] = 0.5 + 0.02 * i
+        scored.append(_scored(top_prob))
+    looping = np.full(100, 0.5)
+    looping[60:] = 0.95
+    scored.append(_scored(looping, loop_onset=55))
+    rule = tune_confidence_rule(scored, window, target=0.1)
+    # Two of 20 healthy traces may alarm: the threshold sits just above the third-highest peak (0.84).
+    assert 0.84 < rule["threshold"] <= 0.86 and rule["false_alarm_rate"] == 0.1 and rule["detection_rate"] == 1.0
+    assert confidence_alarm(looping, rule["threshold"], window) == 60 + window - 1
+    assert confidence_alarm(scored[17]["top_prob"], rule["threshold"], window) is None
+    assert confidence_alarm(scored[18]["top_prob"], rule["threshold"], window) == 30 + window - 1
+    strict = tune_confidence_rule(scored, window, target=0.0)
+    assert strict["false_alarm_rate"] == 0.0 and strict["threshold"] > 0.88
+    short = tune_confidence_rule([_scored([0.99] * 4), _scored([0.99] * 4), _scored(looping, 55)], window, 0.0)
+    assert short["threshold"] == 0.0 and short["false_alarm_rate"] == 0.0  # no healthy trace reaches W tokens
+
+
+def test_confidence_rule_skipped_with_a_reason_without_top_prob():
+    scored = [{**_scored([0.5] * 10), "top_prob": None}]
+    rule = tune_confidence_rule(scored, 8, 0.05)
+    assert "threshold" not in rule and "store no top-token probabilities" in rule["skipped"]
