@@ -180,6 +180,10 @@ class DetectorConfig:
     )
 
 
+METHODS = ("fp16", "2bit", "rule", "learned", "plan-only", "rescue-only")
+"""What `rescue evaluate --method` and `rescue compare` run (see inference/compare.py)."""
+
+
 @dataclass
 class ControlConfig:
     """Rescue at inference: the rule trigger, the learned trigger and the actions they take."""
@@ -235,6 +239,9 @@ class ControlConfig:
     max_interventions: int = field(
         default=2, metadata=_help("alarms acted on per trace; later alarms are ignored", min=1)
     )
+    run_train_problems: int = field(default=300, metadata=_help("rescue run: training problems collected", min=1))
+    run_val_problems: int = field(default=150, metadata=_help("rescue run: validation problems collected", min=1))
+    run_test_problems: int = field(default=150, metadata=_help("rescue run: test problems compared", min=1))
 
 
 @dataclass

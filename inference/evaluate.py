@@ -10,7 +10,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +44,16 @@ class ProblemRecord:
     correct: bool
     wall_seconds: float
     text: str
+    tokens_2bit: int = 0
+    """Tokens the 2-bit model generated for this trace (dropped and cut ones included)."""
+    tokens_fp16: int = 0
+    tokens_forced: int = 0
+    """Tokens the controller wrote itself (a commit's closing text)."""
+    prefill_2bit: int = 0
+    """Tokens the 2-bit model prefilled (the prompt, plus the trace so far at every resumption)."""
+    prefill_fp16: int = 0
+    actions: list = field(default_factory=list)
+    """Controller actions: {kind: plan|commit|fallback|handback|probe_dropped, position, ...}."""
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
@@ -68,6 +78,7 @@ def run_method(
 ) -> list[ProblemRecord]:
     """Generate one trace per problem with `model` and grade its final answer."""
     device = next(model.parameters()).device
+    precision = "fp16" if method == "fp16" else "2bit"
     sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stop_ids = eos_token_ids(tokenizer, model)
@@ -108,6 +119,7 @@ def run_method(
                     correct=is_correct(answer, problem.answer),
                     wall_seconds=round(share, 4),
                     text=text,
+                    **{f"tokens_{precision}": len(ids), f"prefill_{precision}": int(prompt_len)},
                 )
             )
             generated_total += len(ids)
@@ -117,6 +129,39 @@ def run_method(
         bar.set_postfix(tok_s=f"{generated_total / elapsed:.0f}", acc=f"{accuracy:.2f}")
     bar.close()
     return records
+
+
+def run_controlled(models: dict, tokenizer, problems: Sequence[Problem], *, method: str, trigger,
+                   sampling: SamplingConfig, control, progress: bool = True) -> list[ProblemRecord]:
+    """One trace per problem under the rescue controller (`inference.controller`), graded."""
+    from inference.controller import Controller
+
+    controller = Controller(models, tokenizer, trigger, control, sampling, method)
+    states = controller.run(problems, progress=progress)
+    records = []
+    for state in states:
+        text = tokenizer.decode(state.generated, skip_special_tokens=True)
+        answer = extract_final_answer(text)
+        problem = state.problem
+        records.append(ProblemRecord(
+            problem_id=problem.id, method=method, sample=0, prompt_tokens=len(state.prompt_ids),
+            generated_tokens=len(state.generated), finish_reason=state.finish_reason,
+            closed_think=split_thinking(text)[2], loop=has_loop(text), answer=answer, gold=problem.answer,
+            correct=is_correct(answer, problem.answer), wall_seconds=round(state.wall_seconds, 4), text=text,
+            tokens_2bit=state.tokens["2bit"], tokens_fp16=state.tokens["fp16"], tokens_forced=state.tokens["forced"],
+            prefill_2bit=state.prefill["2bit"], prefill_fp16=state.prefill["fp16"], actions=state.actions,
+        ))
+    return records
+
+
+def wilson_interval(successes: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays inside [0, 1] for small counts and extremes)."""
+    if count == 0:
+        return 0.0, 0.0
+    p = successes / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * (p * (1 - p) / count + z * z / (4 * count * count)) ** 0.5 / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarize(records: Sequence[ProblemRecord]) -> dict:
@@ -133,10 +178,21 @@ def summarize(records: Sequence[ProblemRecord]) -> dict:
     def share(flags) -> float:
         return sum(flags) / count if count else 0.0
 
+    low, high = wilson_interval(sum(r.correct for r in records), count)
+    by_precision = {}
+    for name in ("tokens_2bit", "tokens_fp16", "tokens_forced", "prefill_2bit", "prefill_fp16"):
+        values = [getattr(r, name) for r in records]
+        by_precision[f"mean_{name}"] = statistics.fmean(values) if values else 0.0
+        by_precision[f"p90_{name}"] = _percentile(values, 0.9)
+    actions = Counter(a["kind"] for r in records for a in r.actions)
     return {
         "method": records[0].method if records else None,
         "problems": count,
         "accuracy": share(r.correct for r in records),
+        "accuracy_ci95": [low, high],
+        **by_precision,
+        "actions": dict(actions),
+        "traces_with_actions": sum(1 for r in records if any(a["kind"] != "probe_dropped" for a in r.actions)),
         "mean_generated_tokens": statistics.fmean(tokens) if tokens else 0.0,
         "median_generated_tokens": statistics.median(tokens) if tokens else 0.0,
         "p90_generated_tokens": _percentile(tokens, 0.9),

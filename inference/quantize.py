@@ -7,6 +7,7 @@ interrupted run never leaves a folder that looks like a finished model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -57,6 +58,7 @@ def quantize_model(
             "group_size": settings.group_size,
             "desc_act": settings.desc_act,
             "calibration_texts": len(calibration_texts),
+            "quantization": dataclasses.asdict(settings),
             "device": str(target),
             "seconds": round(time.perf_counter() - started, 2),
         }

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from inference.config import DEFAULT_CONFIG, config_fields, load_config
+from inference.config import DEFAULT_CONFIG, METHODS, config_fields, load_config
 from inference.errors import RescueError
 
 # Short spellings of the most used fields.
@@ -68,10 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Generate one trace per problem, grade the final answers and "
                                                "write an evaluation record (records.jsonl, summary.json).")
     add_config_flags(evaluate)
-    evaluate.add_argument("--method", choices=("fp16", "2bit"), default="2bit",
-                          help="fp16: the full-precision model; 2bit: its GPTQ twin (default)")
+    evaluate.add_argument("--method", choices=METHODS, default="2bit",
+                          help="fp16: the full-precision model; 2bit: its GPTQ twin (default); rule / learned: "
+                               "2-bit with the rule or the learned trigger's rescue; plan-only: an FP16 plan, no "
+                               "in-trace rescue; rescue-only: the rule's in-trace rescue without planning")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     evaluate.add_argument("--out", default=None, help="record folder (default: <output_dir>/<model>/evaluate-...)")
+    compare = commands.add_parser("compare", help="every method on the same problems: table, plots, W&B",
+                                  description="Run fp16, 2bit, rule, learned, plan-only and rescue-only on the same "
+                                              "problems with the same seeds; measure each precision's per-token "
+                                              "costs; write per-method records, comparison.md/json and plots.")
+    add_config_flags(compare)
+    compare.add_argument("--methods", default=",".join(METHODS),
+                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    compare.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/compare-...)")
+
+    run = commands.add_parser("run", help="the main job: quantize, collect, label, train, compare; one report",
+                              description="On the config's model (default: the embedded tiny-s): quantize, collect "
+                                          "and label train/val traces, train the detector, compare every method "
+                                          "on the test split and write a report folder. Stages whose outputs "
+                                          "exist and match the config are skipped.")
+    add_config_flags(run)
+    run.add_argument("--train-limit", type=int, default=None,
+                     help="training problems to collect (default: rescue.run_train_problems)")
+    run.add_argument("--val-limit", type=int, default=None,
+                     help="validation problems to collect (default: rescue.run_val_problems)")
+    run.add_argument("--test-limit", type=int, default=None,
+                     help="test problems to compare on (default: rescue.run_test_problems)")
+    run.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/report)")
+
     collect = commands.add_parser("collect", help="write a trace set: traces and hidden states of a split",
                                   description="Generate traces of the 2-bit (or FP16) model over a benchmark split "
                                               "through the step hook and write a resumable trace set (manifest + "
@@ -142,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             commands.quantize(config, out=args.out)
         elif args.command == "evaluate":
             commands.evaluate(config, method=args.method, limit=args.limit, out=args.out)
+        elif args.command == "compare":
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            commands.compare(config, limit=args.limit, methods=methods, out=args.out)
+        elif args.command == "run":
+            commands.run(config, train_limit=args.train_limit, val_limit=args.val_limit,
+                         test_limit=args.test_limit, out=args.out)
         elif args.command == "collect":
             commands.collect(config, split=args.split, samples=args.samples, limit=args.limit, out=args.out,
                              precision=args.precision)

@@ -13,7 +13,7 @@ from pathlib import Path
 from inference.config import RescueConfig
 from inference.errors import RescueError
 
-METHODS = ("fp16", "2bit")
+PRECISIONS = ("fp16", "2bit")
 
 
 def quantize(config: RescueConfig, out: str | None = None) -> dict:
@@ -43,50 +43,140 @@ def evaluate(
     out: str | None = None,
 ) -> dict:
     """Run one method on the configured benchmark split and write its evaluation record."""
-    from inference.evaluate import run_method, summarize, write_evaluation
+    from inference.compare import METHODS as ALL_METHODS
+
+    if method not in ALL_METHODS:
+        raise RescueError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    bench = config.benchmark
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / f"evaluate-{method}-{bench.name}-{bench.split}")
+    return compare(config, limit=limit, methods=(method,), out=str(out_dir), single=True)
+
+
+def _check_methods(config: RescueConfig, methods) -> None:
+    """Refuse, before any model is loaded, a method whose settings cannot work."""
+    control = config.rescue
+    planning = [m for m in methods if m == "plan-only" or (m == "rule" and control.rule_plan) or m == "learned"]
+    if planning and control.plan_tokens < 1 and "plan-only" in methods:
+        raise RescueError("rescue.plan_tokens: the plan budget must be a positive number of tokens for plan-only, "
+                          "got 0")
+    if planning and control.plan_tokens < 1 and ("rule" in methods and control.rule_plan):
+        raise RescueError("rescue.plan_tokens: the plan budget must be a positive number of tokens when "
+                          "rescue.rule_plan is true, got 0")
+    if control.rule_window < control.rule_ngram:
+        raise RescueError(f"rescue.rule_window ({control.rule_window}) must be at least rescue.rule_ngram "
+                          f"({control.rule_ngram})")
+
+
+def compare(config: RescueConfig, limit: int | None = None, methods=None, out: str | None = None,
+            single: bool = False, progress: bool = True) -> dict:
+    """Every method on the same problems with the same seeds: records, table, plots, W&B.
+
+    Writes `<out>/<method>/records.jsonl|summary.json`, `comparison.md|json` and the plots (default
+    `<output_dir>/<model>/compare-<benchmark>-<split>`). With `single` (rescue evaluate), one method
+    is written straight into `out`.
+    """
+    from inference.compare import (CONTROLLED, METHODS as ALL_METHODS, build_trigger, measure_costs,
+                                   modeled_costs, plot_comparison, weight_bytes, write_comparison)
+    from inference.evaluate import run_controlled, run_method, summarize, write_evaluation
     from inference.models import load_full_precision, load_quantized
+    from inference.storage import folder_written_atomically
     from inference.tracking import start_run
     from training.benchmarks import load_benchmark
 
-    if method not in METHODS:
-        raise RescueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    methods = tuple(methods or ALL_METHODS)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise RescueError(f"unknown method {unknown[0]!r} (expected one of {', '.join(ALL_METHODS)})")
     if limit is not None and limit < 1:
         raise RescueError(f"--limit must be a positive integer, got {limit}")
+    _check_methods(config, methods)
     bench = config.benchmark
     problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
-    if method == "fp16":
-        model, tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
-    else:
-        model, tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
-                                          config.model.dtype)
-    out_dir = Path(out or Path(config.output_dir) / config.model.name / f"evaluate-{method}-{bench.name}-{bench.split}")
+    need_fp16 = any(m != "2bit" for m in methods)
+    need_2bit = any(m != "fp16" for m in methods)
+    models, tokenizer = {}, None
+    if need_2bit:
+        models["2bit"], tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
+                                                   config.model.dtype)
+    if need_fp16:
+        models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
+    detector = None
+    if "learned" in methods:
+        from detector.artifact import load_detector
 
-    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-{method}-{bench.name}",
-                    "evaluate", {**config.to_dict(), "method": method, "limit": limit}, out_dir.parent)
+        folder = config.rescue.detector or str(Path(config.output_dir) / config.model.name / "detector")
+        detector = load_detector(folder, config.model.name, models["2bit"].config.hidden_size, config.probe.layers)
+    triggers = {m: build_trigger(m, config, tokenizer, detector) for m in methods if m in CONTROLLED}
+
+    out_dir = Path(out or Path(config.output_dir) / config.model.name / f"compare-{bench.name}-{bench.split}")
+    name = f"{config.model.name}-{methods[0] if single else 'compare'}-{bench.name}"
+    run = start_run(config.wandb.mode, config.wandb.project, name, "evaluate" if single else "compare",
+                    {**config.to_dict(), "methods": list(methods), "limit": limit}, out_dir.parent)
     began = time.perf_counter()
-    records = run_method(model, tokenizer, problems, method=method, sampling=config.sampling)
-    summary = summarize(records)
-    summary.update(model=config.model.name, benchmark=bench.name, split=bench.split,
-                   total_wall_seconds=round(time.perf_counter() - began, 2))
-    write_evaluation(out_dir, records, summary)
+    costs = weights = None
+    if not single and {"2bit", "fp16"} <= set(models):
+        costs = measure_costs(models, tokenizer, [p.question for p in problems], config.sampling.batch_size)
+        weights = weight_bytes(models["fp16"], config.quantized_path)
+    summaries, all_records = {}, {}
+    for method in methods:
+        started = time.perf_counter()
+        if method in ("fp16", "2bit"):
+            records = run_method(models[method], tokenizer, problems, method=method, sampling=config.sampling,
+                                 progress=progress)
+        else:
+            records = run_controlled(models, tokenizer, problems, method=method, trigger=triggers[method],
+                                     sampling=config.sampling, control=config.rescue, progress=progress)
+        summary = summarize(records)
+        summary.update(model=config.model.name, benchmark=bench.name, split=bench.split,
+                       total_wall_seconds=round(time.perf_counter() - started, 2))
+        if costs is not None:
+            summary.update(modeled_costs(records, costs, weights))
+        summaries[method], all_records[method] = summary, records
+        if single:
+            write_evaluation(out_dir, records, summary)
+        if progress:
+            print(format_summary(summary))
+    if not single:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        meta = {"model": config.model.name, "benchmark": bench.name, "split": bench.split,
+                "problems": len(problems), "seed": config.sampling.seed, "device": device,
+                "total_wall_seconds": round(time.perf_counter() - began, 1)}
+        with folder_written_atomically(out_dir) as staging:
+            for method, records in all_records.items():
+                write_evaluation(staging / method, records, summaries[method])
+            if costs is not None:
+                write_comparison(staging, summaries, costs, weights, meta)
+                plot_comparison(summaries, all_records, staging)
+        if progress and costs is not None:
+            print((out_dir / "comparison.md").read_text())
     if run is not None:
-        log_evaluation(run, records, summary)
+        for method, records in all_records.items():
+            log_evaluation(run, records, summaries[method], prefix="" if single else f"{method}/")
+        if not single:
+            import wandb
+
+            run.log({png.stem: wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))})
         run.finish()
-    print(format_summary(summary))
     print(f"evaluation record: {out_dir}")
-    return summary
+    return summaries[methods[0]] if single else {"out": str(out_dir), "methods": summaries, "costs": costs}
 
 
-def log_evaluation(run, records, summary) -> None:
+def log_evaluation(run, records, summary, prefix: str = "") -> None:
     import wandb
 
-    table = wandb.Table(columns=["problem_id", "generated_tokens", "finish_reason", "answer", "gold", "correct"])
+    columns = ["problem_id", "generated_tokens", "tokens_2bit", "tokens_fp16", "actions", "finish_reason", "answer",
+               "gold", "correct"]
+    table = wandb.Table(columns=columns)
     for r in records:
-        table.add_data(r.problem_id, r.generated_tokens, r.finish_reason, r.answer, r.gold, r.correct)
-    run.log({"records": table})
-    run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-    for reason, count in summary["finish_reasons"].items():
-        run.summary[f"finish/{reason}"] = count
+        table.add_data(r.problem_id, r.generated_tokens, r.tokens_2bit, r.tokens_fp16,
+                       ",".join(a["kind"] for a in r.actions), r.finish_reason, r.answer, r.gold, r.correct)
+    run.log({f"{prefix}records": table})
+    run.summary.update({f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    for group in ("finish_reasons", "actions"):
+        for key, count in summary[group].items():
+            run.summary[f"{prefix}{group}/{key}"] = count
 
 
 def format_summary(summary: dict) -> str:
@@ -197,8 +287,8 @@ def collect(
     from training.benchmarks import load_benchmark
     from training.collect import collect_traces, collection_identity, distributed_context
 
-    if precision not in METHODS:
-        raise RescueError(f"--precision must be one of {', '.join(METHODS)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise RescueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if limit is not None and limit < 1:
         raise RescueError(f"--limit must be a positive integer, got {limit}")
     samples = config.capture.samples if samples is None else samples
@@ -315,3 +405,182 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
     from training.fit import detect_report as compare_offline
 
     return compare_offline(config, test, detector=detector, out=out)
+
+
+# -- the main job -------------------------------------------------------------------------------------
+
+
+def _quantized_matches(config: RescueConfig) -> bool:
+    """Whether the config's 2-bit folder was made by `rescue quantize` from this model with these settings."""
+    import json
+    from dataclasses import asdict
+
+    record = Path(config.quantized_path) / "rescue_quantize.json"
+    try:
+        made = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("fp16") == config.model.fp16 and made.get("quantization") == asdict(config.quantization)
+
+
+def _detector_matches(config: RescueConfig, folder: Path, trace_sets: list[Path]) -> bool:
+    """Whether the detector in `folder` was trained on exactly these (labeled) trace sets with this recipe."""
+    import json
+    from dataclasses import asdict
+
+    from training.datamodule import manifest_sha256
+
+    try:
+        card = json.loads((folder / "card.json").read_text())
+        trained_on = sorted(source["manifest_sha256"] for source in card["training_data"])
+        labels_then = card["label_params"]
+        recipe_then = card["training"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    current = sorted(manifest_sha256(path) for path in trace_sets)
+    return (trained_on == current and labels_then == asdict(config.labels)
+            and recipe_then == asdict(config.detector))
+
+
+def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | None = None,
+        test_limit: int | None = None, out: str | None = None) -> dict:
+    """The main job: quantize, collect and label train/val traces, train the detector, compare every
+    method on the test split, and write a report folder (summary.md, report.json, PNG plots).
+
+    Stages whose outputs exist and match the config are skipped: the 2-bit model (its
+    rescue_quantize.json), trace sets (a complete set with the same identity; a partial one resumes),
+    the detector (trained on the same trace-set manifests with the same labels and recipe).
+    """
+    import json
+    import shutil
+
+    from inference.storage import folder_written_atomically
+
+    limits = {"train": train_limit or config.rescue.run_train_problems,
+              "val": val_limit or config.rescue.run_val_problems,
+              "test": test_limit or config.rescue.run_test_problems}
+    for split, value in limits.items():
+        if value < 1:
+            raise RescueError(f"--{split}-limit must be a positive integer, got {value}")
+    root = Path(config.output_dir) / config.model.name
+    report_dir = Path(out or root / "report")
+    stages: list[dict] = []
+    started = time.perf_counter()
+
+    def stage(number: int, name: str, skipped: bool = False):
+        print(f"\n== [{number}/6] {name}{' (up to date, skipped)' if skipped else ''} ==", flush=True)
+        stages.append({"stage": name, "skipped": skipped, "began": time.perf_counter()})
+
+    def done() -> None:
+        stages[-1]["seconds"] = round(time.perf_counter() - stages[-1].pop("began"), 1)
+
+    fresh = _quantized_matches(config)
+    stage(1, f"quantize {config.model.name} to {config.quantization.bits} bits", skipped=fresh)
+    if not fresh:
+        quantize(config)
+    done()
+
+    trace_sets, labels = {}, {}
+    for number, split in ((2, "train"), (3, "val")):
+        folder = root / f"run-traces-{split}-{limits[split]}"
+        stage(number, f"collect 2-bit traces of {limits[split]} {config.benchmark.name}/{split} problems and label them")
+        collect(config, split=split, limit=limits[split], out=str(folder))
+        labels[split] = label(config, str(folder))
+        trace_sets[split] = folder
+        done()
+
+    detector_dir = Path(config.rescue.detector or root / "detector")
+    current = _detector_matches(config, detector_dir, list(trace_sets.values()))
+    stage(4, "train the detector", skipped=current)
+    if not current:
+        from training.fit import train_detector
+
+        train_detector(config, str(trace_sets["train"]), val=str(trace_sets["val"]), out=str(detector_dir))
+    done()
+    config.rescue.detector = str(detector_dir)
+    config.benchmark.split = "test"
+
+    stage(5, f"compare every method on {limits['test']} {config.benchmark.name}/test problems")
+    comparison = compare(config, limit=limits["test"], out=str(root / "run-compare"))
+    done()
+
+    stage(6, "write the report")
+    card = json.loads((detector_dir / "card.json").read_text())
+    compare_dir = Path(comparison["out"])
+    with folder_written_atomically(report_dir) as staging:
+        for png in sorted(compare_dir.glob("*.png")):
+            shutil.copy2(png, staging / png.name)
+        label_pngs = sorted((trace_sets["train"] / "label-report").glob("*.png"))
+        for png in label_pngs:
+            shutil.copy2(png, staging / f"train-{png.name}")
+        done()
+        summary = {"model": config.model.name, "limits": limits, "stages": stages,
+                   "total_seconds": round(time.perf_counter() - started, 1),
+                   "labels": labels, "detector": {"artifact": str(detector_dir), "metrics": card.get("metrics"),
+                                                  "calibration": card.get("calibration")},
+                   "comparison": comparison["methods"], "costs": comparison["costs"],
+                   "goals": rescue_goals(comparison["methods"])}
+        (staging / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / "summary.md").write_text(_report_markdown(summary, compare_dir))
+    print((report_dir / "summary.md").read_text())
+    print(f"report: {report_dir}")
+    return summary
+
+
+def rescue_goals(methods: dict) -> list[dict]:
+    """The rescue issue's goals, checked on a comparison (each with the figures it was judged on)."""
+    goals = []
+    fp16, naive = methods.get("fp16"), methods.get("2bit")
+    if not (fp16 and naive):
+        return goals
+    gap = fp16["accuracy"] - naive["accuracy"]
+    for name in ("rule", "learned"):
+        s = methods.get(name)
+        if s and gap > 0:
+            recovered = (s["accuracy"] - naive["accuracy"]) / gap
+            goals.append({"goal": f"{name} rescue recovers most of the 2-bit gap", "value": f"{recovered:.0%} of the gap",
+                          "met": recovered > 0.5})
+    learned, rule = methods.get("learned"), methods.get("rule")
+    if learned and rule:
+        goals.append({"goal": "learned matches or beats the rule's accuracy",
+                      "value": f"{learned['accuracy']:.1%} vs {rule['accuracy']:.1%}",
+                      "met": learned["accuracy"] >= rule["accuracy"]})
+        total = lambda s: s["mean_tokens_2bit"] + s["mean_tokens_fp16"]  # noqa: E731
+        goals.append({"goal": "learned spends fewer total tokens than the rule",
+                      "value": f"{total(learned):.0f} vs {total(rule):.0f}", "met": total(learned) < total(rule)})
+        goals.append({"goal": "learned spends fewer FP16 tokens than the rule",
+                      "value": f"{learned['mean_tokens_fp16']:.0f} vs {rule['mean_tokens_fp16']:.0f}",
+                      "met": learned["mean_tokens_fp16"] < rule["mean_tokens_fp16"]})
+    if learned:
+        share = learned["accuracy"] / fp16["accuracy"] if fp16["accuracy"] else 0.0
+        goals.append({"goal": "learned reaches >= 95% of FP16 accuracy", "value": f"{share:.0%}", "met": share >= 0.95})
+        for key, label in (("modeled_seconds", "modeled time"), ("weight_bytes_read", "memory-bound cost")):
+            if fp16.get(key):
+                ratio = learned[key] / fp16[key]
+                goals.append({"goal": f"learned costs <= half of FP16 ({label})", "value": f"{ratio:.2f}x",
+                              "met": ratio <= 0.5})
+    return goals
+
+
+def _report_markdown(summary: dict, compare_dir: Path) -> str:
+    lines = [f"# lowbit-rescue run: {summary['model']}", "",
+             f"Problems: {summary['limits']['train']} train / {summary['limits']['val']} val traces collected, "
+             f"{summary['limits']['test']} test problems compared. Total {summary['total_seconds']:.0f} s.", "",
+             "| stage | seconds | |", "| --- | --- | --- |"]
+    lines += [f"| {s['stage']} | {s.get('seconds', 0):.1f} | {'skipped' if s['skipped'] else ''} |"
+              for s in summary["stages"]]
+    comparison = (compare_dir / "comparison.md").read_text().split("\n", 2)[2] if (compare_dir / "comparison.md").is_file() else ""
+    lines += ["", "## Methods on the test split", "", comparison.strip(), "", "## Goals", ""]
+    lines += [f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['value']})" for g in summary["goals"]]
+    val = (summary["detector"].get("metrics") or {}).get("val", {})
+    if val:
+        lines += ["", "## Detector (validation traces)", ""]
+        lines += [f"- {key}: {value:.3f}" for key, value in val.items() if isinstance(value, float)]
+    for split, report in summary["labels"].items():
+        rates = report.get("rates") or {}
+        if rates:
+            lines += ["", f"## Labels of the {split} traces", ""]
+            lines += [f"- {key}: {value:.1%}" for key, value in rates.items() if isinstance(value, float)]
+    lines += ["", "Plots: accuracy-vs-cost.png, tokens.png, train-*.png (label report). Per-method records: "
+              f"{compare_dir}.", ""]
+    return "\n".join(lines)

@@ -52,6 +52,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory) -> Path:
+    """A second random model with the same tokenizer and shape (a stand-in for the other precision)."""
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-other"), seed=1)
+
+
+@pytest.fixture(scope="session")
 def arith_jsonl(tmp_path_factory) -> Path:
     """A 4-problem local benchmark file in GSM8K's format."""
     path = tmp_path_factory.mktemp("bench") / "four.jsonl"

@@ -1,0 +1,190 @@
+"""Every method on the same problems with the same seeds, and what each costs.
+
+Methods:
+- `fp16`: the full-precision model alone; `2bit`: its 2-bit twin alone (naive);
+- `rule`: the rule trigger (FP16 plan if `rescue.rule_plan`, n-gram loop check, budget check);
+- `learned`: the learned trigger (a detector artifact): plans where the early risk says so, acts on its alarms;
+- `plan-only`: an FP16 plan for every trace, no in-trace rescue;
+- `rescue-only`: the rule's in-trace rescue (loop and budget checks) without planning.
+
+The cost model (documented in the README): a trace's modeled time is
+
+    tokens_2bit * decode_2bit + tokens_fp16 * decode_fp16 + prefill_2bit * prefill_2bit_cost + prefill_fp16 * prefill_fp16_cost
+
+with the four per-token costs *measured* on the machine at the start of the comparison (`measure_costs`:
+a batch of `sampling.batch_size` prompts prefilled, then decoded for a fixed number of steps, best of
+two). Because the embedded 2-bit model runs dequantized on a CPU (the same dense matmuls as FP16), its
+measured per-token cost there is FP16's: the time model then says what rescue costs *on this machine*.
+A second, memory-bound model states what it would cost where decoding is limited by reading the
+weights (batch-1 decoding on a GPU): every decoded token costs the bytes of the weights of the
+precision that produced it, measured from the FP16 model's parameters and the 2-bit checkpoint's files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from inference.generate import Sampler, generate
+from inference.prompts import render_prompt
+
+from inference.config import METHODS  # noqa: F401  (re-exported: the methods compared here)
+CONTROLLED = ("rule", "learned", "plan-only", "rescue-only")
+
+
+def build_trigger(method: str, config, tokenizer, detector=None):
+    """The trigger of a controlled method (the learned one needs a loaded detector)."""
+    from inference.triggers import AlwaysPlan, LearnedTrigger, RuleTrigger
+
+    control = config.rescue
+    if method in ("rule", "rescue-only"):
+        return RuleTrigger(control.rule_ngram, control.rule_window, control.rule_count, config.sampling.budget,
+                           control.rule_budget_fraction, plan=control.rule_plan and method == "rule",
+                           think_close_id=tokenizer.convert_tokens_to_ids("</think>"))
+    if method == "plan-only":
+        return AlwaysPlan()
+    if method == "learned":
+        return LearnedTrigger(detector, control.plan_probe_tokens)
+    raise ValueError(f"method {method!r} has no trigger")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_costs(models: dict, tokenizer, questions: Sequence[str], batch_size: int, steps: int = 32,
+                  repeats: int = 2) -> dict:
+    """Seconds per prefilled and per decoded token of each precision, measured on this machine (best of
+    `repeats`): one forward over a left-padded batch of prompts, then `steps` decoding steps of it."""
+    prompts = [render_prompt(tokenizer, q) for q in list(questions)[:batch_size]]
+    costs = {}
+    for precision, model in models.items():
+        device = next(model.parameters()).device
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        prompt_tokens = int(encoded.attention_mask.sum())
+        prefill, decode = [], []
+        for _ in range(repeats + 1):  # the first round warms up
+            _sync(device)
+            began = time.perf_counter()
+            model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask, logits_to_keep=1)
+            _sync(device)
+            prefill_seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            generate(model, encoded.input_ids, encoded.attention_mask, max_new_tokens=steps, eos_token_ids=[],
+                     pad_token_id=tokenizer.pad_token_id, sampler=Sampler())
+            _sync(device)
+            total = time.perf_counter() - began
+            prefill.append(prefill_seconds / prompt_tokens)
+            decode.append(max(total - prefill_seconds, 1e-9) / (steps * len(prompts)))
+        costs[precision] = {"prefill_seconds_per_token": min(prefill[1:]), "decode_seconds_per_token": min(decode[1:]),
+                            "batch": len(prompts), "steps": steps}
+    return costs
+
+
+def weight_bytes(fp16_model, quantized_folder: str | Path) -> dict:
+    """Bytes of weights each decoded token reads in the memory-bound model: the FP16 model's parameters
+    as loaded, and the 2-bit checkpoint's tensor files (packed weights, scales, zeros, FP16 embeddings)."""
+    fp16 = sum(p.numel() * p.element_size() for p in fp16_model.parameters())
+    files = list(Path(quantized_folder).glob("*.safetensors"))
+    quantized = sum(f.stat().st_size for f in files) if files else None
+    return {"fp16": fp16, "2bit": quantized}
+
+
+def modeled_costs(summary_records, costs: dict, weights: dict) -> dict:
+    """Per method: modeled seconds (time model) and bytes of weights read (memory-bound model)."""
+    seconds = sum(
+        r.tokens_2bit * costs["2bit"]["decode_seconds_per_token"]
+        + r.tokens_fp16 * costs["fp16"]["decode_seconds_per_token"]
+        + r.prefill_2bit * costs["2bit"]["prefill_seconds_per_token"]
+        + r.prefill_fp16 * costs["fp16"]["prefill_seconds_per_token"]
+        for r in summary_records
+    )
+    read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * weights["fp16"] for r in summary_records)
+    return {"modeled_seconds": seconds, "weight_bytes_read": read}
+
+
+def comparison_table(summaries: dict[str, dict]) -> str:
+    """Markdown table of a comparison (costs relative to the fp16 method when it ran)."""
+    base = summaries.get("fp16", {})
+    lines = [
+        "| method | accuracy [95% CI] | 2-bit tokens mean / p90 | FP16 tokens mean / p90 | prefill tokens mean "
+        "| actions | wall s | modeled s (x FP16) | memory-bound cost (x FP16) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, s in summaries.items():
+        low, high = s["accuracy_ci95"]
+        actions = ", ".join(f"{k} {v}" for k, v in sorted(s["actions"].items())) or "-"
+        ratio = lambda key: (f" ({s[key] / base[key]:.2f}x)" if base.get(key) else "")  # noqa: E731
+        lines.append(
+            f"| {method} | {s['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
+            f"| {s['mean_tokens_2bit']:.0f} / {s['p90_tokens_2bit']:.0f} "
+            f"| {s['mean_tokens_fp16']:.0f} / {s['p90_tokens_fp16']:.0f} "
+            f"| {s['mean_prefill_2bit'] + s['mean_prefill_fp16']:.0f} | {actions} | {s['wall_seconds']:.1f} "
+            f"| {s['modeled_seconds']:.1f}{ratio('modeled_seconds')} "
+            f"| {s['weight_bytes_read'] / 1e9:.2f} GB{ratio('weight_bytes_read')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_dir: Path) -> list[Path]:
+    """accuracy-vs-cost.png (one point per method, both cost models) and tokens.png (token distributions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = summaries.get("fp16")
+    for axis, key, label in ((axes[0], "modeled_seconds", "modeled time (measured per-token costs)"),
+                             (axes[1], "weight_bytes_read", "memory-bound cost (weight bytes read)")):
+        for method, s in summaries.items():
+            x = s[key] / base[key] if base and base[key] else s[key]
+            low, high = s["accuracy_ci95"]
+            axis.errorbar([x], [s["accuracy"]], yerr=[[s["accuracy"] - low], [high - s["accuracy"]]], fmt="o",
+                          capsize=3)
+            axis.annotate(method, (x, s["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.set_xlabel(f"{label}{', relative to FP16' if base else ''}")
+        axis.set_ylabel("accuracy")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    paths.append(out_dir / "accuracy-vs-cost.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = list(records)
+    for axis, attribute, title in ((axes[0], "tokens_2bit", "tokens generated by the 2-bit model"),
+                                   (axes[1], "tokens_fp16", "tokens generated by the FP16 model")):
+        axis.boxplot([[getattr(r, attribute) for r in records[m]] for m in methods], showfliers=True)
+        axis.set_xticks(range(1, len(methods) + 1), methods, rotation=30, fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("tokens per trace")
+    figure.tight_layout()
+    paths.append(out_dir / "tokens.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict, meta: dict) -> Path:
+    """comparison.json and comparison.md in `out_dir` (next to the per-method records and plots)."""
+    (out_dir / "comparison.json").write_text(json.dumps(
+        {**meta, "costs": costs, "weight_bytes": weights, "methods": summaries}, indent=2) + "\n")
+    cost_lines = "\n".join(
+        f"- {p}: prefill {c['prefill_seconds_per_token'] * 1e6:.1f} us/token, decode "
+        f"{c['decode_seconds_per_token'] * 1e6:.1f} us/token (batch {c['batch']})" for p, c in costs.items())
+    text = (f"# {meta['model']}: methods compared on {meta['benchmark']}/{meta['split']}\n\n"
+            f"{meta['problems']} problems, the same seeds for every method; machine: {meta['device']}.\n\n"
+            f"{comparison_table(summaries)}\n\nMeasured per-token costs (inputs of the modeled time):\n{cost_lines}\n"
+            f"\nWeights read per decoded token (memory-bound model): FP16 {weights['fp16'] / 1e6:.2f} MB, "
+            f"2-bit {(weights['2bit'] or 0) / 1e6:.2f} MB.\n")
+    (out_dir / "comparison.md").write_text(text)
+    return out_dir

@@ -1,0 +1,301 @@
+"""The rescue controller: 2-bit decoding with targeted FP16 help, decided by a trigger.
+
+Every trace is a small state machine; the controller moves a batch of them forward in *rounds*:
+
+    probe  --(learned planning decision)-->  plan (FP16) --> reason (2-bit, watched by the trigger)
+                                                               | alarm -> decide():
+                                                               |   commit   -> forced answer, or `answer`
+                                                               |   fallback -> cut to onset, `fp16`
+                                                               v
+                                                   eos / budget / forced -> done
+
+- **plan**: the FP16 model writes at most `plan_tokens` tokens of outline, ending at `plan_stop`; the
+  2-bit model reasons after it. With the learned trigger, the 2-bit model first writes
+  `plan_probe_tokens` tokens whose states give the early risk; if the trigger plans, those tokens
+  are dropped (and still counted as spent).
+- **commit**: the thinking is closed with `commit_template` filled with the earliest candidate answer
+  stated before the estimated onset, and the trace ends (finish reason `forced`); with no candidate,
+  `commit_open` closes the thinking and the model writes its answer in at most `answer_tokens` tokens.
+- **fallback**: the trace is cut back to the alarm's onset estimate and the FP16 model continues from
+  the kept prefix (one prefill), to the end or for `fallback_span` tokens before handing back.
+
+A round groups the unfinished traces by the model they need next and decodes each group in batches
+of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
+each sequence stops on its own (EOS, its token limit, an alarm) while the others go on; once the
+sequences waiting for an action outnumber the ones still decoding, the whole batch pauses so the
+waiting ones are served in the next round instead of idling behind a few long traces.
+
+Every token is counted by who produced it (`2bit`, `fp16`, `forced`), every prefill by precision, and
+each sequence gets its share of every batch's wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from inference.answers import find_candidate_answers
+from inference.config import ControlConfig, SamplingConfig
+from inference.generate import FINISH_EOS, Sampler, generate
+from inference.prompts import Problem, render_prompt
+from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger, decide
+
+PROBE, REASON, FP16_SPAN, ANSWER, DONE = "probe", "reason", "fp16", "answer", "done"
+
+
+@dataclass
+class TraceState:
+    """One problem's trace under the controller."""
+
+    index: int
+    problem: Problem
+    prompt_ids: list[int]
+    phase: str
+    generated: list[int] = field(default_factory=list)
+    answer_model: str = "2bit"
+    limit: int = 0
+    """Most tokens the current phase may add."""
+    tokens: Counter = field(default_factory=Counter)
+    prefill: Counter = field(default_factory=Counter)
+    actions: list[dict] = field(default_factory=list)
+    interventions: int = 0
+    finish_reason: str = "budget"
+    wall_seconds: float = 0.0
+
+    @property
+    def model(self) -> str:
+        if self.phase in (PLAN, FP16_SPAN):
+            return "fp16"
+        if self.phase == ANSWER:
+            return self.answer_model
+        return "2bit"
+
+
+@dataclass
+class _Stop:
+    """Why a row left a batch: `alarm` (act on it), `paused` (resume next round), `limit`, `plan_done`."""
+
+    kind: str
+    alarm: Alarm | None = None
+
+
+class Controller:
+    """Runs one method (a trigger and the actions) over problems; see the module docstring."""
+
+    def __init__(self, models: dict[str, object], tokenizer, trigger: Trigger, control: ControlConfig,
+                 sampling: SamplingConfig, method: str):
+        self.models, self.tokenizer, self.trigger = models, tokenizer, trigger
+        self.control, self.sampling, self.method = control, sampling, method
+        self.device = next(models["2bit"].parameters()).device
+        self.sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
+        self.think_close = tokenizer.convert_tokens_to_ids("</think>")
+        self.eos = sorted({tokenizer.eos_token_id, *_model_eos(models["2bit"])} - {None})
+        self.plan_stop = control.plan_stop
+
+    # -- the state machine ------------------------------------------------------------------------
+
+    def _start(self, state: TraceState) -> None:
+        if self.trigger.plan_probe_tokens:
+            state.phase, state.limit = PROBE, self.trigger.plan_probe_tokens
+            self.trigger.restart(state.index, [])
+        elif self.trigger.wants_plan(state.index):
+            self._begin_plan(state)
+        else:
+            self._begin_reasoning(state)
+
+    def _begin_plan(self, state: TraceState) -> None:
+        if self.control.plan_tokens < 1:
+            self._begin_reasoning(state)
+            return
+        state.phase, state.limit = PLAN, self.control.plan_tokens
+        state.actions.append({"kind": PLAN, "position": 0})
+
+    def _begin_reasoning(self, state: TraceState) -> None:
+        state.phase, state.limit = REASON, self.sampling.budget - len(state.generated)
+        self.trigger.restart(state.index, state.generated)
+        if state.limit <= 0:
+            self._finish(state, "budget")
+
+    def _finish(self, state: TraceState, reason: str) -> None:
+        state.phase, state.finish_reason = DONE, reason
+
+    def _after_segment(self, state: TraceState, new: list[int], stop: _Stop | None) -> None:
+        """Move a trace on after one batch added `new` tokens to it."""
+        state.generated.extend(new)
+        ended = bool(new) and new[-1] in self.eos
+        if state.phase == PROBE:
+            if ended:
+                self._finish(state, FINISH_EOS)
+            elif self.trigger.wants_plan(state.index):
+                state.actions.append({"kind": "probe_dropped", "position": 0, "tokens": len(state.generated)})
+                state.generated = []
+                self._begin_plan(state)
+            else:
+                self._begin_reasoning(state)
+            return
+        if ended:
+            self._finish(state, "forced" if state.phase == ANSWER else FINISH_EOS)
+            return
+        if stop is not None and stop.kind == "paused":
+            state.limit -= len(new)
+            return
+        if state.phase == PLAN:
+            state.actions[-1]["tokens"] = len(new)
+            self._begin_reasoning(state)
+        elif state.phase == REASON:
+            if stop is not None and stop.kind == "alarm":
+                self._act(state, stop.alarm)
+            else:
+                self._finish(state, "budget")
+        elif state.phase == FP16_SPAN:
+            if self.control.fallback_span and len(state.generated) < self.sampling.budget:
+                state.actions.append({"kind": "handback", "position": len(state.generated)})
+                self._begin_reasoning(state)
+            else:
+                self._finish(state, "budget")
+        elif state.phase == ANSWER:
+            self._finish(state, "budget")
+
+    def _act(self, state: TraceState, alarm: Alarm) -> None:
+        onset = max(0, min(alarm.onset, len(state.generated)))
+        candidates = find_candidate_answers(self.tokenizer.decode(state.generated[:onset], skip_special_tokens=True))
+        action = decide(alarm, bool(candidates), self.control.on_alarm, "fp16" in self.models)
+        state.interventions += 1
+        record = {"kind": action, "reason": alarm.reason, "position": alarm.position, "onset": onset}
+        state.actions.append(record)
+        if action == COMMIT:
+            if candidates:
+                record["answer"] = candidates[0].text
+                forced = self._encode(self.control.commit_template.format(answer=candidates[0].text))
+                state.generated.extend(forced + [self.tokenizer.eos_token_id])
+                state.tokens["forced"] += len(forced) + 1
+                self._finish(state, "forced")
+            else:
+                forced = self._encode(self.control.commit_open)
+                state.generated.extend(forced)
+                state.tokens["forced"] += len(forced)
+                state.answer_model = "2bit"
+                state.phase, state.limit = ANSWER, self.control.answer_tokens
+        else:
+            record["cut_tokens"] = len(state.generated) - onset
+            state.generated = state.generated[:onset]
+            state.phase = FP16_SPAN
+            room = self.sampling.budget - len(state.generated)
+            state.limit = min(room, self.control.fallback_span) if self.control.fallback_span else room
+            if state.limit <= 0:
+                self._finish(state, "budget")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- decoding -----------------------------------------------------------------------------------
+
+    def run(self, problems: Sequence[Problem], progress: bool = True) -> list[TraceState]:
+        states = []
+        for index, problem in enumerate(problems):
+            prompt = self.tokenizer(render_prompt(self.tokenizer, problem.question), add_special_tokens=False)
+            states.append(TraceState(index, problem, list(prompt.input_ids), phase=REASON))
+        for state in states:
+            self._start(state)
+        generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
+        bar = tqdm(total=len(states), desc=self.method, unit="problem", disable=not progress, dynamic_ncols=True)
+        done = sum(s.phase == DONE for s in states)
+        bar.update(done)
+        while True:
+            pending = [s for s in states if s.phase != DONE]
+            if not pending:
+                break
+            for precision in ("2bit", "fp16"):
+                group = [s for s in pending if s.model == precision and s.phase != DONE]
+                for start in range(0, len(group), self.sampling.batch_size):
+                    self._decode_batch(group[start : start + self.sampling.batch_size], precision, generator)
+                    finished = sum(s.phase == DONE for s in states)
+                    bar.update(finished - done)
+                    done = finished
+                    bar.set_postfix(actions=sum(len(s.actions) for s in states))
+        bar.close()
+        return states
+
+    def _decode_batch(self, batch: list[TraceState], precision: str, generator: torch.Generator) -> None:
+        model = self.models[precision]
+        sequences = [s.prompt_ids + s.generated for s in batch]
+        width = max(map(len, sequences))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
+        for state, ids in zip(batch, sequences):
+            state.prefill[precision] += len(ids)
+        bases = [len(s.generated) for s in batch]
+        watched = [s.phase in (PROBE, REASON) and self.think_close not in s.generated
+                   and s.interventions < self.control.max_interventions for s in batch]
+        planning = [s.phase == PLAN for s in batch]
+        stops: dict[int, _Stop] = {}
+        counts = [0] * len(batch)
+        recent: list[list[int]] = [[] for _ in batch]
+
+        def hook(view) -> torch.Tensor:
+            rows = view.rows.tolist()
+            tokens = view.tokens.tolist()
+            stop = [False] * len(rows)
+            observe_at, observe_rows = [], []
+            for i, (row, token) in enumerate(zip(rows, tokens)):
+                counts[row] += 1
+                state = batch[row]
+                if planning[row]:
+                    recent[row].append(token)
+                if token == self.think_close:
+                    watched[row] = False
+                if counts[row] >= state.limit:
+                    stops[row], stop[i] = _Stop("limit"), True
+                elif planning[row] and self._plan_complete(recent[row]):
+                    stops[row], stop[i] = _Stop("plan_done"), True
+                elif watched[row] and precision == "2bit":
+                    observe_at.append(i)
+                    observe_rows.append(row)
+            if observe_rows:
+                index = torch.tensor(observe_at, device=view.tokens.device)
+                alarms = self.trigger.observe(
+                    [batch[r].index for r in observe_rows], [bases[r] + counts[r] - 1 for r in observe_rows],
+                    view.tokens[index], {k: v[index] for k, v in view.hidden.items()},
+                    None if view.top_prob is None else view.top_prob[index])
+                for i, row, alarm in zip(observe_at, observe_rows, alarms):
+                    if alarm is not None and batch[row].phase == REASON:
+                        stops[row], stop[i] = _Stop("alarm", alarm), True
+            live = [row for i, row in enumerate(rows) if not stop[i] and tokens[i] not in self.eos]
+            waiting = sum(1 for s in stops.values() if s.kind == "alarm")
+            if waiting and waiting >= len(live):
+                for i, row in enumerate(rows):
+                    if row in live:
+                        stops[row], stop[i] = _Stop("paused"), True
+            return torch.tensor(stop, device=view.tokens.device)
+
+        began = time.perf_counter()
+        layers = self.trigger.layers if precision == "2bit" and any(watched) else ()
+        result = generate(model, input_ids, mask, max_new_tokens=max(s.limit for s in batch), eos_token_ids=self.eos,
+                          pad_token_id=pad, sampler=self.sampler, generator=generator, layers=layers, hook=hook)
+        share = (time.perf_counter() - began) / len(batch)
+        for row, state in enumerate(batch):
+            new = result.generated_ids[row][: state.limit]
+            state.tokens[precision] += len(new)
+            state.wall_seconds += share
+            self._after_segment(state, new, stops.get(row))
+
+    def _plan_complete(self, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        body = text.lstrip()
+        if body.startswith("<think>"):
+            body = body[len("<think>"):]
+        body = body.lstrip()
+        return bool(body) and self.plan_stop in body
+
+
+def _model_eos(model) -> list[int]:
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        return [configured]
+    return list(configured or [])

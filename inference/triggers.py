@@ -1,0 +1,226 @@
+"""Triggers: what the rescue controller consults while a 2-bit trace is being written.
+
+A trigger watches the live sequences of a batch through the step hook (newest token, its generated
+position, the hidden states and top-token probability of the same forward pass) and raises an
+`Alarm` for a sequence that is going wrong. The controller turns an alarm into one of the decisions
+`commit` or `fallback` with `decide` (shared by both triggers, so they differ only in *when* they
+fire), and asks the trigger before reasoning starts whether to `plan`.
+
+- `RuleTrigger`, the paper's controls reconstructed: a repeated-n-gram loop check over a recent window
+  (the newest n tokens occur `count` times within the last `window` tokens) and a budget check (the
+  trace has used `budget_fraction` of its budget and is still thinking); planning always or never.
+  Its onset estimate, where a fallback cuts back to, is the start of the n-gram's second occurrence in
+  the window: one period of the repeated block is kept.
+- `LearnedTrigger`, a detector artifact's probe: at every position on the detector's capture grid
+  (generated position % stride == 0, what calibration scored) each head's probability is compared with
+  its calibrated threshold, and an alarm goes off after `patience` consecutive grid steps at or above
+  it. Its onset estimate is the first step of that run (`loop_within_h` predicts a loop *ahead*, so the
+  tokens before the run are kept). Planning is decided from the `fails_to_commit` risk of the first
+  `plan_probe_tokens` states against the card's planning threshold.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+CONTINUE, PLAN, COMMIT, FALLBACK = "continue", "plan", "commit", "fallback"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A trigger's verdict on one sequence: why, at which generated position, and where the bad
+    stretch is estimated to begin (a fallback keeps the tokens before `onset`)."""
+
+    reason: str
+    position: int
+    onset: int
+
+
+def decide(alarm: Alarm, has_candidate: bool, on_alarm: str, fallback_available: bool) -> str:
+    """Commit or fall back: `auto` commits when an answer candidate exists before the onset (the
+    trace already found an answer and is only failing to stop), else hands over to FP16."""
+    if on_alarm == COMMIT or not fallback_available:
+        return COMMIT
+    if on_alarm == FALLBACK:
+        return FALLBACK
+    return COMMIT if has_candidate else FALLBACK
+
+
+class Trigger:
+    """The interface. Sequences are the controller's indices; positions are generated-token indices."""
+
+    name = "none"
+    layers: tuple[int, ...] = ()
+
+    def wants_plan(self, seq: int) -> bool:
+        """Whether the FP16 model should plan this trace (asked once, before reasoning)."""
+        return False
+
+    @property
+    def plan_probe_tokens(self) -> int:
+        """2-bit tokens to generate and watch before `wants_plan` is asked (0: ask before any)."""
+        return 0
+
+    def restart(self, seq: int, generated: Sequence[int]) -> None:
+        """(Re)start watching `seq`, whose generated tokens so far are `generated` (after a cut, a plan
+        or an FP16 span: the state is rebuilt from the tokens the trace now has)."""
+
+    def observe(self, seqs: Sequence[int], positions: Sequence[int], tokens: torch.Tensor,
+                hidden: dict[int, torch.Tensor], top_prob: torch.Tensor | None) -> list[Alarm | None]:
+        """One decoding step of the watched sequences; an alarm or None per sequence."""
+        return [None] * len(seqs)
+
+
+class NoTrigger(Trigger):
+    """Never plans, never alarms (naive decoding)."""
+
+
+class AlwaysPlan(Trigger):
+    """Plans every trace, never alarms (the `plan-only` method)."""
+
+    name = "plan-only"
+
+    def wants_plan(self, seq: int) -> bool:
+        return True
+
+
+@dataclass
+class _NgramState:
+    tokens: list[int] = field(default_factory=list)
+    ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+
+
+class RuleTrigger(Trigger):
+    """The repeated-n-gram loop check and the budget check (see the module docstring)."""
+
+    name = "rule"
+
+    def __init__(self, ngram: int, window: int, count: int, budget: int, budget_fraction: float, plan: bool,
+                 think_close_id: int | None):
+        if window < ngram:
+            raise ValueError(f"rule window ({window}) must be at least the n-gram length ({ngram})")
+        self.ngram, self.window, self.count, self.plan = ngram, window, count, plan
+        self.budget_limit = int(budget * budget_fraction) if budget_fraction < 1.0 else None
+        self.think_close_id = think_close_id
+        self.state: dict[int, _NgramState] = {}
+
+    def wants_plan(self, seq: int) -> bool:
+        return self.plan
+
+    def restart(self, seq: int, generated: Sequence[int]) -> None:
+        state = self.state[seq] = _NgramState()
+        for token in generated:
+            self._push(state, int(token))
+
+    def _push(self, state: _NgramState, token: int) -> tuple[int, list[int]]:
+        """Append a token; return how often the newest n-gram occurs in the window, and its end positions."""
+        state.tokens.append(token)
+        t = len(state.tokens) - 1
+        if t < self.ngram - 1:
+            return 0, []
+        ends = state.ends.setdefault(tuple(state.tokens[t - self.ngram + 1 :]), [])
+        ends.append(t)
+        first = bisect.bisect_left(ends, t - self.window + self.ngram)
+        return len(ends) - first, ends[first:]
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        alarms: list[Alarm | None] = []
+        for seq, position, token in zip(seqs, positions, tokens.tolist()):
+            state = self.state.setdefault(seq, _NgramState())
+            occurrences, ends = self._push(state, token)
+            if occurrences >= self.count:
+                alarms.append(Alarm("loop", position, ends[1] - self.ngram + 1))
+            elif self.budget_limit is not None and position + 1 >= self.budget_limit:
+                alarms.append(Alarm("budget", position, position + 1))
+            else:
+                alarms.append(None)
+        return alarms
+
+
+@dataclass
+class _ProbeState:
+    grid: list[torch.Tensor] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)
+    run_starts: list[int] = field(default_factory=list)
+    early_risk: float = 0.0
+
+
+class LearnedTrigger(Trigger):
+    """A detector artifact's heads against their calibrated thresholds (see the module docstring)."""
+
+    name = "learned"
+
+    def __init__(self, detector, plan_probe_tokens: int = 1):
+        from detector.probe import HEADS
+
+        self.detector = detector
+        self.heads = list(HEADS)
+        self.recipe = detector.recipe
+        self.layers = tuple(detector.recipe.layers)
+        calibration = detector.card["calibration"]
+        self.stride = int(calibration["stride"])
+        self.patience = detector.patience
+        self.thresholds = torch.tensor([detector.thresholds[h] for h in self.heads])
+        plan = calibration.get("plan") or {}
+        # Older cards have no planning threshold: plan where the fails_to_commit head would alarm.
+        self.plan_threshold = float(plan.get("threshold", detector.thresholds["fails_to_commit"]))
+        self._plan_probe_tokens = plan_probe_tokens
+        self.state: dict[int, _ProbeState] = {}
+
+    @property
+    def plan_probe_tokens(self) -> int:
+        return self._plan_probe_tokens
+
+    def wants_plan(self, seq: int) -> bool:
+        state = self.state.get(seq)
+        return state is not None and state.early_risk >= self.plan_threshold
+
+    def restart(self, seq: int, generated: Sequence[int]) -> None:
+        # The probe reads states the controller no longer has after a cut or an FP16 span; it starts over
+        # (the running mean refills within `mean_window` tokens), and the early risk is kept.
+        early = self.state[seq].early_risk if seq in self.state else 0.0
+        self.state[seq] = _ProbeState(runs=[0] * len(self.heads), run_starts=[0] * len(self.heads), early_risk=early)
+
+    @torch.no_grad()
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        alarms: list[Alarm | None] = [None] * len(seqs)
+        on_grid = [i for i, position in enumerate(positions) if position % self.stride == 0]
+        if not on_grid:
+            return alarms
+        stats = self.detector.stats
+        states = torch.stack([hidden[layer][on_grid] for layer in self.layers], dim=1).float().cpu()
+        normalised = (states - stats.mean) / stats.std
+        parts = [normalised.reshape(len(on_grid), -1)]
+        rows = []
+        for j, i in enumerate(on_grid):
+            state = self.state.get(seqs[i])
+            if state is None:
+                state = self.state[seqs[i]] = _ProbeState(runs=[0] * len(self.heads), run_starts=[0] * len(self.heads))
+            if self.recipe.mean_window:
+                state.grid = [*state.grid, normalised[j]][-self.recipe.mean_states :]
+                rows.append(torch.stack(state.grid).mean(dim=0).reshape(-1))
+        if self.recipe.mean_window:
+            parts.append(torch.stack(rows))
+        scores = self.detector.probe(torch.cat(parts, dim=1)).sigmoid()
+        above = scores >= self.thresholds
+        for j, i in enumerate(on_grid):
+            seq, position = seqs[i], positions[i]
+            state = self.state[seq]
+            if position < self._plan_probe_tokens:
+                state.early_risk = max(state.early_risk, float(scores[j, self.heads.index("fails_to_commit")]))
+            for h, head in enumerate(self.heads):
+                if above[j, h]:
+                    if state.runs[h] == 0:
+                        state.run_starts[h] = position
+                    state.runs[h] += 1
+                else:
+                    state.runs[h] = 0
+            for h, head in enumerate(self.heads):
+                if state.runs[h] >= self.patience and alarms[i] is None:
+                    onset = state.run_starts[h] if head == "loop_within_h" else position + 1
+                    alarms[i] = Alarm(head, position, onset)
+        return alarms

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference.answers import extract_final_answer
+from inference.config import ControlConfig, SamplingConfig
+from inference.controller import Controller, TraceState
+from inference.evaluate import run_controlled, run_method
+from inference.prompts import Problem
+from inference.triggers import AlwaysPlan, Alarm, NoTrigger, Trigger
+
+BUDGET = 40
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, other_tiny_model_dir):
+    """Two different random models with the embedded tokenizer: `2bit` and `fp16` stand-ins."""
+    other = other_tiny_model_dir
+    load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # noqa: E731
+    return {"2bit": load(tiny_model_dir), "fp16": load(other)}, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _problems(n):
+    return [Problem(f"p{i}", f"Start with {i}. Add 3. What is the result?", str(i + 3), "arith") for i in range(n)]
+
+
+def _sampling(**kw):
+    return SamplingConfig(**{"temperature": 0.6, "top_p": 0.95, "top_k": 20, "budget": BUDGET, "seed": 3,
+                             "batch_size": 4, **kw})
+
+
+class Scripted(Trigger):
+    """Alarms for sequence s at generated position alarm_at[s], with the onset `back` tokens earlier."""
+
+    name = "scripted"
+
+    def __init__(self, alarm_at, back=5):
+        self.alarm_at, self.back = alarm_at, back
+        self.seen = {}
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        for seq, position in zip(seqs, positions):
+            self.seen.setdefault(seq, []).append(position)
+        return [Alarm("loop", p, p - self.back) if self.alarm_at.get(s) == p else None for s, p in zip(seqs, positions)]
+
+
+def test_no_trigger_reproduces_naive_decoding_token_for_token(pair):
+    models, tokenizer = pair
+    problems = _problems(6)
+    naive = run_method(models["2bit"], tokenizer, problems, method="2bit", sampling=_sampling(), progress=False)
+    controlled = run_controlled(models, tokenizer, problems, method="none", trigger=NoTrigger(),
+                                sampling=_sampling(), control=ControlConfig(), progress=False)
+    for a, b in zip(naive, controlled):
+        assert a.text == b.text and a.tokens_2bit == b.tokens_2bit and b.tokens_fp16 == 0 and b.actions == []
+
+
+def test_every_sequence_falling_back_at_once(pair):
+    models, tokenizer = pair
+    problems = _problems(6)
+    trigger = Scripted({i: 4 for i in range(6)}, back=2)
+    control = ControlConfig(on_alarm="fallback")
+    sampling = _sampling(batch_size=6)  # one batch: the naive run draws the same random stream up to the alarms
+    records = run_controlled(models, tokenizer, problems, method="rule", trigger=trigger, sampling=sampling,
+                             control=control, progress=False)
+    naive = run_method(models["2bit"], tokenizer, problems, method="2bit", sampling=sampling, progress=False)
+    acted = 0
+    for record, plain in zip(records, naive):
+        plain_ids = tokenizer.encode(plain.text)
+        if not _eligible(tokenizer, plain, 4):
+            assert record.actions == []  # ended or closed its thinking before the alarm: nothing to watch
+            continue
+        acted += 1
+        (action,) = record.actions
+        assert action["kind"] == "fallback" and action["position"] == 4 and action["onset"] == 2
+        assert record.tokens_2bit == 5
+        assert record.generated_tokens == 2 + record.tokens_fp16
+        assert record.tokens_fp16 == BUDGET - 2 or record.finish_reason == "eos"
+        # The FP16 model prefilled prompt + the 2 kept tokens, which are the 2-bit model's own.
+        assert record.prefill_fp16 == record.prompt_tokens + 2
+        assert tokenizer.encode(record.text)[:2] == plain_ids[:2]
+    assert acted >= 4
+    # After the fallback the trigger no longer watches the trace (FP16 finishes it).
+    assert all(max(positions) <= 4 for positions in trigger.seen.values())
+
+
+def _eligible(tokenizer, record, position):
+    """Whether a naive trace was still thinking at `position` (so a trigger watching it could fire)."""
+    ids = tokenizer.encode(record.text)
+    return len(ids) > position + 1 and "</think>" not in tokenizer.decode(ids[: position + 1])
+
+
+def test_only_some_sequences_act_and_the_rest_are_untouched(pair):
+    models, tokenizer = pair
+    problems = _problems(4)
+    naive = run_method(models["2bit"], tokenizer, problems, method="2bit", sampling=_sampling(), progress=False)
+    chosen = next(i for i, r in enumerate(naive) if _eligible(tokenizer, r, 3))
+    records = run_controlled(models, tokenizer, problems, method="rule", trigger=Scripted({chosen: 3}),
+                             sampling=_sampling(), control=ControlConfig(on_alarm="commit"), progress=False)
+    # The chosen sequence commits (no candidate in random text: it closes the thinking and answers); the
+    # others, decoded in the same batch with the same random stream, are exactly the naive traces.
+    assert [a["kind"] for a in records[chosen].actions] == ["commit"]
+    assert "</think>" in records[chosen].text and records[chosen].tokens_forced > 0
+    assert records[chosen].finish_reason in ("forced", "budget")
+    for index in set(range(4)) - {chosen}:
+        assert records[index].text == naive[index].text and records[index].actions == []
+
+
+def test_commit_prefers_the_earliest_candidate_before_the_onset(pair):
+    models, tokenizer = pair
+    controller = Controller(models, tokenizer, NoTrigger(), ControlConfig(), _sampling(), "rule")
+    text = "<think>\nSo the result is 45.\nWait, let me check. So the result is 46.\n45 + 1 = 46\n45 + 1 = 46\n"
+    state = TraceState(0, _problems(1)[0], [1, 2, 3], phase="reason", generated=tokenizer.encode(text))
+    controller._act(state, Alarm("loop", len(state.generated) - 1, len(state.generated) - 5))
+    final = tokenizer.decode(state.generated, skip_special_tokens=True)
+    assert state.phase == "done" and state.finish_reason == "forced"
+    assert state.actions[-1]["kind"] == "commit" and state.actions[-1]["answer"] == "45"
+    assert extract_final_answer(final) == "45"
+
+
+def test_plan_is_written_by_fp16_within_its_budget(pair):
+    models, tokenizer = pair
+    records = run_controlled(models, tokenizer, _problems(3), method="plan-only", trigger=AlwaysPlan(),
+                             sampling=_sampling(), control=ControlConfig(plan_tokens=8, plan_stop="\u2603"),
+                             progress=False)
+    for record in records:
+        plan = record.actions[0]
+        assert plan["kind"] == "plan" and plan["tokens"] <= 8
+        assert record.tokens_fp16 == plan["tokens"]
+        assert record.generated_tokens == record.tokens_fp16 + record.tokens_2bit
+        assert record.tokens_2bit > 0 or record.finish_reason == "eos"
+
+
+def test_fallback_span_hands_back_to_2bit(pair):
+    models, tokenizer = pair
+    records = run_controlled(models, tokenizer, _problems(2), method="rule", trigger=Scripted({0: 8, 1: 8}),
+                             sampling=_sampling(), control=ControlConfig(on_alarm="fallback", fallback_span=6),
+                             progress=False)
+    for record in records:
+        kinds = [a["kind"] for a in record.actions]
+        if record.finish_reason == "eos" and len(kinds) == 1:
+            continue  # the FP16 span ended the trace
+        assert kinds[:2] == ["fallback", "handback"]
+        assert record.tokens_fp16 == 6
