@@ -17,7 +17,7 @@ two). Because the embedded 2-bit model runs dequantized on a CPU (the same dense
 measured per-token cost there is FP16's: the time model then says what rescue costs *on this machine*.
 A second, memory-bound model states what it would cost where decoding is limited by reading the
 weights (batch-1 decoding on a GPU): every decoded token costs the bytes of the weights of the
-precision that produced it, measured from the FP16 model's parameters and the 2-bit checkpoint's files.
+precision that produced it, measured as the stored size of each checkpoint's tensor files.
 """
 
 from __future__ import annotations
@@ -87,13 +87,15 @@ def measure_costs(models: dict, tokenizer, questions: Sequence[str], batch_size:
     return costs
 
 
-def weight_bytes(fp16_model, quantized_folder: str | Path) -> dict:
-    """Bytes of weights each decoded token reads in the memory-bound model: the FP16 model's parameters
-    as loaded, and the 2-bit checkpoint's tensor files (packed weights, scales, zeros, FP16 embeddings)."""
-    fp16 = sum(p.numel() * p.element_size() for p in fp16_model.parameters())
-    files = list(Path(quantized_folder).glob("*.safetensors"))
-    quantized = sum(f.stat().st_size for f in files) if files else None
-    return {"fp16": fp16, "2bit": quantized}
+def weight_bytes(fp16_folder: str | Path, quantized_folder: str | Path) -> dict:
+    """Bytes of weights each decoded token reads in the memory-bound model: the tensor files of each
+    precision's checkpoint as stored (FP16/BF16 weights; packed 2-bit weights with their scales, zeros and
+    FP16 embeddings)."""
+    def stored(folder) -> int | None:
+        files = list(Path(folder).glob("*.safetensors"))
+        return sum(f.stat().st_size for f in files) if files else None
+
+    return {"fp16": stored(fp16_folder), "2bit": stored(quantized_folder)}
 
 
 def modeled_costs(summary_records, costs: dict, weights: dict) -> dict:
@@ -105,7 +107,8 @@ def modeled_costs(summary_records, costs: dict, weights: dict) -> dict:
         + r.prefill_fp16 * costs["fp16"]["prefill_seconds_per_token"]
         for r in summary_records
     )
-    read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * weights["fp16"] for r in summary_records)
+    read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * (weights["fp16"] or 0)
+               for r in summary_records)
     return {"modeled_seconds": seconds, "weight_bytes_read": read}
 
 
@@ -184,7 +187,7 @@ def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict,
     text = (f"# {meta['model']}: methods compared on {meta['benchmark']}/{meta['split']}\n\n"
             f"{meta['problems']} problems, the same seeds for every method; machine: {meta['device']}.\n\n"
             f"{comparison_table(summaries)}\n\nMeasured per-token costs (inputs of the modeled time):\n{cost_lines}\n"
-            f"\nWeights read per decoded token (memory-bound model): FP16 {weights['fp16'] / 1e6:.2f} MB, "
+            f"\nWeights read per decoded token (memory-bound model): FP16 {(weights['fp16'] or 0) / 1e6:.2f} MB, "
             f"2-bit {(weights['2bit'] or 0) / 1e6:.2f} MB.\n")
     (out_dir / "comparison.md").write_text(text)
     return out_dir

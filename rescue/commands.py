@@ -116,7 +116,9 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     costs = weights = None
     if not single and {"2bit", "fp16"} <= set(models):
         costs = measure_costs(models, tokenizer, [p.question for p in problems], config.sampling.batch_size)
-        weights = weight_bytes(models["fp16"], config.quantized_path)
+        from inference.models import resolve_model_source
+
+        weights = weight_bytes(resolve_model_source(config.model.fp16, "model"), config.quantized_path)
     summaries, all_records = {}, {}
     for method in methods:
         started = time.perf_counter()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `rescue run` (quantize, collect + label, train the detector, compare every method) for embedded sizes
+# on the GPU, keeping each size's report. Usage (on the device, after `source benchmarks/device_setup.sh`):
+#   benchmarks/rescue_family.sh OUT SIZE[=FP16_DIR] ...   e.g. benchmarks/rescue_family.sh $OUT tiny-s tiny-m=.models/tiny-m
+# Env: TRAIN (default 300), VAL (150), TEST (200), BATCH (sampling.batch_size, default 200), LIMIT_S (per size, 290).
+set -uo pipefail
+out=$1; shift
+for spec in "$@"; do
+  size=${spec%%=*}; fp16=${spec#*=}
+  flags=(--config "$size" --output_dir "$out/runs" --wandb disabled --sampling.batch_size "${BATCH:-200}")
+  [ "$fp16" != "$spec" ] && flags+=(--model.fp16 "$fp16")
+  began=$(date +%s)
+  timeout "${LIMIT_S:-290}" python3 -m rescue.cli run "${flags[@]}" --train-limit "${TRAIN:-300}" \
+    --val-limit "${VAL:-150}" --test-limit "${TEST:-200}" > "$out/run-$size.log" 2>&1
+  echo "$size: exit $? after $(( $(date +%s) - began )) s"
+  mkdir -p "$out/report-$size"
+  cp -r "$out/runs/$size/report/." "$out/report-$size/" 2>/dev/null
+  cp "$out/runs/$size/run-compare/comparison.json" "$out/report-$size/" 2>/dev/null
+  grep -E "^== |error|Error|accuracy|^\| " "$out/run-$size.log" | tail -40
+done

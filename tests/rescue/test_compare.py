@@ -1,0 +1,125 @@
+"""`rescue compare` / `rescue evaluate --method rule|learned|...` on a tiny random Qwen3 (CPU, no downloads)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from detector.artifact import save_detector
+from detector.features import FeatureRecipe, NormalisationStats
+from detector.probe import Probe
+from inference.config import load_config
+from rescue.cli import main
+from rescue.commands import _quantized_matches
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir, arith_jsonl):
+    folder = tmp_path_factory.mktemp("compare")
+    config = {
+        "model": {"name": "tiny", "fp16": str(tiny_model_dir), "device": "cpu"},
+        "sampling": {"budget": 12, "batch_size": 4},
+        "quantization": {"bits": 2, "group_size": 32,
+                         "calibration": {"benchmark": "arith", "split": "train", "size": 8}},
+        "probe": {"layers": [-1]},
+        "rescue": {"plan_tokens": 4, "rule_ngram": 2, "rule_window": 8, "rule_count": 2},
+        "benchmark": {"name": "gsm8k", "split": "test", "path": str(arith_jsonl)},
+        "wandb": {"mode": "disabled"},
+        "output_dir": str(folder / "runs"),
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["quantize", "--config", str(path)]) == 0
+    return path
+
+
+def _detector(folder, name="tiny", hidden_size=64, layers=(-1,)):
+    recipe = FeatureRecipe(layers=tuple(layers), hidden_size=hidden_size, mean_window=0, stride=2)
+    torch.manual_seed(0)
+    probe = Probe(recipe.feature_dim, hidden_width=8)
+    stats = NormalisationStats(mean=torch.zeros(len(layers), hidden_size), std=torch.ones(len(layers), hidden_size))
+    heads = {head: {"threshold": 0.5} for head in ("loop_within_h", "fails_to_commit")}
+    card = {"base_model": {"name": name, "hidden_size": hidden_size},
+            "calibration": {"stride": 2, "patience": 1, "heads": heads, "plan": {"threshold": 0.5}}}
+    return save_detector(folder, probe, recipe, stats, card)
+
+
+def run_failing(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
+    detector = _detector(tmp_path / "detector")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(setup), "--rescue.detector", str(detector), "--out", str(out)]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    methods = comparison["methods"]
+    assert list(methods) == ["fp16", "2bit", "rule", "learned", "plan-only", "rescue-only"]
+    ids = {m: [json.loads(line)["problem_id"] for line in (out / m / "records.jsonl").read_text().splitlines()]
+           for m in methods}
+    assert all(v == ids["fp16"] for v in ids.values()) and len(ids["fp16"]) == 4
+    for precision in ("fp16", "2bit"):
+        costs = comparison["costs"][precision]
+        assert costs["decode_seconds_per_token"] > 0 and costs["prefill_seconds_per_token"] > 0
+    # The naive methods spend tokens of one precision only; plan-only spends FP16 tokens on every plan.
+    assert methods["fp16"]["mean_tokens_2bit"] == 0 and methods["2bit"]["mean_tokens_fp16"] == 0
+    assert methods["plan-only"]["actions"]["plan"] == 4 and methods["plan-only"]["mean_tokens_fp16"] > 0
+    assert "plan" not in methods["rescue-only"]["actions"]
+    assert methods["fp16"]["modeled_seconds"] > 0 and methods["2bit"]["weight_bytes_read"] > 0
+    low, high = methods["2bit"]["accuracy_ci95"]
+    assert 0 <= low <= methods["2bit"]["accuracy"] <= high <= 1
+    assert (out / "accuracy-vs-cost.png").stat().st_size > 0 and (out / "tokens.png").stat().st_size > 0
+    assert "| learned |" in (out / "comparison.md").read_text()
+
+
+def test_evaluate_one_rescue_method(setup, tmp_path):
+    out = tmp_path / "rule"
+    assert main(["evaluate", "--config", str(setup), "--method", "rule", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "rule" and summary["problems"] == 4 and summary["actions"]["plan"] == 4
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (None, [], "no detector artifact here; train one with `rescue train`"),
+    (dict(name="other"), [], "detector trained for model 'other', not 'tiny'"),
+    (dict(hidden_size=32), [], "detector reads hidden size 32, but the model has hidden size 64"),
+    (dict(layers=(0,)), [], "detector reads layers [0], but the model is configured with layers [-1]"),
+])
+def test_learned_refuses_a_missing_or_foreign_detector_before_generating(setup, tmp_path, capsys, make, extra,
+                                                                          message):
+    folder = tmp_path / "detector"
+    if make is not None:
+        _detector(folder, **make)
+    out = tmp_path / "never"
+    line = run_failing(capsys, ["compare", "--config", str(setup), "--methods", "learned",
+                                "--rescue.detector", str(folder), "--out", str(out), *extra])
+    assert message in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "plan-only", "--rescue.plan_tokens", "0"], "rescue.plan_tokens: the plan budget must be a positive"),
+    (["--methods", "rule", "--rescue.plan_tokens", "0"], "rescue.plan_tokens"),
+    (["--methods", "rule", "--model.fp16", "/no/such/model"], "model folder /no/such/model does not exist"),
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", "rule", "--rescue.rule_window", "1"], "rescue.rule_window"),
+])
+def test_bad_rescue_settings_fail_before_generation(setup, tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    line = run_failing(capsys, ["compare", "--config", str(setup), "--out", str(out), *argv])
+    assert message in line
+    assert not out.exists()
+
+
+def test_run_skips_quantize_only_when_the_2bit_folder_matches_the_config(setup):
+    config = load_config(setup)
+    assert _quantized_matches(config)
+    config.quantization.group_size = 64
+    assert not _quantized_matches(config)
+    config = load_config(setup, {"model.quantized": "/no/such/folder"})
+    assert not _quantized_matches(config)
