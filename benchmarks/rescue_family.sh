@@ -2,12 +2,14 @@
 # `rescue run` (quantize, collect + label, train the detector, compare every method) for embedded sizes
 # on the GPU, keeping each size's report. Usage (on the device, after `source benchmarks/device_setup.sh`):
 #   benchmarks/rescue_family.sh OUT SIZE[=FP16_DIR] ...   e.g. benchmarks/rescue_family.sh $OUT tiny-s tiny-m=.models/tiny-m
-# Env: TRAIN (default 300), VAL (150), TEST (200), BATCH (sampling.batch_size, default 200), LIMIT_S (per size, 290).
+# Env: TRAIN (default 300), VAL (150), TEST (200), BATCH (sampling.batch_size and capture.shard_size, default 200),
+#      LIMIT_S (per size, 290), EXTRA (more flags for rescue run).
 set -uo pipefail
 out=$1; shift
 for spec in "$@"; do
   size=${spec%%=*}; fp16=${spec#*=}
-  flags=(--config "$size" --output_dir "$out/runs" --wandb disabled --sampling.batch_size "${BATCH:-200}")
+  flags=(--config "$size" --output_dir "$out/runs" --wandb disabled --sampling.batch_size "${BATCH:-200}"
+         --capture.shard_size "${BATCH:-200}" ${EXTRA:-})
   [ "$fp16" != "$spec" ] && flags+=(--model.fp16 "$fp16")
   began=$(date +%s)
   timeout "${LIMIT_S:-290}" python3 -m rescue.cli run "${flags[@]}" --train-limit "${TRAIN:-300}" \

@@ -91,12 +91,15 @@ class ProbeModule(L.LightningModule):
 
     def __init__(self, in_features: int, hidden_width: int = 64, hidden_layers: int = 1, dropout: float = 0.1,
                  learning_rate: float = 1e-3, weight_decay: float = 1e-4,
-                 pos_weight: Sequence[float] = (1.0, 1.0)):
+                 pos_weight: Sequence[float] = (1.0, 1.0), untrained: Sequence[str] = ()):
         super().__init__()
         self.save_hyperparameters()
         self.probe = Probe(in_features, hidden_width, hidden_layers, dropout)
         clipped = [min(max(float(w), 1.0), MAX_POS_WEIGHT) for w in pos_weight]
         self.register_buffer("pos_weight", torch.tensor(clipped, dtype=torch.float32))
+        # Heads without both classes (see TraceDataModule.untrained_heads) get no loss and no metrics.
+        self.register_buffer("head_mask", torch.tensor([0.0 if h in untrained else 1.0 for h in HEADS]))
+        self.judged = [index for index, head in enumerate(HEADS) if head not in untrained]
         self.val_auroc = nn.ModuleList([BinaryAUROC() for _ in HEADS])
         self.val_auprc = nn.ModuleList([BinaryAveragePrecision() for _ in HEADS])
 
@@ -107,7 +110,7 @@ class ProbeModule(L.LightningModule):
         """Per-head mean losses [2]."""
         per_element = nn.functional.binary_cross_entropy_with_logits(
             logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return per_element.mean(dim=0)
+        return per_element.mean(dim=0) * self.head_mask
 
     def training_step(self, batch, batch_index):
         features, targets = batch
@@ -129,11 +132,15 @@ class ProbeModule(L.LightningModule):
         scores = logits.sigmoid()
         for index, head in enumerate(HEADS):
             self.log(f"val/{head}/loss", losses[index], batch_size=size)
+            if index not in self.judged:
+                continue
             self.val_auroc[index].update(scores[:, index], targets[:, index].long())
             self.val_auprc[index].update(scores[:, index], targets[:, index].long())
 
     def on_validation_epoch_end(self):
         for index, head in enumerate(HEADS):
+            if index not in self.judged:
+                continue
             self.log(f"val/{head}/auroc", self.val_auroc[index].compute(), prog_bar=index == 0)
             self.log(f"val/{head}/auprc", self.val_auprc[index].compute(), prog_bar=index == 0)
             self.val_auroc[index].reset()

@@ -13,9 +13,10 @@ position, targets in `detector.probe.HEADS` order, from `training.labels.positio
 reshuffled each epoch); validation batches come in trace order.
 
 Refused (one line, `TraceSetError`): a trace set without `labels.json` or with traces it does not
-cover; one collected for another model, hidden size or layer list than the config's; a split or
-trace set in which a head has no positive (or no negative) position, which would make its loss
-weight and its AUROC/AUPRC meaningless.
+cover; one collected for another model, hidden size or layer list than the config's; a trace set in
+which *no* head has both positive and negative positions in both splits. A head that lacks one class
+in a split (larger models loop or fail to commit rarely) is listed in `untrained_heads` with the
+reason: it gets no loss weight, no metrics and no alarm, and the other head trains.
 """
 
 from __future__ import annotations
@@ -317,17 +318,23 @@ class TraceDataModule(L.LightningDataModule):
                                     mean_window=config.detector.mean_window, stride=self.capture_stride)
         self.stats, train_counts = self._fit_statistics(self.train_plans)
         self.counts = {"train": train_counts, "val": self._count(self.val_plans)}
+        # A head whose targets are all one class in a split cannot be trained or judged there. It is left
+        # untrained (its alarm disabled, said in the card) as long as the other head can learn; with no
+        # learnable head at all, the trace set is refused.
+        self.untrained_heads: dict[str, str] = {}
         for split, counts in self.counts.items():
             for head in HEADS:
                 positives, positions = counts[f"{head}_positives"], counts["positions"]
-                if positives == 0 or positives == positions:
+                if (positives == 0 or positives == positions) and head not in self.untrained_heads:
                     kind = "no positive" if positives == 0 else "only positive"
                     source = self.val_folder if split == "val" and self.val_folder else self.train_folder
-                    raise TraceSetError(f"{source}: the {split} split has {kind} labels for {head} "
-                                        f"({positions} positions of {counts['traces']} traces); "
-                                        f"collect more traces or relabel")
+                    self.untrained_heads[head] = (f"{source}: the {split} split has {kind} labels for {head} "
+                                                  f"({positions} positions of {counts['traces']} traces); "
+                                                  f"collect more traces or relabel")
+        if len(self.untrained_heads) == len(HEADS):
+            raise TraceSetError(next(iter(self.untrained_heads.values())))
         self.pos_weight = [(train_counts["positions"] - train_counts[f"{h}_positives"]) / train_counts[f"{h}_positives"]
-                           for h in HEADS]
+                           if h not in self.untrained_heads else 1.0 for h in HEADS]
         self._ready = True
 
     def _fit_statistics(self, plans: list[ShardPlan]) -> tuple[NormalisationStats, dict[str, int]]:

@@ -84,6 +84,8 @@ def position_metrics(scored: list[dict[str, Any]], budget: int | None) -> dict[s
     positions = np.concatenate([s["positions"] for s in scored])
     metrics = {}
     for index, head in enumerate(HEADS):
+        if not 0 < int(targets[:, index].sum()) < len(targets):
+            continue  # one class only: AUROC/AUPRC are undefined (an untrained head), so none is reported
         metrics[f"{head}/auroc"] = float(binary_auroc(scores[:, index], targets[:, index]))
         metrics[f"{head}/auprc"] = float(binary_average_precision(scores[:, index], targets[:, index]))
     if budget:
@@ -95,9 +97,10 @@ def position_metrics(scored: list[dict[str, Any]], budget: int | None) -> dict[s
 
 
 def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: float,
-              plan_positions: int = 1) -> dict[str, Any]:
+              plan_positions: int = 1, untrained: dict[str, str] | None = None) -> dict[str, Any]:
     """Per-head thresholds on the stride-grid scores of the validation traces, loop lead times, and the
-    planning threshold on the early `fails_to_commit` risk (positions < `plan_positions`)."""
+    planning threshold on the early `fails_to_commit` risk (positions < `plan_positions`). An untrained
+    head (`untrained`: head -> reason) gets a threshold above any probability: it never alarms."""
     from detector.calibration import calibrate_head, choose_plan_threshold, first_alarm
     from detector.probe import HEADS
 
@@ -112,6 +115,9 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
             heads[head] = calibrate_head(head, sequences, healthy, positive[head], patience, target).to_dict()
         except ValueError as error:
             raise RescueError(f"calibration: {error}") from None
+        if head in (untrained or {}):
+            heads[head].update(threshold=2.0, false_alarm_rate=0.0, detection_rate=None,
+                               untrained=untrained[head])
     leads = []
     threshold = heads["loop_within_h"]["threshold"]
     for s, grid in zip(scored, grids):
@@ -121,7 +127,8 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
         alarm = first_alarm(s["scores"][grid, 0], threshold, patience)
         if alarm is not None:
             leads.append(int(s["positions"][grid][alarm]) - onset)
-    risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0)) for s in scored]
+    risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0))
+             if "fails_to_commit" not in (untrained or {}) else 0.0 for s in scored]
     failing = [s["labels"].fails_to_commit or s["labels"].loop_onset is not None for s in scored]
     plan = {**choose_plan_threshold(risks, failing), "positions": plan_positions,
             "risk": "highest fails_to_commit score at generated positions < positions; failing = loop or no commit"}
@@ -175,7 +182,7 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
     from detector.artifact import save_detector
-    from detector.probe import ProbeModule, flops_comparison
+    from detector.probe import HEADS, ProbeModule, flops_comparison
     from training.datamodule import TraceDataModule
 
     spec = config.detector
@@ -186,7 +193,10 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     out_dir = Path(out or Path(config.output_dir) / config.model.name / "detector")
     run_dir = Path(config.output_dir) / config.model.name / "train"
     module = ProbeModule(data.recipe.feature_dim, spec.hidden_width, spec.hidden_layers, spec.dropout,
-                         spec.learning_rate, spec.weight_decay, pos_weight=data.pos_weight)
+                         spec.learning_rate, spec.weight_decay, pos_weight=data.pos_weight,
+                         untrained=tuple(data.untrained_heads))
+    for head, reason in data.untrained_heads.items():
+        print(f"warning: {head} is left untrained (its alarm is disabled): {reason}")
     counts = data.counts
     if progress:
         print(f"training the {config.model.name} detector: {counts['train']['traces']} train / "
@@ -194,7 +204,7 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
               f"positions, {data.recipe.feature_dim} features, pos_weight "
               + ", ".join(f"{w:.1f}" for w in data.pos_weight))
     logger = _wandb_logger(config, run_dir)
-    monitor = "val/loop_within_h/auprc"
+    monitor = f"val/{next(h for h in HEADS if h not in data.untrained_heads)}/auprc"
     with tempfile.TemporaryDirectory(prefix="detector-checkpoints-") as checkpoints:
         best = ModelCheckpoint(dirpath=checkpoints, monitor=monitor, mode="max", save_top_k=1, filename="best")
         callbacks = [EarlyStopping(monitor=monitor, mode="max", patience=spec.early_stopping_patience), best]
@@ -218,7 +228,7 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     scored = score_traces(probe, data.traces("val"))
     metrics = position_metrics(scored, data.identity.get("sampling", {}).get("budget"))
     calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate,
-                            config.rescue.plan_probe_tokens)
+                            config.rescue.plan_probe_tokens, data.untrained_heads)
     calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
                                                      spec.target_false_alarm_rate),
                             "confidence": tune_confidence_rule(scored, spec.rule_confidence_window,

@@ -37,9 +37,10 @@ def synthetic_config(tmp_path: Path, **overrides):
 
 def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, seed: int = 0,
                             hidden_size: int = HIDDEN, signal: float = 2.0, loops: bool = True,
-                            name: str = "synthetic", labels: bool = True) -> Path:
+                            name: str = "synthetic", labels: bool = True, fails: bool = True) -> Path:
     """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit."""
     rng = np.random.default_rng(seed)
+    fails_allowed = fails
     # A second generator for top_prob, so the rest of the planted data does not depend on it.
     confidence_rng = np.random.default_rng(seed + 10_000)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
     for index in range(problems * samples):
         length = int(rng.integers(100, 200))
         loop_onset = int(rng.integers(20, length - 20)) if loops and rng.random() < 0.3 else None
-        fails = bool(rng.random() < 0.2)
+        fails = bool(rng.random() < 0.2) and fails_allowed
         trace_labels = TraceLabels(length=length, loop_onset=loop_onset, loop_period=None if loop_onset is None else 10,
                                    budget_exhausted=fails, unclosed_think=fails, committed=not fails,
                                    first_candidate_pos=None, delayed_commitment=False, correct=not fails,
@@ -179,9 +180,18 @@ def test_other_model_or_layers_refused(planted, tmp_path):
 
 
 def test_no_positive_labels_refused(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False)
     with pytest.raises(TraceSetError, match="no positive labels for loop_within_h"):
         TraceDataModule(synthetic_config(tmp_path), traces).setup()
+
+
+def test_a_head_without_positives_is_left_untrained(tmp_path):
+    traces = write_planted_trace_set(tmp_path / "traces", problems=40, loops=False)
+    data = TraceDataModule(synthetic_config(tmp_path), traces)
+    data.setup()
+    assert list(data.untrained_heads) == ["loop_within_h"]
+    assert "no positive labels for loop_within_h" in data.untrained_heads["loop_within_h"]
+    assert data.pos_weight[0] == 1.0 and data.pos_weight[1] > 1.0
 
 
 def test_missing_labels_refused(tmp_path):

@@ -84,9 +84,20 @@ def test_training_logs_to_offline_wandb(planted, tmp_path, monkeypatch):
 
 
 def test_no_positive_labels_is_one_clear_error(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False)
     with pytest.raises(RescueError, match="no positive labels for loop_within_h"):
         train_detector(synthetic_config(tmp_path), str(traces), progress=False)
+
+
+def test_a_head_without_positives_trains_the_other_and_never_alarms(tmp_path):
+    traces = write_planted_trace_set(tmp_path / "traces", problems=40, loops=False)
+    config = synthetic_config(tmp_path, **{**FAST, "detector.max_epochs": 2})
+    summary = train_detector(config, str(traces), out=str(tmp_path / "detector"), progress=False)
+    card = json.loads((tmp_path / "detector" / CARD).read_text())
+    loop = card["calibration"]["heads"]["loop_within_h"]
+    assert loop["threshold"] > 1.0 and "no positive labels" in loop["untrained"]
+    assert card["calibration"]["heads"]["fails_to_commit"]["threshold"] <= 1.0
+    assert "fails_to_commit/auroc" in summary["val"] and "loop_within_h/auroc" not in summary["val"]
 
 
 def test_ngram_repeats_counts_the_newest_ngram_within_the_window():
