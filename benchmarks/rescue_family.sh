@@ -5,7 +5,7 @@
 # Env: TRAIN (default 300), VAL (150), TEST (200), BATCH (sampling.batch_size and capture.shard_size, default 200),
 #      LIMIT_S (per size, 290), EXTRA (more flags for rescue run).
 set -uo pipefail
-out=$1; shift
+out=$1; shift; mkdir -p "$out"
 for spec in "$@"; do
   size=${spec%%=*}; fp16=${spec#*=}
   flags=(--config "$size" --output_dir "$out/runs" --wandb disabled --sampling.batch_size "${BATCH:-200}"
