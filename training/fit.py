@@ -294,6 +294,9 @@ def format_summary(summary: dict) -> str:
     parts = [f"detector {summary['artifact']}: {summary['epochs']} epochs in {summary['fit_seconds']:.1f} s "
              f"({summary['device']})"]
     for head, entry in heads.items():
+        if "untrained" in entry:
+            parts.append(f"{head}: untrained, alarm disabled ({entry['untrained']})")
+            continue
         detection = "n/a" if entry["detection_rate"] is None else f"{entry['detection_rate']:.1%}"
         parts.append(f"{head}: AUROC {summary['val'][f'{head}/auroc']:.3f} AUPRC {summary['val'][f'{head}/auprc']:.3f}, "
                      f"threshold {entry['threshold']:.3f} x{entry['patience']} steps -> false alarms "

@@ -89,10 +89,11 @@ def test_no_positive_labels_is_one_clear_error(tmp_path):
         train_detector(synthetic_config(tmp_path), str(traces), progress=False)
 
 
-def test_a_head_without_positives_trains_the_other_and_never_alarms(tmp_path):
+def test_a_head_without_positives_trains_the_other_and_never_alarms(tmp_path, capsys):
     traces = write_planted_trace_set(tmp_path / "traces", problems=40, loops=False)
     config = synthetic_config(tmp_path, **{**FAST, "detector.max_epochs": 2})
-    summary = train_detector(config, str(traces), out=str(tmp_path / "detector"), progress=False)
+    summary = train_detector(config, str(traces), out=str(tmp_path / "detector"), progress=True)
+    assert "loop_within_h: untrained, alarm disabled" in capsys.readouterr().out
     card = json.loads((tmp_path / "detector" / CARD).read_text())
     loop = card["calibration"]["heads"]["loop_within_h"]
     assert loop["threshold"] > 1.0 and "no positive labels" in loop["untrained"]
