@@ -422,7 +422,14 @@ def _quantized_matches(config: RescueConfig) -> bool:
         made = json.loads(record.read_text())
     except (OSError, ValueError):
         return False
-    return made.get("fp16") == config.model.fp16 and made.get("quantization") == asdict(config.quantization)
+    from inference.models import resolve_model_source
+
+    try:
+        same_model = (resolve_model_source(str(made.get("fp16")), "model").resolve()
+                      == resolve_model_source(config.model.fp16, "model").resolve())
+    except RescueError:
+        return False
+    return same_model and made.get("quantization") == asdict(config.quantization)
 
 
 def _detector_matches(config: RescueConfig, folder: Path, trace_sets: list[Path]) -> bool:
