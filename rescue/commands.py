@@ -406,7 +406,12 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
     """Replay held-out traces with the learned trigger and the rule, at the same false-alarm rate."""
     from training.fit import detect_report as compare_offline
 
-    return compare_offline(config, test, detector=detector, out=out)
+    summary = compare_offline(config, test, detector=detector, out=out)
+    report = Path(summary["out"]) / "report.md"
+    if report.is_file():
+        print(report.read_text())
+    print(f"detect report: {summary['out']}")
+    return summary
 
 
 # -- the main job -------------------------------------------------------------------------------------
