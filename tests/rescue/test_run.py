@@ -1,0 +1,31 @@
+"""`rescue run`, the main job, end to end on the embedded tiny-s (small limits, CPU, no downloads)."""
+
+import json
+
+from inference.config import METHODS
+from rescue.cli import main
+
+
+def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, capsys):
+    argv = ["run", "--output_dir", str(tmp_path / "runs"), "--wandb", "disabled", "--budget", "256",
+            "--sampling.batch_size", "48", "--train-limit", "48", "--val-limit", "32", "--test-limit", "6"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "runs" / "tiny-s" / "report"
+    assert f"report: {report}" in out
+    summary = json.loads((report / "report.json").read_text())
+    assert list(summary["comparison"]) == list(METHODS)
+    assert all(s["problems"] == 6 for s in summary["comparison"].values())
+    assert not any(stage["skipped"] for stage in summary["stages"])
+    for name in ("summary.md", "accuracy-vs-cost.png", "tokens.png"):
+        assert (report / name).stat().st_size > 0
+    text = (report / "summary.md").read_text()
+    assert "| learned |" in text and "## Goals" in text
+    card = json.loads((tmp_path / "runs" / "tiny-s" / "detector" / "card.json").read_text())
+    assert card["base_model"]["name"] == "tiny-s"
+
+    # Same settings again: the 2-bit model and the detector are up to date; only the comparison reruns.
+    assert main(argv) == 0
+    again = json.loads((report / "report.json").read_text())
+    skipped = {stage["stage"].split()[0]: stage["skipped"] for stage in again["stages"]}
+    assert skipped["quantize"] and skipped["train"] and not skipped["compare"]
