@@ -245,27 +245,29 @@ class Controller:
             observe_at, observe_rows = [], []
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 counts[row] += 1
-                state = batch[row]
                 if planning[row]:
                     recent[row].append(token)
                 if token == self.think_close:
                     watched[row] = False
+                if watched[row] and precision == "2bit":
+                    observe_at.append(i)
+                    observe_rows.append(row)
+            alarms: dict[int, Alarm] = {}
+            if observe_rows:
+                index = torch.tensor(observe_at, device=view.tokens.device)
+                seen = self.trigger.observe(
+                    [batch[r].index for r in observe_rows], [bases[r] + counts[r] - 1 for r in observe_rows],
+                    view.tokens[index], {k: v[index] for k, v in view.hidden.items()},
+                    None if view.top_prob is None else view.top_prob[index])
+                alarms = {row: alarm for row, alarm in zip(observe_rows, seen) if alarm is not None}
+            for i, row in enumerate(rows):
+                state = batch[row]
                 if counts[row] >= state.limit:
                     stops[row], stop[i] = _Stop("limit"), True
                 elif planning[row] and self._plan_complete(recent[row]):
                     stops[row], stop[i] = _Stop("plan_done"), True
-                elif watched[row] and precision == "2bit":
-                    observe_at.append(i)
-                    observe_rows.append(row)
-            if observe_rows:
-                index = torch.tensor(observe_at, device=view.tokens.device)
-                alarms = self.trigger.observe(
-                    [batch[r].index for r in observe_rows], [bases[r] + counts[r] - 1 for r in observe_rows],
-                    view.tokens[index], {k: v[index] for k, v in view.hidden.items()},
-                    None if view.top_prob is None else view.top_prob[index])
-                for i, row, alarm in zip(observe_at, observe_rows, alarms):
-                    if alarm is not None and batch[row].phase == REASON:
-                        stops[row], stop[i] = _Stop("alarm", alarm), True
+                elif row in alarms and state.phase == REASON:
+                    stops[row], stop[i] = _Stop("alarm", alarms[row]), True
             live = [row for i, row in enumerate(rows) if not stop[i] and tokens[i] not in self.eos]
             waiting = sum(1 for s in stops.values() if s.kind == "alarm")
             if waiting and waiting >= len(live):

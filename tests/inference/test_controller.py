@@ -141,3 +141,41 @@ def test_fallback_span_hands_back_to_2bit(pair):
             continue  # the FP16 span ended the trace
         assert kinds[:2] == ["fallback", "handback"]
         assert record.tokens_fp16 == 6
+
+
+class ProbePlanner(Trigger):
+    """Plans the traces whose first probed token is even (a stand-in for the learned early risk)."""
+
+    name = "probe-planner"
+
+    def __init__(self):
+        self.first = {}
+
+    @property
+    def plan_probe_tokens(self):
+        return 1
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        for seq, position, token in zip(seqs, positions, tokens.tolist()):
+            if position == 0:
+                self.first[seq] = token
+        return [None] * len(seqs)
+
+    def wants_plan(self, seq):
+        return self.first.get(seq, 1) % 2 == 0
+
+
+def test_learned_style_planning_reads_the_probe_tokens_and_drops_them_when_it_plans(pair):
+    models, tokenizer = pair
+    trigger = ProbePlanner()
+    records = run_controlled(models, tokenizer, _problems(8), method="learned", trigger=trigger,
+                             sampling=_sampling(), control=ControlConfig(plan_tokens=4, plan_stop="\u2603"),
+                             progress=False)
+    assert len(trigger.first) == 8  # every trace's first 2-bit token was observed before deciding
+    for index, record in enumerate(records):
+        kinds = [a["kind"] for a in record.actions]
+        if trigger.first[index] % 2 == 0:
+            assert kinds[:2] == ["probe_dropped", "plan"] and record.tokens_fp16 == record.actions[1]["tokens"]
+            assert record.tokens_2bit == 1 + (record.generated_tokens - record.tokens_fp16)
+        else:
+            assert kinds == [] and record.tokens_fp16 == 0
