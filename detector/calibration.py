@@ -90,23 +90,20 @@ def calibrate_head(head: str, scores: Sequence[np.ndarray], healthy: Sequence[bo
     )
 
 
-def choose_plan_threshold(risks: Sequence[float], failing: Sequence[bool]) -> dict:
+def choose_plan_threshold(risks: Sequence[float], failing: Sequence[bool], target: float) -> dict:
     """The planning threshold of the learned trigger: plan when a trace's early risk (its highest
     `fails_to_commit` score over the first probed positions) is >= the threshold.
 
-    Chosen on validation traces to maximise Youden's J (share of failing traces planned minus share
-    of healthy traces planned): planning costs FP16 tokens on every trace it fires on, so it should fire
-    where the early states separate failing from healthy traces, and nowhere if they do not (then the
-    threshold is above every risk and J = 0).
+    Planning costs FP16 tokens on every trace it fires on, so it is held to the same budget as an
+    alarm: the lowest threshold at which at most `target` of the healthy validation traces would plan
+    (`choose_threshold` on their risks). The card records how many failing and healthy validation
+    traces that plans.
     """
     risks, failing = np.asarray(risks, dtype=np.float64), np.asarray(failing, dtype=bool)
-    never = float(np.nextafter(risks.max(initial=1.0), np.inf))
-    best = {"threshold": never, "j": 0.0, "planned_failing": 0.0, "planned_healthy": 0.0}
-    if failing.any() and (~failing).any():
-        for threshold in np.unique(risks):
-            planned = risks >= threshold
-            hit, false = planned[failing].mean(), planned[~failing].mean()
-            if hit - false > best["j"] + 1e-12:
-                best = {"threshold": float(threshold), "j": float(hit - false), "planned_failing": float(hit),
-                        "planned_healthy": float(false)}
-    return {**best, "failing_traces": int(failing.sum()), "healthy_traces": int((~failing).sum())}
+    healthy = ~failing
+    threshold = choose_threshold(risks[healthy], target) if healthy.any() else float(np.nextafter(1.0, np.inf))
+    planned = risks >= threshold
+    return {"threshold": float(threshold), "target_planned_healthy": target,
+            "planned_failing": float(planned[failing].mean()) if failing.any() else None,
+            "planned_healthy": float(planned[healthy].mean()) if healthy.any() else None,
+            "failing_traces": int(failing.sum()), "healthy_traces": int(healthy.sum())}

@@ -130,7 +130,7 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
     risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0))
              if "fails_to_commit" not in (untrained or {}) else 0.0 for s in scored]
     failing = [s["labels"].fails_to_commit or s["labels"].loop_onset is not None for s in scored]
-    plan = {**choose_plan_threshold(risks, failing), "positions": plan_positions,
+    plan = {**choose_plan_threshold(risks, failing, target), "positions": plan_positions,
             "risk": "highest fails_to_commit score at generated positions < positions; failing = loop or no commit"}
     return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads, "plan": plan,
             "loop_alarm_minus_onset_tokens": {

@@ -47,3 +47,16 @@ def test_calibration_meets_target_on_validation_and_catches_separated_loops(pati
 def test_calibration_without_healthy_traces_is_an_error():
     with pytest.raises(ValueError, match="no healthy validation traces"):
         calibrate_head("fails_to_commit", [np.ones(3)], [False], [True], 1, 0.05)
+
+
+def test_plan_threshold_plans_at_most_the_target_share_of_healthy_traces():
+    from detector.calibration import choose_plan_threshold
+
+    healthy = [0.01 * i for i in range(20)]          # 0.00 .. 0.19
+    failing = [0.5, 0.15, 0.9]
+    result = choose_plan_threshold(healthy + failing, [False] * 20 + [True] * 3, target=0.1)
+    # 10% of 20 healthy traces = 2 may plan: the threshold sits just above the third-highest healthy risk.
+    assert 0.17 < result["threshold"] <= 0.18 + 1e-9
+    assert result["planned_healthy"] == 0.1
+    assert result["planned_failing"] == 2 / 3          # 0.5 and 0.9 plan, 0.15 does not
+    assert choose_plan_threshold(healthy, [False] * 20, target=0.0)["threshold"] > 0.19
