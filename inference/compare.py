@@ -98,17 +98,17 @@ def weight_bytes(fp16_folder: str | Path, quantized_folder: str | Path) -> dict:
     return {"fp16": stored(fp16_folder), "2bit": stored(quantized_folder)}
 
 
-def modeled_costs(summary_records, costs: dict, weights: dict) -> dict:
+def modeled_costs(records, costs: dict, weights: dict) -> dict:
     """Per method: modeled seconds (time model) and bytes of weights read (memory-bound model)."""
     seconds = sum(
         r.tokens_2bit * costs["2bit"]["decode_seconds_per_token"]
         + r.tokens_fp16 * costs["fp16"]["decode_seconds_per_token"]
         + r.prefill_2bit * costs["2bit"]["prefill_seconds_per_token"]
         + r.prefill_fp16 * costs["fp16"]["prefill_seconds_per_token"]
-        for r in summary_records
+        for r in records
     )
     read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * (weights["fp16"] or 0)
-               for r in summary_records)
+               for r in records)
     return {"modeled_seconds": seconds, "weight_bytes_read": read}
 
 

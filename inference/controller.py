@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from inference.answers import find_candidate_answers
 from inference.config import ControlConfig, SamplingConfig
+from inference.evaluate import eos_token_ids
 from inference.generate import FINISH_EOS, Sampler, generate
 from inference.prompts import Problem, render_prompt
 from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger, decide
@@ -94,7 +95,7 @@ class Controller:
         self.device = next(models["2bit"].parameters()).device
         self.sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
         self.think_close = tokenizer.convert_tokens_to_ids("</think>")
-        self.eos = sorted({tokenizer.eos_token_id, *_model_eos(models["2bit"])} - {None})
+        self.eos = eos_token_ids(tokenizer, models["2bit"])
         self.plan_stop = control.plan_stop
 
     # -- the state machine ------------------------------------------------------------------------
@@ -295,9 +296,3 @@ class Controller:
         body = body.lstrip()
         return bool(body) and self.plan_stop in body
 
-
-def _model_eos(model) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        return [configured]
-    return list(configured or [])

@@ -33,7 +33,8 @@ class StepView:
     layer `layer` (as configured, negative counts from the end) at the position that produced the
     token, i.e. what the model "thought" when it chose it; shape (len(rows), hidden_size).
     `top_prob[i]` is the model's own probability of its most likely next token at that position
-    (softmax of the raw logits, before temperature and truncation): the confidence rules read it.
+    (softmax of the raw logits, before temperature and truncation; None unless `generate` was asked
+    for it): the confidence rule reads it.
     """
 
     step: int
@@ -115,11 +116,14 @@ def generate(
     generator: torch.Generator | None = None,
     layers: Sequence[int] = (),
     hook: StepHook | None = None,
+    top_prob: bool = False,
 ) -> Generation:
     """Decode a left-padded batch until every sequence emits an EOS token or `max_new_tokens`.
 
     `layers` are the decoder layers whose hidden states the hook receives (none: the forward pass
     skips collecting them). Finished sequences are fed `pad_token_id` and hidden from the hook.
+    `top_prob`: also hand the hook each row's top-token probability (a softmax over the vocabulary
+    per step, so only when asked).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -166,8 +170,8 @@ def generate(
                 if want_hidden
                 else {}
             )
-            top_prob = torch.softmax(logits[rows].float(), dim=-1).amax(dim=-1)
-            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows], hidden=hidden, top_prob=top_prob))
+            confidence = torch.softmax(logits[rows].float(), dim=-1).amax(dim=-1) if top_prob else None
+            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows], hidden=hidden, top_prob=confidence))
 
         hit_eos = live & torch.isin(tokens, eos)
         for row in hit_eos.nonzero().squeeze(1).tolist():

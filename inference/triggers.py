@@ -143,7 +143,8 @@ class RuleTrigger(Trigger):
 
 @dataclass
 class _ProbeState:
-    grid: list[torch.Tensor] = field(default_factory=list)
+    features: object = None
+    """The sequence's `StreamingFeatures` (normalised states and the running mean of its capture grid)."""
     runs: list[int] = field(default_factory=list)
     run_starts: list[int] = field(default_factory=list)
     early_risk: float = 0.0
@@ -159,7 +160,6 @@ class LearnedTrigger(Trigger):
 
         self.detector = detector
         self.heads = list(HEADS)
-        self.recipe = detector.recipe
         self.layers = tuple(detector.recipe.layers)
         calibration = detector.card["calibration"]
         self.stride = int(calibration["stride"])
@@ -183,7 +183,11 @@ class LearnedTrigger(Trigger):
         # The probe reads states the controller no longer has after a cut or an FP16 span; it starts over
         # (the running mean refills within `mean_window` tokens), and the early risk is kept.
         early = self.state[seq].early_risk if seq in self.state else 0.0
-        self.state[seq] = _ProbeState(runs=[0] * len(self.heads), run_starts=[0] * len(self.heads), early_risk=early)
+        self.state[seq] = self._fresh_state(early)
+
+    def _fresh_state(self, early_risk: float = 0.0) -> _ProbeState:
+        return _ProbeState(features=self.detector.streaming(), runs=[0] * len(self.heads),
+                           run_starts=[0] * len(self.heads), early_risk=early_risk)
 
     @torch.no_grad()
     def observe(self, seqs, positions, tokens, hidden, top_prob):
@@ -191,21 +195,12 @@ class LearnedTrigger(Trigger):
         on_grid = [i for i, position in enumerate(positions) if position % self.stride == 0]
         if not on_grid:
             return alarms
-        stats = self.detector.stats
         states = torch.stack([hidden[layer][on_grid] for layer in self.layers], dim=1).float().cpu()
-        normalised = (states - stats.mean) / stats.std
-        parts = [normalised.reshape(len(on_grid), -1)]
         rows = []
         for j, i in enumerate(on_grid):
-            state = self.state.get(seqs[i])
-            if state is None:
-                state = self.state[seqs[i]] = _ProbeState(runs=[0] * len(self.heads), run_starts=[0] * len(self.heads))
-            if self.recipe.mean_window:
-                state.grid = [*state.grid, normalised[j]][-self.recipe.mean_states :]
-                rows.append(torch.stack(state.grid).mean(dim=0).reshape(-1))
-        if self.recipe.mean_window:
-            parts.append(torch.stack(rows))
-        scores = self.detector.probe(torch.cat(parts, dim=1)).sigmoid()
+            state = self.state.setdefault(seqs[i], self._fresh_state())
+            rows.append(state.features.step(positions[i], states[j : j + 1]))
+        scores = self.detector.probe(torch.cat(rows)).sigmoid()
         above = scores >= self.thresholds
         for j, i in enumerate(on_grid):
             seq, position = seqs[i], positions[i]

@@ -55,11 +55,10 @@ def evaluate(
 def _check_methods(config: RescueConfig, methods) -> None:
     """Refuse, before any model is loaded, a method whose settings cannot work."""
     control = config.rescue
-    planning = [m for m in methods if m == "plan-only" or (m == "rule" and control.rule_plan) or m == "learned"]
-    if planning and control.plan_tokens < 1 and "plan-only" in methods:
+    if control.plan_tokens < 1 and "plan-only" in methods:
         raise RescueError("rescue.plan_tokens: the plan budget must be a positive number of tokens for plan-only, "
                           "got 0")
-    if planning and control.plan_tokens < 1 and ("rule" in methods and control.rule_plan):
+    if control.plan_tokens < 1 and "rule" in methods and control.rule_plan:
         raise RescueError("rescue.plan_tokens: the plan budget must be a positive number of tokens when "
                           "rescue.rule_plan is true, got 0")
     if control.rule_window < control.rule_ngram:

@@ -208,7 +208,7 @@ def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig
         began = time.perf_counter()
         out = generate(model, encoded.input_ids, encoded.attention_mask, max_new_tokens=sampling.budget,
                        eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, sampler=sampler,
-                       generator=generator, layers=layers, hook=recorder)
+                       generator=generator, layers=layers, hook=recorder, top_prob=True)
         share = (time.perf_counter() - began) / len(batch)
         for row, unit in enumerate(batch):
             ids = out.generated_ids[row]

@@ -115,6 +115,7 @@ def test_hook_can_stop_single_rows_while_the_rest_goes_on(model_and_tokenizer):
     result = generate(
         model, enc.input_ids, enc.attention_mask, max_new_tokens=6,
         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, hook=stop_middle_row_at_step_2,
+        top_prob=True,
     )
     assert result.finish_reasons[1] == "stopped" and len(result.generated_ids[1]) == 3
     assert [rows for step, rows, _ in seen if step > 2] == [[0, 2]] * 3
