@@ -71,6 +71,9 @@ class SamplingConfig:
     budget: int = field(default=2048, metadata=_help("maximum generated tokens per trace", min=1))
     seed: int = field(default=0, metadata=_help("random seed of sampling"))
     batch_size: int = field(default=8, metadata=_help("sequences decoded together", min=1))
+    decode: str = field(default="dynamic", metadata=_help(
+        "decoding path: dynamic (growing KV cache) or static (static KV cache; on a GPU every decode step "
+        "is one CUDA-graph replay); both choose the same tokens", choices=("dynamic", "static")))
 
 
 @dataclass

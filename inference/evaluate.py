@@ -98,6 +98,7 @@ def run_method(
             eos_token_ids=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             sampler=sampler,
+            decode=sampling.decode,
             generator=generator,
         )
         share = (time.perf_counter() - began) / len(batch)

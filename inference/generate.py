@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from inference.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepProbe
 
 FINISH_EOS = "eos"
 FINISH_BUDGET = "budget"
@@ -42,6 +44,8 @@ class StepView:
     tokens: torch.Tensor
     hidden: dict[int, torch.Tensor]
     top_prob: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    """The `probe` given to `generate`, run on this step's states (None without one)."""
 
 
 StepHook = Callable[[StepView], "torch.Tensor | None"]
@@ -117,6 +121,8 @@ def generate(
     layers: Sequence[int] = (),
     hook: StepHook | None = None,
     top_prob: bool = False,
+    decode: str = "dynamic",
+    probe: StepProbe | None = None,
 ) -> Generation:
     """Decode a left-padded batch until every sequence emits an EOS token or `max_new_tokens`.
 
@@ -124,38 +130,39 @@ def generate(
     skips collecting them). Finished sequences are fed `pad_token_id` and hidden from the hook.
     `top_prob`: also hand the hook each row's top-token probability (a softmax over the vocabulary
     per step, so only when asked).
+    `decode`: `dynamic` (HF's growing cache) or `static` (a static cache; on CUDA each decode step is
+    one CUDA-graph replay, see `inference/steps.py`). Both choose the same tokens.
+    `probe`: run on the step's layer states inside the step (in the graph on the static path); its
+    output reaches the hook as `StepView.scores`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
     device = input_ids.device
     batch = input_ids.shape[0]
     num_layers = model.config.num_hidden_layers
     layer_ids = resolve_layers(layers, num_layers)
-    want_hidden = hook is not None and bool(layer_ids)
+    watched = list(layers) if (hook is not None or probe is not None) else []
+    watched_ids = layer_ids if watched else []
+    if decode == "static":
+        steps = StaticSteps(model, watched, watched_ids, input_ids.shape[1] + max_new_tokens, probe=probe,
+                            graph=device.type == "cuda")
+    else:
+        steps = DynamicSteps(model, watched, watched_ids, probe=probe)
     eos = torch.tensor(list(eos_token_ids), device=device)
 
     attention_mask = attention_mask.to(device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     live = torch.ones(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     finish = [FINISH_BUDGET] * batch
 
-    step_input = input_ids
-    step_positions = position_ids
+    logits, hidden, scores = steps.prefill(input_ids, attention_mask, positions)
+    positions = positions[:, -1:]
     step = 0
     for step in range(max_new_tokens):
-        outputs = model(
-            input_ids=step_input,
-            attention_mask=attention_mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=want_hidden,
-            logits_to_keep=1,
-        )
-        logits = outputs.logits[:, -1, :]
         tokens = sampler.choose(logits, generator)
         tokens = torch.where(live, tokens, torch.full_like(tokens, pad_token_id))
 
@@ -164,14 +171,11 @@ def generate(
         lengths[rows] += 1
         stopped = None
         if hook is not None:
-            # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
-            hidden = (
-                {layer: outputs.hidden_states[index + 1][rows, -1, :] for layer, index in zip(layers, layer_ids)}
-                if want_hidden
-                else {}
-            )
+            # Indexing copies: the static path overwrites its outputs at the next replay.
             confidence = torch.softmax(logits[rows].float(), dim=-1).amax(dim=-1) if top_prob else None
-            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows], hidden=hidden, top_prob=confidence))
+            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows],
+                                    hidden={layer: states[rows] for layer, states in hidden.items()},
+                                    top_prob=confidence, scores=None if scores is None else scores[rows]))
 
         hit_eos = live & torch.isin(tokens, eos)
         for row in hit_eos.nonzero().squeeze(1).tolist():
@@ -183,13 +187,11 @@ def generate(
                 if live[row]:
                     finish[row] = FINISH_STOPPED
             live[stop_rows] = False
-        if not bool(live.any()):
+        if not bool(live.any()) or step + 1 == max_new_tokens:
             break
-
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
-        step_positions = step_positions[:, -1:] + 1
-        step_input = tokens[:, None]
+        positions = positions + 1
+        logits, hidden, scores = steps.step(tokens, positions)
 
     generated_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
-    prompt_lengths = attention_mask[:, : input_ids.shape[1]].sum(-1).tolist()
+    prompt_lengths = attention_mask.sum(-1).tolist()
     return Generation(generated_ids, finish, steps=step + 1, prompt_lengths=prompt_lengths)

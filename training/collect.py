@@ -110,7 +110,8 @@ def collection_identity(config: RescueConfig, model_ids: dict[str, Any], tokeniz
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "collection": {"benchmark": config.benchmark.name, "benchmark_path": config.benchmark.path,
                        "split": split, "samples": samples, "limit": limit, "seed": config.sampling.seed},
-        "sampling": {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"},
+        # How rows are batched and which decode path runs them do not change the tokens.
+        "sampling": {k: v for k, v in config.to_dict()["sampling"].items() if k not in ("batch_size", "decode")},
         "layers": list(config.probe.layers),
         "capture": {**config.to_dict()["capture"], "events": list(CAPTURE_EVENTS)},
         "labels": config.to_dict()["labels"],
@@ -207,7 +208,7 @@ def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig
         recorder = HiddenRecorder(layers, len(batch), sampling.budget, dtype)
         began = time.perf_counter()
         out = generate(model, encoded.input_ids, encoded.attention_mask, max_new_tokens=sampling.budget,
-                       eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, sampler=sampler,
+                       eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, sampler=sampler, decode=sampling.decode,
                        generator=generator, layers=layers, hook=recorder, top_prob=True)
         share = (time.perf_counter() - began) / len(batch)
         for row, unit in enumerate(batch):

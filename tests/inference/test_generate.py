@@ -125,3 +125,43 @@ def test_hook_can_stop_single_rows_while_the_rest_goes_on(model_and_tokenizer):
                      eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
     assert result.generated_ids[1] == plain.generated_ids[1][:3]
     assert result.generated_ids[0] == plain.generated_ids[0]
+
+
+def test_static_path_chooses_the_tokens_and_states_of_the_dynamic_path(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "Start with 17. Add 8, multiply by 3.", "Add 1 and 1."])
+    assert (enc.attention_mask == 0).any(), "the batch must actually be left-padded"
+    runs = {}
+    for decode in ("dynamic", "static"):
+        views = []
+        result = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=20,
+                          eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                          layers=[0, -1], hook=views.append, decode=decode,
+                          probe=lambda hidden: hidden[-1].sum(dim=-1))
+        runs[decode] = (result, views)
+    (dynamic, dynamic_views), (static, static_views) = runs["dynamic"], runs["static"]
+    assert static.generated_ids == dynamic.generated_ids
+    assert static.finish_reasons == dynamic.finish_reasons
+    assert len(static_views) == len(dynamic_views) == 20
+    for ours, theirs in zip(static_views, dynamic_views):
+        torch.testing.assert_close(ours.hidden[-1], theirs.hidden[-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.scores, ours.hidden[-1].sum(dim=-1))
+
+
+def test_static_path_stops_rows_like_the_dynamic_path(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"])
+    results = [generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=8,
+                        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                        hook=lambda view: (view.rows == 0) & torch.tensor(view.step == 3), decode=decode)
+               for decode in ("dynamic", "static")]
+    assert results[0].generated_ids == results[1].generated_ids
+    assert results[1].finish_reasons[0] == "stopped" and len(results[1].generated_ids[0]) == 4
+
+
+def test_unknown_decode_path_is_refused(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?"])
+    with pytest.raises(ValueError, match="decode must be one of dynamic, static"):
+        generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
+                 decode="graph")

@@ -1,0 +1,129 @@
+"""How `generate` runs the model for one step: a dynamic cache, or a static cache whose decode step is
+captured once in a CUDA graph and replayed.
+
+Why a graph: on a GPU a decode step of a small batch is launch-bound. The HF forward issues a few
+hundred small kernels per step from Python (about 15 per decoder layer), and the CPU time to issue
+them is larger than the GPU time to run them, so the GPU idles between kernels (see
+`benchmarks/decode.py`, which profiles both). A CUDA graph records the kernels of one step once and
+replays them with a single launch. That needs every tensor of the step at a fixed address and a fixed
+shape: a static KV cache sized for prompt + budget, a fixed-size attention mask, and input buffers
+that each step writes into before the replay.
+
+Both steppers return, per step, the last position's logits [batch, vocab], the configured layers'
+states {layer: [batch, hidden]} and, if a `probe` callable is given, its output on those states (in
+the graph, so that watching the states costs one replay, not a second launch sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+DECODE_PATHS = ("dynamic", "static")
+"""`dynamic`: HF's DynamicCache, one eager forward per step. `static`: a StaticCache; on CUDA the decode
+step is captured in a CUDA graph (on a CPU it runs eagerly, which is how tests check that both paths
+choose the same tokens)."""
+
+StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
+
+
+class DynamicSteps:
+    """HF's own path: the cache grows, every step is an eager forward with a growing 2D mask."""
+
+    def __init__(self, model, layers: list[int], layer_ids: list[int], probe: StepProbe | None = None):
+        self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
+        self.cache = DynamicCache(config=model.config)
+
+    def _run(self, input_ids, attention_mask, positions):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True,
+                             output_hidden_states=bool(self.layers), logits_to_keep=1)
+        return _unpack(outputs, self.layers, self.layer_ids, self.probe)
+
+    def prefill(self, input_ids, attention_mask, positions):
+        self.mask = attention_mask
+        return self._run(input_ids, attention_mask, positions)
+
+    def step(self, tokens, positions):
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        return self._run(tokens[:, None], self.mask, positions)
+
+
+class StaticSteps:
+    """A StaticCache of `prompt + max_new_tokens` positions and a 4D boolean mask of that width.
+
+    Cache slot `prompt_length + s` holds the token fed at decode step s, for every row (the batch is
+    left-padded, so rows advance together). The mask row of each sequence opens its prompt's real
+    tokens and every slot written so far; a padded prompt position attends only to itself, which keeps
+    its states finite (they are never attended to by a real token).
+    With `graph=True` (CUDA only) decode step 0 runs eagerly (warming up kernels and allocators), step
+    1 is captured and every later step is a replay over the same buffers.
+    """
+
+    def __init__(self, model, layers: list[int], layer_ids: list[int], max_length: int,
+                 probe: StepProbe | None = None, graph: bool = False):
+        self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
+        self.max_length = max_length
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.graph = graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._steps = 0
+
+    def _run(self, input_ids, positions):
+        outputs = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True,
+                             output_hidden_states=bool(self.layers), logits_to_keep=1)
+        return _unpack(outputs, self.layers, self.layer_ids, self.probe)
+
+    def prefill(self, input_ids, attention_mask, positions):
+        batch, prompt = input_ids.shape
+        if prompt >= self.max_length:
+            raise ValueError(f"a prompt of {prompt} tokens leaves no room in a static cache of {self.max_length}")
+        device = input_ids.device
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        causal = torch.ones(prompt, prompt, dtype=torch.bool, device=device).tril()
+        square = (causal[None] & real[:, None, :]) | torch.eye(prompt, dtype=torch.bool, device=device)[None]
+        prefill_mask = torch.zeros(batch, 1, prompt, self.max_length, dtype=torch.bool, device=device)
+        prefill_mask[:, 0, :, :prompt] = square
+        self.mask = prefill_mask
+        result = self._run(input_ids, positions)
+        self.mask = torch.zeros(batch, 1, 1, self.max_length, dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :prompt] = real
+        self.prompt = prompt
+        self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        return result
+
+    def step(self, tokens, positions):
+        slot = self.prompt + self._steps
+        if slot >= self.max_length:
+            raise ValueError(f"decode step {self._steps} is past the static cache of {self.max_length} positions")
+        self.mask[:, 0, 0, slot] = True
+        self._ids.copy_(tokens[:, None])
+        self._positions.copy_(positions)
+        self._steps += 1
+        if not self.graph:
+            return self._run(self._ids, self._positions)
+        if self._steps == 1:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = self._run(self._ids, self._positions)
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._outputs = self._run(self._ids, self._positions)
+        self._graph.replay()
+        return self._outputs
+
+
+def _unpack(outputs, layers, layer_ids, probe):
+    logits = outputs.logits[:, -1, :]
+    # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
+    hidden = {layer: outputs.hidden_states[index + 1][:, -1, :] for layer, index in zip(layers, layer_ids)}
+    scores = probe(hidden) if probe is not None else None
+    return logits, hidden, scores
