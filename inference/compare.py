@@ -23,6 +23,7 @@ precision that produced it, measured as the stored size of each checkpoint's ten
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -98,8 +99,9 @@ def weight_bytes(fp16_folder: str | Path, quantized_folder: str | Path) -> dict:
     return {"fp16": stored(fp16_folder), "2bit": stored(quantized_folder)}
 
 
-def modeled_costs(records, costs: dict, weights: dict) -> dict:
-    """Per method: modeled seconds (time model) and bytes of weights read (memory-bound model)."""
+def modeled_costs(records, costs: dict, weights: dict, projection: ProjectedCosts | None = None) -> dict:
+    """Per method: modeled seconds (time model), bytes of weights read (memory-bound model) and, with a
+    projection, the seconds these tokens would take at its shape on its machine."""
     seconds = sum(
         r.tokens_2bit * costs["2bit"]["decode_seconds_per_token"]
         + r.tokens_fp16 * costs["fp16"]["decode_seconds_per_token"]
@@ -109,7 +111,79 @@ def modeled_costs(records, costs: dict, weights: dict) -> dict:
     )
     read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * (weights["fp16"] or 0)
                for r in records)
-    return {"modeled_seconds": seconds, "weight_bytes_read": read}
+    result = {"modeled_seconds": seconds, "weight_bytes_read": read}
+    if projection is not None:
+        result["projected_seconds"] = sum(projection.seconds(r) for r in records)
+    return result
+
+
+class ProjectedCosts:
+    """Per-token costs of a public Qwen3 shape on the machine `benchmarks/decode.py` ran on, read from its
+    JSON, for projecting a comparison's token counts to that model (`rescue compare --costs F --shape S`).
+
+    It answers "what would these traces cost if that model had generated them there": a trace's
+    projected seconds are its tokens by precision times the measured decode cost per token at the
+    comparison's batch size (the nearest measured batch) and at the trace's mean context (prompt +
+    half its generated tokens, interpolated linearly between the measured contexts, clamped at their
+    ends), plus its prefilled tokens times the measured prefill cost. The 2-bit cost is the fastest
+    2-bit kernel measured at that point.
+    """
+
+    def __init__(self, report: dict, shape: str, batch: int, source: str = ""):
+        rows = [r for r in report.get("rows", []) if r.get("shape") == shape and r.get("step_seconds")]
+        if not rows:
+            raise ValueError(f"{source or 'decode benchmark'}: no measured decode steps for shape {shape!r} "
+                             f"(measured: {', '.join(sorted({r.get('shape', '?') for r in report.get('rows', [])})) or 'none'})")
+        self.shape, self.device, self.source = shape, report.get("device", "?"), source
+        self.points: dict[str, list[tuple[int, float]]] = {}
+        for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
+            mine = [r for r in rows if r["precision"] == name]
+            if not mine:
+                raise ValueError(f"{source or 'decode benchmark'}: no {name} decode steps for shape {shape!r}")
+            batches = sorted({r["batch"] for r in mine})
+            self.batch = min(batches, key=lambda b: (abs(math.log(b / batch)), b))
+            best: dict[int, float] = {}
+            for r in mine:
+                if r["batch"] == self.batch:
+                    per_token = r["step_seconds"] / r["batch"]
+                    best[r["context"]] = min(best.get(r["context"], per_token), per_token)
+            self.points[precision] = sorted(best.items())
+        loops = report.get("shapes", {}).get(shape, {})
+        self.prefill = {"fp16": loops.get("loop_b1_1k_bf16", {}).get("prefill_per_token", 0.0),
+                        "2bit": loops.get("loop_b1_1k_2bit_fused", {}).get("prefill_per_token", 0.0)}
+
+    def decode(self, precision: str, context: float) -> float:
+        points = self.points[precision]
+        if context <= points[0][0]:
+            return points[0][1]
+        for (c0, t0), (c1, t1) in zip(points, points[1:]):
+            if context <= c1:
+                return t0 + (t1 - t0) * (context - c0) / (c1 - c0)
+        return points[-1][1]
+
+    def seconds(self, record) -> float:
+        context = record.prompt_tokens + record.generated_tokens / 2
+        return (record.tokens_2bit * self.decode("2bit", context) + record.tokens_fp16 * self.decode("fp16", context)
+                + record.prefill_2bit * self.prefill["2bit"] + record.prefill_fp16 * self.prefill["fp16"])
+
+    def describe(self) -> dict:
+        return {"shape": self.shape, "device": self.device, "batch": self.batch, "source": self.source,
+                "decode_seconds_per_token": {p: dict(v) for p, v in self.points.items()},
+                "prefill_seconds_per_token": self.prefill}
+
+
+def load_projection(path: str | Path, shape: str, batch: int) -> ProjectedCosts:
+    """`ProjectedCosts` from a `benchmarks/decode.py` JSON file (clear errors for a missing or malformed one)."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such decode benchmark file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        raise ValueError(f"{path}: not a benchmarks/decode.py result (no 'rows' list)")
+    return ProjectedCosts(report, shape, batch, source=str(path))
 
 
 def comparison_table(summaries: dict[str, dict]) -> str:
@@ -120,6 +194,10 @@ def comparison_table(summaries: dict[str, dict]) -> str:
         "| actions | wall s | modeled s (x FP16) | memory-bound cost (x FP16) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    projected = all("projected_seconds" in s for s in summaries.values())
+    if projected:
+        lines[0] += " projected s (x FP16) |"
+        lines[1] += " --- |"
     for method, s in summaries.items():
         low, high = s["accuracy_ci95"]
         actions = ", ".join(f"{k} {v}" for k, v in sorted(s["actions"].items())) or "-"
@@ -131,6 +209,7 @@ def comparison_table(summaries: dict[str, dict]) -> str:
             f"| {s['mean_prefill_2bit'] + s['mean_prefill_fp16']:.0f} | {actions} | {s['wall_seconds']:.1f} "
             f"| {s['modeled_seconds']:.1f}{ratio('modeled_seconds')} "
             f"| {s['weight_bytes_read'] / 1e9:.2f} GB{ratio('weight_bytes_read')} |"
+            + (f" {s['projected_seconds']:.2f}{ratio('projected_seconds')} |" if projected else "")
         )
     return "\n".join(lines)
 
@@ -177,10 +256,12 @@ def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_di
     return paths
 
 
-def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict, meta: dict) -> Path:
+def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict, meta: dict,
+                     projection: ProjectedCosts | None = None) -> Path:
     """comparison.json and comparison.md in `out_dir` (next to the per-method records and plots)."""
     (out_dir / "comparison.json").write_text(json.dumps(
-        {**meta, "costs": costs, "weight_bytes": weights, "methods": summaries}, indent=2) + "\n")
+        {**meta, "costs": costs, "weight_bytes": weights, "methods": summaries,
+         "projection": projection.describe() if projection else None}, indent=2) + "\n")
     cost_lines = "\n".join(
         f"- {p}: prefill {c['prefill_seconds_per_token'] * 1e6:.1f} us/token, decode "
         f"{c['decode_seconds_per_token'] * 1e6:.1f} us/token (batch {c['batch']})" for p, c in costs.items())
@@ -189,5 +270,12 @@ def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict,
             f"{comparison_table(summaries)}\n\nMeasured per-token costs (inputs of the modeled time):\n{cost_lines}\n"
             f"\nWeights read per decoded token (memory-bound model): FP16 {(weights['fp16'] or 0) / 1e6:.2f} MB, "
             f"2-bit {(weights['2bit'] or 0) / 1e6:.2f} MB.\n")
+    if projection is not None:
+        d = projection.describe()["decode_seconds_per_token"]
+        text += (f"\nProjected s: these traces' tokens at the per-token costs `benchmarks/decode.py` measured for "
+                 f"{projection.shape} on {projection.device} (batch {projection.batch}; {projection.source}), a "
+                 f"projection, not a run of that model. Decode ms/token by context: "
+                 + "; ".join(f"{p} " + ", ".join(f"{c}: {t * 1e3:.3f}" for c, t in v.items()) for p, v in d.items())
+                 + ".\n")
     (out_dir / "comparison.md").write_text(text)
     return out_dir

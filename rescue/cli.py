@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     compare.add_argument("--limit", type=int, default=None, help="only the first N problems")
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/compare-...)")
+    compare.add_argument("--costs", default=None, metavar="DECODE_JSON",
+                         help="a benchmarks/decode.py result: add each method's projected time at a Qwen3 shape")
+    compare.add_argument("--shape", default=None,
+                         help="the Qwen3 shape to project to with --costs (default: the config's model name)")
 
     run = commands.add_parser("run", help="the main job: quantize, collect, label, train, compare; one report",
                               description="On the config's model (default: the embedded tiny-s): quantize, collect "
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             commands.evaluate(config, method=args.method, limit=args.limit, out=args.out)
         elif args.command == "compare":
             methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-            commands.compare(config, limit=args.limit, methods=methods, out=args.out)
+            commands.compare(config, limit=args.limit, methods=methods, out=args.out, costs_file=args.costs,
+                             shape=args.shape)
         elif args.command == "run":
             commands.run(config, train_limit=args.train_limit, val_limit=args.val_limit,
                          test_limit=args.test_limit, out=args.out)

@@ -67,12 +67,14 @@ def _check_methods(config: RescueConfig, methods) -> None:
 
 
 def compare(config: RescueConfig, limit: int | None = None, methods=None, out: str | None = None,
-            single: bool = False, progress: bool = True) -> dict:
+            single: bool = False, progress: bool = True, costs_file: str | None = None,
+            shape: str | None = None) -> dict:
     """Every method on the same problems with the same seeds: records, table, plots, W&B.
 
     Writes `<out>/<method>/records.jsonl|summary.json`, `comparison.md|json` and the plots (default
     `<output_dir>/<model>/compare-<benchmark>-<split>`). With `single` (rescue evaluate), one method
-    is written straight into `out`.
+    is written straight into `out`. `costs_file` (a `benchmarks/decode.py` JSON) adds projected seconds
+    at the Qwen3 `shape` (default: the config's model name) on the machine that measured them.
     """
     from inference.compare import (CONTROLLED, METHODS as ALL_METHODS, build_trigger, measure_costs,
                                    modeled_costs, plot_comparison, weight_bytes, write_comparison)
@@ -89,6 +91,18 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     if limit is not None and limit < 1:
         raise RescueError(f"--limit must be a positive integer, got {limit}")
     _check_methods(config, methods)
+    projection = None
+    if costs_file is not None:
+        from inference.compare import load_projection
+        from inference.shapes import QWEN3_SHAPES
+
+        shape = shape or config.model.name
+        if shape not in QWEN3_SHAPES:
+            raise RescueError(f"--shape {shape!r} is not a Qwen3 shape (expected one of {', '.join(QWEN3_SHAPES)})")
+        try:
+            projection = load_projection(costs_file, shape, config.sampling.batch_size)
+        except ValueError as error:
+            raise RescueError(str(error)) from None
     bench = config.benchmark
     problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
     need_fp16 = any(m != "2bit" for m in methods)
@@ -131,7 +145,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
         summary.update(model=config.model.name, benchmark=bench.name, split=bench.split,
                        total_wall_seconds=round(time.perf_counter() - started, 2))
         if costs is not None:
-            summary.update(modeled_costs(records, costs, weights))
+            summary.update(modeled_costs(records, costs, weights, projection))
         summaries[method], all_records[method] = summary, records
         if single:
             write_evaluation(out_dir, records, summary)
@@ -148,7 +162,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             for method, records in all_records.items():
                 write_evaluation(staging / method, records, summaries[method])
             if costs is not None:
-                write_comparison(staging, summaries, costs, weights, meta)
+                write_comparison(staging, summaries, costs, weights, meta, projection)
                 plot_comparison(summaries, all_records, staging)
         if progress and costs is not None:
             print((out_dir / "comparison.md").read_text())

@@ -53,10 +53,50 @@ def run_failing(capsys, argv):
     return err[-1]
 
 
+def decode_report(path, shape="qwen3-8b"):
+    """A benchmarks/decode.py result in miniature: bf16 and two 2-bit kernels at batch 1 and 16, 1k and 8k."""
+    rows = []
+    for batch in (1, 16):
+        for context, ms in ((1024, 6.0), (8192, 8.0)):
+            rows.append({"shape": shape, "precision": "bf16", "kernel": "cuBLAS", "batch": batch, "context": context,
+                         "step_seconds": ms * batch ** 0.5 / 1e3})
+            rows.append({"shape": shape, "precision": "2bit", "kernel": "fused", "batch": batch, "context": context,
+                         "step_seconds": ms / 4 * batch ** 0.5 / 1e3})
+            rows.append({"shape": shape, "precision": "2bit", "kernel": "gptq-triton", "batch": batch,
+                         "context": context, "step_seconds": ms * 3 / 1e3})
+    shapes = {shape: {"loop_b1_1k_bf16": {"prefill_per_token": 1e-5},
+                      "loop_b1_1k_2bit_fused": {"prefill_per_token": 2e-5}}}
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "rows": rows, "shapes": shapes}))
+    return path
+
+
+def test_projected_costs_pick_the_nearest_batch_the_fastest_kernel_and_interpolate_context(tmp_path):
+    from inference.compare import load_projection
+    from inference.evaluate import ProblemRecord
+
+    projection = load_projection(decode_report(tmp_path / "decode.json"), "qwen3-8b", batch=12)
+    assert projection.batch == 16
+    assert projection.decode("fp16", 1024) == pytest.approx(6.0 * 4 / 16 / 1e3)
+    assert projection.decode("2bit", 1024) == pytest.approx(6.0 / 4 * 4 / 16 / 1e3)  # fused, not gptq-triton
+    assert projection.decode("fp16", 100) == projection.decode("fp16", 1024)  # clamped below the first point
+    middle = projection.decode("fp16", (1024 + 8192) / 2)
+    assert middle == pytest.approx((projection.decode("fp16", 1024) + projection.decode("fp16", 8192)) / 2)
+    record = ProblemRecord("p", "rule", 0, prompt_tokens=1000, generated_tokens=48, finish_reason="eos",
+                           closed_think=True, loop=False, answer="1", gold="1", correct=True, wall_seconds=0.0,
+                           text="", tokens_2bit=40, tokens_fp16=8, prefill_2bit=1000, prefill_fp16=1100)
+    expected = (40 * projection.decode("2bit", 1024) + 8 * projection.decode("fp16", 1024)
+                + 1000 * 2e-5 + 1100 * 1e-5)
+    assert projection.seconds(record) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no measured decode steps for shape 'qwen3-0.6b'"):
+        load_projection(tmp_path / "decode.json", "qwen3-0.6b", batch=1)
+
+
 def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
     detector = _detector(tmp_path / "detector")
     out = tmp_path / "cmp"
-    assert main(["compare", "--config", str(setup), "--rescue.detector", str(detector), "--out", str(out)]) == 0
+    costs = decode_report(tmp_path / "decode.json")
+    assert main(["compare", "--config", str(setup), "--rescue.detector", str(detector), "--out", str(out),
+                 "--costs", str(costs), "--shape", "qwen3-8b"]) == 0
     comparison = json.loads((out / "comparison.json").read_text())
     methods = comparison["methods"]
     assert list(methods) == ["fp16", "2bit", "rule", "learned", "plan-only", "rescue-only"]
@@ -75,6 +115,13 @@ def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
     assert 0 <= low <= methods["2bit"]["accuracy"] <= high <= 1
     assert (out / "accuracy-vs-cost.png").stat().st_size > 0 and (out / "tokens.png").stat().st_size > 0
     assert "| learned |" in (out / "comparison.md").read_text()
+    # Projected to Qwen3-8B's measured costs: FP16-only traces cost their tokens at the bf16 rate.
+    assert comparison["projection"]["shape"] == "qwen3-8b" and comparison["projection"]["batch"] == 1
+    fp16_records = [json.loads(line) for line in (out / "fp16" / "records.jsonl").read_text().splitlines()]
+    expected = sum(r["tokens_fp16"] * 6.0e-3 + r["prefill_fp16"] * 1e-5 for r in fp16_records)  # contexts < 1k
+    assert methods["fp16"]["projected_seconds"] == pytest.approx(expected)
+    assert all(m["projected_seconds"] > 0 for m in methods.values())
+    assert "projected s (x FP16)" in (out / "comparison.md").read_text()
 
 
 def test_evaluate_one_rescue_method(setup, tmp_path):
@@ -108,6 +155,8 @@ def test_learned_refuses_a_missing_or_foreign_detector_before_generating(setup, 
     (["--methods", "rule", "--model.fp16", "/no/such/model"], "model folder /no/such/model does not exist"),
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--methods", "rule", "--rescue.rule_window", "1"], "rescue.rule_window"),
+    (["--methods", "rule", "--costs", "/no/decode.json", "--shape", "qwen3-8b"], "/no/decode.json: no such decode"),
+    (["--methods", "rule", "--costs", "/no/decode.json"], "--shape 'tiny' is not a Qwen3 shape"),
 ])
 def test_bad_rescue_settings_fail_before_generation(setup, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
