@@ -1,0 +1,145 @@
+"""The fused 2-bit GPTQ matmul against GPTQModel's own dequantization, run on the CPU by Triton's interpreter."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+pytest.importorskip("gptqmodel")
+
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """A private copy of inference.kernels whose kernels run in Triton's CPU interpreter.
+
+    @triton.jit reads TRITON_INTERPRET when it wraps a kernel, not when triton is imported, so
+    executing the module with the variable set works even after other tests imported triton; a
+    separate module object leaves `inference.kernels` as other tests see it untouched. The variable
+    stays set while the tests run because the interpreter consults it at launch too.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.find_spec("inference.kernels")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert type(module._gptq2_matmul_kernel).__name__ == "InterpretedFunction"
+        yield module
+
+
+def random_2bit_linear(in_features: int, out_features: int, group_size: int, bias: bool = False,
+                       desc_act: bool = False, seed: int = 0) -> TorchLinear:
+    """A TorchLinear built as GPTQModel builds one for loading, filled with random packed codes."""
+    generator = torch.Generator().manual_seed(seed)
+    module = TorchLinear(bits=2, group_size=group_size, sym=True, desc_act=desc_act,
+                         in_features=in_features, out_features=out_features, bias=bias)
+    for packed in (module.qweight, module.qzeros):
+        packed.copy_(torch.randint(-2**31, 2**31, packed.shape, generator=generator, dtype=torch.int64))
+    module.scales.copy_(torch.rand(module.scales.shape, generator=generator) * 0.02 + 0.005)
+    if bias:
+        module.bias.copy_(torch.randn(out_features, generator=generator))
+    module.post_init()
+    return module.eval()
+
+
+def dequantized(module: TorchLinear) -> torch.Tensor:
+    # The class method, not the instance's torch.compile wrapper that post_init installs: same math,
+    # no seconds-long inductor compile on the CPU.
+    return TorchLinear.dequantize_weight(module).float()
+
+
+def test_torch_linear_uses_v2_zero_points(kernels):
+    """Codes 2 with stored zero point 1 and scale 1 dequantize to 1 (v2: q - z), not 0 (v1: q - (z + 1))."""
+    module = random_2bit_linear(64, 32, group_size=32)
+    module.qweight.fill_(int.from_bytes(b"\xaa" * 4, "little", signed=True))  # every code 0b10
+    module.qzeros.fill_(int.from_bytes(b"\x55" * 4, "little", signed=True))  # every zero point 0b01
+    module.scales.fill_(1.0)
+    x = torch.randn(2, 64)
+
+    assert torch.equal(dequantized(module), torch.ones(64, 32))
+    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
+    torch.testing.assert_close(fused, x.sum(-1, keepdim=True).expand(2, 32))
+
+
+@pytest.mark.parametrize("in_features, out_features, group_size", [
+    (256, 256, 64),  # the shipped configs' g64: K tiles of one group each, split-K over 4 tiles
+    (512, 160, 128),  # out_features not a multiple of the N block
+    (208, 64, -1),  # one group over all rows; K not a multiple of the K tile
+])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptq2_matmul_matches_dequantized_weight(kernels, in_features, out_features, group_size, rows, dtype):
+    module = random_2bit_linear(in_features, out_features, group_size)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
+
+    assert fused.shape == (rows, out_features) and fused.dtype == dtype
+    expected = x.float() @ dequantized(module)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("programs_per_n_block", [1, 3])
+def test_gptq2_matmul_covers_every_k_tile_whatever_the_split(kernels, monkeypatch, programs_per_n_block):
+    """One split walking all 8 K tiles, or 3 splits taking 3, 3 and 2 of them."""
+    module = random_2bit_linear(512, 128, group_size=64)
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", programs_per_n_block * 128 // kernels.BLOCK_N)
+    x = torch.randn(5, 512)
+
+    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
+
+    torch.testing.assert_close(fused, x @ dequantized(module), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels):
+    module = random_2bit_linear(128, 64, group_size=32, bias=True)
+    x = torch.randn(2, 8, 128)
+
+    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size,
+                                 bias=module.bias)
+
+    expected = x @ dequantized(module) + module.bias.float()
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq2_matmul_rejects_more_than_16_rows(kernels):
+    module = random_2bit_linear(64, 32, group_size=32)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        kernels.gptq2_matmul(torch.randn(17, 64), module.qweight, module.qzeros, module.scales, 32)
+
+
+def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(kernels, monkeypatch):
+    module = random_2bit_linear(128, 64, group_size=64, bias=True)
+    fused = kernels.Fused2BitLinear.from_gptq(module)
+    decode, prefill = torch.randn(1, 4, 128), torch.randn(1, 17, 128)
+    expected_prefill = prefill @ dequantized(module) + module.bias.float()
+    monkeypatch.setattr(module, "dequantize_weight", lambda num_itr=1: dequantized(module))
+
+    torch.testing.assert_close(fused(decode), decode @ dequantized(module) + module.bias.float(),
+                               rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "gptq2_matmul", lambda *args, **kwargs: pytest.fail("prefill used the kernel"))
+        torch.testing.assert_close(fused(prefill), expected_prefill, rtol=1e-4, atol=1e-4)
+
+
+def test_from_gptq_refuses_desc_act(kernels):
+    module = random_2bit_linear(64, 32, group_size=32, desc_act=True)
+    with pytest.raises(ValueError, match="desc_act"):
+        kernels.Fused2BitLinear.from_gptq(module)
+
+
+def test_fuse_2bit_linears_swaps_only_2bit_gptq_linears(kernels):
+    four_bit = TorchLinear(bits=4, group_size=32, sym=True, desc_act=False, in_features=64, out_features=64)
+    first, second = random_2bit_linear(64, 64, 32, seed=1), random_2bit_linear(64, 64, 32, seed=2)
+    model = nn.Sequential(first, nn.Sequential(second), four_bit, nn.Linear(64, 64))
+    x = torch.randn(3, 64)
+    expected = x @ dequantized(first) @ dequantized(second)
+
+    assert kernels.fuse_2bit_linears(model) == 2
+    assert [type(m).__name__ for m in (model[0], model[1][0], model[2], model[3])] == [
+        "Fused2BitLinear", "Fused2BitLinear", "TorchLinear", "Linear"]
+    torch.testing.assert_close(model[1](model[0](x)), expected, rtol=1e-4, atol=1e-4)
