@@ -1,0 +1,381 @@
+"""Benchmark: decode latency at real Qwen3 shapes against the memory-bandwidth floor (one GPU call).
+
+For each public shape (random weights built from its config, no download) and each precision:
+- `bf16`, and 2-bit GPTQ (group 128, random packed weights) through each kernel: `fused` (ours,
+  `inference/kernels.py`: dequantizes inside the matmul), `gptq-triton` and `gptq-torch` (GPTQModel's
+  2-bit backends, which dequantize the whole weight every call, then multiply);
+- per decode step at batch 1 and 16 and context 1k and 8k: the step captured in a CUDA graph over a
+  static KV cache (`inference/steps.py`), replayed back to back; the floor is the bytes the step must
+  read (`inference/shapes.py`: weights + KV cache) over the copy bandwidth measured here first.
+Also, once per shape: the eager HF step (dynamic cache) with a profile of why it is slow (kernels per
+step, GPU busy time against wall time), the `generate` loop's cost per token on both paths, the
+probe's overhead inside the 2-bit step, tokens per second of collection with and without capture, and
+a check that the static path chooses the dynamic path's greedy tokens on the embedded model.
+
+    python benchmarks/decode.py --shapes qwen3-0.6b qwen3-8b --out decode.json
+
+Prints a markdown table and writes JSON (the README shows the latest table with its machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+
+import torch
+from transformers import Qwen3ForCausalLM
+
+from inference.generate import Sampler, generate
+from inference.shapes import QWEN3_SHAPES, decode_step_bytes, qwen3_config
+from inference.steps import StaticSteps
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted), best of `repeats`."""
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        sync()
+        began = time.perf_counter()
+        target.copy_(source)
+        sync()
+        best = min(best, time.perf_counter() - began)
+    del source, target
+    return 2 * gib * 2**30 / best
+
+
+def build_bf16(shape: str) -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = qwen3_config(shape, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def quantize_randomly(model, backend: str, group_size: int = 128) -> int:
+    """Swap every decoder-layer nn.Linear for a 2-bit GPTQModel module with random packed weights
+    (timing only). `backend`: gptq-torch (TorchLinear) or gptq-triton (TritonV2Linear)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from gptqmodel.nn_modules.qlinear.tritonv2 import TritonV2Linear
+
+    kind = {"gptq-torch": TorchLinear, "gptq-triton": TritonV2Linear}[backend]
+    # GPTQModel wraps dequantization in torch.compile on post_init; its compile time is not decoding time.
+    kind.optimize = lambda self, *args, **kwargs: None
+    swapped = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                k, n = child.in_features, child.out_features
+                with torch.device("cuda"):
+                    module = kind(bits=2, group_size=group_size, sym=True, desc_act=False, in_features=k,
+                                  out_features=n, bias=False)
+                module.qweight.random_(-(2**31), 2**31 - 1)
+                module.qzeros.random_(-(2**31), 2**31 - 1)
+                module.scales = torch.rand(module.scales.shape, device="cuda").mul(0.02).to(torch.bfloat16)
+                module.g_idx.copy_(torch.arange(k, device="cuda", dtype=module.g_idx.dtype) // group_size)
+                module.post_init()
+                setattr(parent, name, module)
+                swapped += 1
+        torch.cuda.empty_cache()
+    return swapped
+
+
+def set_backend(model, backend: str) -> None:
+    """Run the 2-bit modules through `backend` (same packed buffers)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from gptqmodel.nn_modules.qlinear.tritonv2 import TritonV2Linear
+
+    from inference.kernels import Fused2BitLinear, fuse_2bit_linears
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Fused2BitLinear):
+                    setattr(parent, name, child.gptq)
+    if backend == "fused":
+        fuse_2bit_linears(model)
+        return
+    kind = {"gptq-torch": TorchLinear, "gptq-triton": TritonV2Linear}[backend]
+    for module in model.modules():
+        if isinstance(module, TorchLinear):
+            module.__class__ = kind
+
+
+class InGraphProbe(torch.nn.Module):
+    """What the learned trigger computes per step, as tensors only (so it can live in the graph):
+    standardise the watched layers' states, update a running mean over the last `window` states and
+    score both with the probe (an MLP of the detector's default size)."""
+
+    def __init__(self, layers, hidden: int, batch: int, window: int = 8, width: int = 64):
+        super().__init__()
+        from detector.probe import Probe
+
+        self.layers = list(layers)
+        size = len(self.layers) * hidden
+        self.register_buffer("mean", torch.zeros(size, device="cuda"))
+        self.register_buffer("std", torch.ones(size, device="cuda"))
+        self.register_buffer("ring", torch.zeros(window, batch, size, device="cuda"))
+        self.register_buffer("slot", torch.zeros((), dtype=torch.long, device="cuda"))
+        self.probe = Probe(2 * size, width).to("cuda").eval()
+
+    def forward(self, hidden: dict) -> torch.Tensor:
+        states = (torch.cat([hidden[layer].float() for layer in self.layers], dim=-1) - self.mean) / self.std
+        self.ring.index_copy_(0, self.slot.view(1) % self.ring.shape[0], states[None])
+        self.slot.add_(1)
+        return torch.sigmoid(self.probe(torch.cat([states, self.ring.mean(dim=0)], dim=-1)))
+
+
+def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=()) -> float:
+    """Seconds per decode step: graph replays over a static cache holding `context` positions."""
+    from inference.generate import resolve_layers
+
+    watched = list(layers) if probe is not None else []
+    runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
+                         max_length=context + steps + 8, probe=probe, graph=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device="cuda"),
+                   torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
+    # The cache now "holds" `context` positions: attention reads them all (their values do not matter).
+    for layer in runner.cache.layers:
+        layer.cumulative_length.fill_(context)
+    runner.mask[:, 0, 0, :context] = True
+    runner.prompt = context
+    positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
+    tokens = ids[:, 0]
+    for _ in range(3):  # eager warm-up, capture, one replay
+        runner.step(tokens, positions)
+    sync()
+    began = time.perf_counter()
+    for _ in range(steps):
+        runner._graph.replay()
+    sync()
+    seconds = (time.perf_counter() - began) / steps
+    del runner
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def fused_check(model) -> dict:
+    """The fused kernel against GPTQModel's own forward (dequantize, then matmul) on one layer's buffers."""
+    from inference.kernels import Fused2BitLinear
+
+    linear = next(m for m in model.modules() if isinstance(m, Fused2BitLinear))
+    errors = {}
+    for rows in (1, 16):
+        x = torch.randn(rows, linear.in_features, device="cuda", dtype=torch.bfloat16)
+        ours, theirs = linear(x).float(), linear.gptq(x).float()
+        errors[f"rows_{rows}_relative_error"] = float((ours - theirs).norm() / theirs.norm())
+    return errors
+
+
+def probe_overhead(model, layers, hidden: int, steps: int) -> dict:
+    """The step with the in-graph probe (and the watched layers' states it reads) against without."""
+    base = min(step_latency(model, 1, 1024, steps) for _ in range(2))
+    probe = InGraphProbe(layers, hidden, 1)
+    watched = min(step_latency(model, 1, 1024, steps, probe=probe, layers=layers) for _ in range(2))
+    return {"step_seconds": base, "with_probe_seconds": watched, "overhead": watched / base - 1}
+
+
+def loop_costs(model, batch: int, prompt: int, steps: int) -> dict:
+    """Per generated token through `generate` (sampling, bookkeeping, one host sync per step), dynamic
+    and static, and per prefilled token."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    mask = torch.ones_like(ids)
+    result = {}
+    for decode in ("dynamic", "static"):
+        times = {}
+        for new in (1, steps + 1):
+            best = float("inf")
+            for _ in range(2):
+                sync()
+                began = time.perf_counter()
+                generate(model, ids, mask, max_new_tokens=new, eos_token_ids=[], pad_token_id=0, sampler=Sampler(),
+                         decode=decode)
+                sync()
+                best = min(best, time.perf_counter() - began)
+            times[new] = best
+        result[decode] = (times[steps + 1] - times[1]) / steps
+        result["prefill_per_token"] = times[1] / (batch * prompt)
+    return result
+
+
+def profile_eager(model, batch: int, context: int, steps: int = 8) -> dict:
+    """Why the eager step is slow: kernels launched and GPU busy time per step against wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    mask = torch.ones_like(ids)
+    generate(model, ids, mask, max_new_tokens=steps + 1, eos_token_ids=[], pad_token_id=0)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(model, ids, mask, max_new_tokens=steps + 1, eos_token_ids=[], pad_token_id=0)
+        sync()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6  # microseconds -> seconds
+    began = time.perf_counter()
+    generate(model, ids, mask, max_new_tokens=steps + 1, eos_token_ids=[], pad_token_id=0)
+    sync()
+    wall = time.perf_counter() - began
+    # The prefill is included in both; report per step of the whole call (prefill is one of steps + 1 forwards).
+    return {"kernels_per_step": len(kernels) / (steps + 1), "gpu_busy_per_step": busy / (steps + 1),
+            "wall_per_step": wall / (steps + 1)}
+
+
+def collection_rate(model, layers, batch: int, steps: int) -> dict:
+    """Tokens per second of `generate` with the collection hook (states of `layers` + top-token
+    probability kept every step) and without, on the static path, sampling as collection does."""
+    from training.collect import HiddenRecorder
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    rates = {}
+    for variant in ("plain", "capture", "plain", "capture"):
+        recorder = HiddenRecorder(layers, batch, steps, torch.float16) if variant == "capture" else None
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        sync()
+        began = time.perf_counter()
+        generate(model, ids, mask, max_new_tokens=steps, eos_token_ids=[], pad_token_id=0,
+                 sampler=Sampler(0.6, 20, 0.95), generator=generator, layers=layers, hook=recorder,
+                 top_prob=recorder is not None, decode="static")
+        sync()
+        rates[variant] = batch * steps / (time.perf_counter() - began)  # the second run of each is kept
+    return rates
+
+
+def greedy_agreement(steps: int = 64) -> dict:
+    """Static (graph) and dynamic paths on the embedded tiny-s model, greedy, a left-padded batch."""
+    from inference.config import load_config
+    from inference.models import load_full_precision
+    from inference.prompts import render_prompt
+    from training.arith import arith_problems
+
+    result = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_full_precision(load_config("tiny-s").model.fp16, dtype, "cuda")
+        prompts = [render_prompt(tokenizer, p.question) for p in arith_problems("test", limit=16)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
+        runs = [generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps,
+                         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                         decode=decode).generated_ids for decode in ("dynamic", "static")]
+        same = sum(a == b for a, b in zip(*runs))
+        result[dtype] = {"sequences": len(runs[0]), "identical": same}
+    return result
+
+
+def guarded(record: dict, key: str, work):
+    """Run one measurement; a failure is recorded (and printed) instead of ending the device call."""
+    try:
+        record[key] = work()
+    except Exception as error:  # noqa: BLE001 - a benchmark reports every failure and goes on
+        record[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        torch.cuda.empty_cache()
+    print(key, record[key], flush=True)
+    return record[key]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "qwen3-8b"], choices=list(QWEN3_SHAPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192])
+    parser.add_argument("--backends", nargs="+", default=["fused", "gptq-triton", "gptq-torch"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", default="decode.json")
+    args = parser.parse_args()
+
+    bandwidth = copy_bandwidth()
+    import transformers
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "shapes": {}}
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    guarded(report, "greedy_agreement", greedy_agreement)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+    for shape in args.shapes:
+        spec = QWEN3_SHAPES[shape]
+        layers = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
+        model = build_bf16(shape)
+        info = report["shapes"][shape] = {"layers_watched": layers}
+        guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
+        guarded(info, "loop_b1_1k_bf16", lambda: loop_costs(model, 1, 1024, 32))
+        precisions = [("bf16", None)] + [("2bit", backend) for backend in args.backends]
+        for precision, backend in precisions:
+            if precision == "2bit":
+                if backend == precisions[1][1]:
+                    info["quantized_linears"] = quantize_randomly(model, "gptq-triton")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                if "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
+                    continue
+            bits = 16 if precision == "bf16" else 2
+            for batch in args.batches:
+                for context in args.contexts:
+                    if backend not in (None, "fused") and (batch, context) != (1, 1024):
+                        continue  # the dequantizing backends: one point is enough to rank them
+                    floor_bytes = decode_step_bytes(spec, bits, 128, batch, context)["total"]
+                    error = None
+                    try:
+                        seconds = step_latency(model, batch, context, args.steps)
+                    except Exception as failure:  # noqa: BLE001 - out of memory included: recorded, not fatal
+                        seconds, error = None, f"{type(failure).__name__}: {str(failure).splitlines()[0]}"
+                        torch.cuda.empty_cache()
+                    row = {"shape": shape, "precision": precision, "kernel": backend or "cuBLAS", "batch": batch,
+                           "context": context, "step_seconds": seconds, "floor_seconds": floor_bytes / bandwidth,
+                           "bytes_per_step": floor_bytes, "error": error}
+                    report["rows"].append(row)
+                    print(row, flush=True)
+                    save()
+            if precision == "2bit" and backend == "fused":
+                guarded(info, "fused_check", lambda: fused_check(model))
+                guarded(info, "probe_b1_1k", lambda: probe_overhead(model, layers, spec["hidden_size"], args.steps))
+                guarded(info, "collection_b16", lambda: collection_rate(model, layers, 16, 128))
+                guarded(info, "loop_b1_1k_2bit_fused", lambda: loop_costs(model, 1, 1024, 32))
+                save()
+            elif precision == "bf16":
+                guarded(info, "probe_b1_1k_bf16", lambda: probe_overhead(model, layers, spec["hidden_size"],
+                                                                         args.steps))
+                save()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    save()
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']}, copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
+             "", "| shape | precision | kernel | batch | context | ms / step | floor ms | x floor | ms / token |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["rows"]:
+        if r["step_seconds"] is None:
+            lines.append(f"| {r['shape']} | {r['precision']} | {r['kernel']} | {r['batch']} | {r['context']} "
+                         f"| {r.get('error') or 'failed'} | {r['floor_seconds'] * 1e3:.2f} | - | - |")
+            continue
+        lines.append(f"| {r['shape']} | {r['precision']} | {r['kernel']} | {r['batch']} | {r['context']} "
+                     f"| {r['step_seconds'] * 1e3:.2f} | {r['floor_seconds'] * 1e3:.2f} "
+                     f"| {r['step_seconds'] / r['floor_seconds']:.2f} | {r['step_seconds'] * 1e3 / r['batch']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
