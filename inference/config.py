@@ -55,8 +55,9 @@ class ModelConfig:
         default="dequantized",
         metadata=_help(
             "how the 2-bit model runs: dequantized (its 2-bit weights unpacked once into plain linears: "
-            "same traces, fast for small models and CPUs) or gptq (GPTQModel's packed kernels)",
-            choices=("dequantized", "gptq"),
+            "same traces, fast for small models and CPUs), gptq (GPTQModel's packed kernels) or fused "
+            "(packed 2-bit weights through our fused Triton decode kernel, inference/kernels.py; CUDA only)",
+            choices=("dequantized", "gptq", "fused"),
         ),
     )
 

@@ -124,7 +124,9 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
     `kernel="gptq"` keeps GPTQModel's packed 2-bit linears (the real memory saving; speed depends on
     the backend). `kernel="dequantized"` unpacks each quantized weight once into a plain linear in
     `dtype`: the same 2-bit weight values, hence the same traces, but ordinary matmuls, which is
-    much faster for small models and on the CPU.
+    much faster for small models and on the CPU. `kernel="fused"` keeps the packed weights and runs
+    decoding steps through `inference.kernels.gptq2_matmul` (2-bit, CUDA only; prefill through
+    GPTQModel's torch kernel).
     """
     source = resolve_model_source(ref, "2-bit model")
     if not (source / "quantize_config.json").is_file() and "quantization_config" not in json.loads(
@@ -137,11 +139,21 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
     from gptqmodel import BACKEND, GPTQModel
 
     target = pick_device(device)
-    backend = BACKEND.TORCH if target.type == "cpu" or kernel == "dequantized" else BACKEND.AUTO
+    if kernel == "fused" and target.type != "cuda":
+        raise ModelUnavailableError(f"model.kernel fused runs on a CUDA GPU only, not on {target}; "
+                                    "use dequantized or gptq here")
+    backend = BACKEND.TORCH if target.type == "cpu" or kernel in ("dequantized", "fused") else BACKEND.AUTO
     wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
     model = wrapped.model.eval()
     if kernel == "dequantized":
         model = dequantize_linears(model).to(device=target, dtype=pick_dtype(dtype, target))
+    elif kernel == "fused":
+        from inference.kernels import fuse_2bit_linears
+
+        try:
+            fuse_2bit_linears(model)
+        except ValueError as error:
+            raise ModelUnavailableError(f"2-bit model folder {source}: {error}") from None
     tokenizer = load_tokenizer(source)
     check_tokenizer_matches(model, tokenizer, source)
     return model, tokenizer
