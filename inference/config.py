@@ -73,8 +73,10 @@ class SamplingConfig:
     seed: int = field(default=0, metadata=_help("random seed of sampling"))
     batch_size: int = field(default=8, metadata=_help("sequences decoded together", min=1))
     decode: str = field(default="dynamic", metadata=_help(
-        "decoding path: dynamic (growing KV cache) or static (static KV cache; on a GPU every decode step "
-        "is one CUDA-graph replay); both choose the same tokens", choices=("dynamic", "static")))
+        "decoding path: dynamic (growing KV cache), static (static KV cache; on a GPU every decode step "
+        "is one CUDA-graph replay) or compiled (static, the step through torch.compile first: about a "
+        "minute of compilation per model and batch size); all choose the same greedy tokens",
+        choices=("dynamic", "static", "compiled")))
 
 
 @dataclass

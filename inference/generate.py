@@ -130,8 +130,9 @@ def generate(
     skips collecting them). Finished sequences are fed `pad_token_id` and hidden from the hook.
     `top_prob`: also hand the hook each row's top-token probability (a softmax over the vocabulary
     per step, so only when asked).
-    `decode`: `dynamic` (HF's growing cache) or `static` (a static cache; on CUDA each decode step is
-    one CUDA-graph replay, see `inference/steps.py`). Both choose the same tokens.
+    `decode`: `dynamic` (HF's growing cache), `static` (a static cache; on CUDA each decode step is
+    one CUDA-graph replay, see `inference/steps.py`) or `compiled` (`static` through torch.compile).
+    All choose the same greedy tokens.
     `probe`: run on the step's layer states inside the step (in the graph on the static path); its
     output reaches the hook as `StepView.scores`.
     """
@@ -145,9 +146,9 @@ def generate(
     layer_ids = resolve_layers(layers, num_layers)
     watched = list(layers) if (hook is not None or probe is not None) else []
     watched_ids = layer_ids if watched else []
-    if decode == "static":
+    if decode in ("static", "compiled"):
         steps = StaticSteps(model, watched, watched_ids, input_ids.shape[1] + max_new_tokens, probe=probe,
-                            graph=device.type == "cuda")
+                            graph=device.type == "cuda", compile=decode == "compiled")
     else:
         steps = DynamicSteps(model, watched, watched_ids, probe=probe)
     eos = torch.tensor(list(eos_token_ids), device=device)

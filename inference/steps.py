@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, StaticCache
 
-DECODE_PATHS = ("dynamic", "static")
+DECODE_PATHS = ("dynamic", "static", "compiled")
 """`dynamic`: HF's DynamicCache, one eager forward per step. `static`: a StaticCache; on CUDA the decode
 step is captured in a CUDA graph (on a CPU it runs eagerly, which is how tests check that both paths
-choose the same tokens)."""
+choose the same tokens). `compiled`: `static` with the decode step through torch.compile first."""
 
 StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
@@ -63,19 +63,19 @@ class StaticSteps:
     """
 
     def __init__(self, model, layers: list[int], layer_ids: list[int], max_length: int,
-                 probe: StepProbe | None = None, graph: bool = False):
+                 probe: StepProbe | None = None, graph: bool = False, compile: bool = False):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
         self.max_length = max_length
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         self.graph = graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._steps = 0
+        self._decode = _compiled_step() if compile else _step
 
-    def _run(self, input_ids, positions):
-        outputs = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True,
-                             output_hidden_states=bool(self.layers), logits_to_keep=1)
-        return _unpack(outputs, self.layers, self.layer_ids, self.probe)
+    def _run(self, input_ids, positions, decode: bool = False):
+        step = self._decode if decode else _step
+        return step(self.model, input_ids, self.mask, positions, self.cache, tuple(self.layers),
+                    tuple(self.layer_ids), self.probe)
 
     def prefill(self, input_ids, attention_mask, positions):
         batch, prompt = input_ids.shape
@@ -105,20 +105,40 @@ class StaticSteps:
         self._positions.copy_(positions)
         self._steps += 1
         if not self.graph:
-            return self._run(self._ids, self._positions)
+            return self._run(self._ids, self._positions, decode=True)
         if self._steps == 1:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                result = self._run(self._ids, self._positions)
+                result = self._run(self._ids, self._positions, decode=True)
             torch.cuda.current_stream().wait_stream(stream)
             return result
         if self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
-                self._outputs = self._run(self._ids, self._positions)
+                self._outputs = self._run(self._ids, self._positions, decode=True)
         self._graph.replay()
         return self._outputs
+
+
+def _step(model, input_ids, mask, positions, cache, layers, layer_ids, probe):
+    """One forward over a static cache: last position's logits, watched states, probe output."""
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, output_hidden_states=bool(layers), logits_to_keep=1)
+    return _unpack(outputs, layers, layer_ids, probe)
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    """`_step` through torch.compile (inductor fuses the small elementwise kernels of every layer:
+    norms, rotary embedding, residual adds, activation), shared by every StaticSteps so that a model
+    compiles once per batch size and cache length. Compiling takes about a minute for a real model."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_step, dynamic=False)
+    return _COMPILED
 
 
 def _unpack(outputs, layers, layer_ids, probe):

@@ -148,6 +148,15 @@ def test_static_path_chooses_the_tokens_and_states_of_the_dynamic_path(model_and
         torch.testing.assert_close(ours.scores, ours.hidden[-1].sum(dim=-1))
 
 
+def test_compiled_path_chooses_the_tokens_of_the_dynamic_path(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "Start with 17. Add 8, multiply by 3."])
+    runs = [generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=12,
+                     eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, layers=[-1],
+                     hook=lambda view: None, decode=decode).generated_ids for decode in ("dynamic", "compiled")]
+    assert runs[0] == runs[1]
+
+
 def test_static_path_stops_rows_like_the_dynamic_path(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"])
@@ -162,6 +171,6 @@ def test_static_path_stops_rows_like_the_dynamic_path(model_and_tokenizer):
 def test_unknown_decode_path_is_refused(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     enc = _batch(tokenizer, ["What is 2 + 3?"])
-    with pytest.raises(ValueError, match="decode must be one of dynamic, static"):
+    with pytest.raises(ValueError, match="decode must be one of dynamic, static, compiled"):
         generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
                  decode="graph")
