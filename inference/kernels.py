@@ -6,10 +6,7 @@ every call and then run a dense matmul, so one decoded token reads the packed we
 reads a 16-bit copy of it, and ends up slower than plain bf16. Here each Triton program unpacks
 only the tile it multiplies, in registers, so a decoding step reads 2 bits per weight plus one
 fp16 scale and one 2-bit zero point per group of G weights: about 7x fewer bytes than bf16 at
-G = 64, 7.5x at G = 128. With at most 16 rows (one tl.dot tile, masked) there is too little work
-per output column for one program per N block to keep HBM busy, so the K dimension is split too
-(split-K, about TARGET_PROGRAMS programs in all) and a second small kernel adds the fp32 partial
-sums in a fixed order.
+G = 64, 7.5x at G = 128.
 
 Buffers, as `TorchLinear` holds them after `post_init` (GPTQ "v2" zero points):
 
@@ -23,6 +20,30 @@ Buffers, as `TorchLinear` holds them after `post_init` (GPTQ "v2" zero points):
 "v2" means the zero point is used as stored. GPTQ "v1" checkpoints store z - 1; GPTQModel adds the
 1 back when it loads them for these backends (`convert_gptq_v1_to_v2_format`), and
 `TorchLinear.dequantize_weight` never subtracts it, whatever `qzero_format()` reports.
+
+What makes it fast (a decoding step has 2 bits of weight per multiply-add, so unpacking, not
+arithmetic, is what costs, and each layer is too small to fill an H100 without care):
+
+- Each packed word is loaded once, as a [BLOCK_K / 16, BLOCK_N] tile (rows of qweight are
+  contiguous along N, so a warp reads 512 contiguous bytes), and widened to its 16 codes in
+  registers.
+- No integer-to-float conversion per weight (the H100 converts at 1/8 of its FMA rate): each code
+  is shifted into the high mantissa bits of a float whose exponent bits are set, which makes that
+  float exactly 2**e + q (e = 6, 4 or 2, so three codes share one shift). The zero point and the
+  scale are constant over a K tile (a tile never straddles a group), so they, and the 2**e offset,
+  are applied once per tile and column to the sum: for every row m,
+      sum_k x[m, k] * W[k, n] = s[n] * (sum_k x[m, k] * (2**e_k + q[k, n])
+                                        - sum_k x[m, k] * 2**e_k - z[n] * sum_k x[m, k]).
+  That is one shift per three weights, one logic op and one FMA (or a tensor-core MAC) per weight.
+  The result is W's exact product in float32: unlike TorchLinear's forward, W is never rounded to
+  the scales' or x's dtype (the difference is that rounding, about 2**-9 of a bf16 weight).
+- One row (batch-1 decoding) multiplies on the FMA units, summing over K in registers; 2..16 rows
+  go through tl.dot (one 16-row tile, masked).
+- A layer's few thousand 4 KB tiles are too little work per column block to keep HBM busy with
+  one program per block, so K is split too (split-K) until there are about three programs per
+  H100 SM (`launch_plan`), each prefetching its next tile while it unpacks the current one; a
+  second small kernel adds the float32 partial sums in a fixed order (no atomics, so reruns agree
+  bit for bit). With one split the kernel writes the output itself.
 """
 
 from __future__ import annotations
@@ -37,76 +58,200 @@ except ImportError:  # CPU installs without Triton: this module imports, gptq2_m
     triton = None
 
 MAX_ROWS = 16
-"""Most activation rows the fused kernel takes: one tl.dot tile of BLOCK_M rows (decoding batches)."""
+"""Most activation rows the fused kernel takes: one tl.dot tile of 16 rows (decoding batches)."""
 
-BLOCK_N = 64
-TARGET_PROGRAMS = 512
-"""Programs to aim for with split-K: about four per SM of an H100 (132 SMs), enough loads in
-flight to keep HBM busy when one layer's packed weight is only a few MB."""
+H100_SMS = 132
+TARGET_PROGRAMS = 3 * H100_SMS
+"""Programs to aim for with split-K: about three per SM of an H100 (measured best among one to
+eight on the Qwen3-8B shapes), so that each SM has loads in flight while it unpacks. Fewer SMs
+(smaller GPUs) just run more waves."""
+
+_FLOAT_BITS = {torch.float32: (23, 127), torch.float16: (10, 15), torch.bfloat16: (7, 127)}
+"""Mantissa bits and exponent bias of each x dtype, for building 2**e + q directly as float bits."""
 
 
 def _jit(kernel):
     return triton.jit(kernel) if triton is not None else kernel
 
 
+# Inside kernels, builtins only: Triton's own @jit-defined helpers (tl.sum, tl.zeros, ...) run in
+# its CPU interpreter only if TRITON_INTERPRET was set before triton was first imported, which the
+# tests cannot ensure. So tl.full for zeros, and sums as tl.reduce with Triton's own add combiner
+# (the interpreter recognises that one and sums with numpy).
 @_jit
 def _gptq2_matmul_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, partial_ptr,
-    M, N, K, group_size, zeros_stride, split_k,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr,
+    M, N, K, group_size, zeros_stride, split_k, top_exponent_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_OFFSETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """partial[pid_k, :M, n block] = sum over this program's K tiles of x[:, tile] @ W[tile, n block].
+    """x[:M] @ W[:, n block] over the K tiles pid_k, pid_k + split_k, ... of this program.
 
-    Grid (N / BLOCK_N, split_k): program (pid_n, pid_k) takes K tiles pid_k, pid_k + split_k, ...
-    BLOCK_K divides G (or there is one group), so each tile needs one row of scales and zeros.
+    Grid (N / BLOCK_N, split_k). BLOCK_M == 1: one row, on the FMA units; else tl.dot. BLOCK_K
+    divides G (or there is one group), so each tile needs one row of scales and zeros. split_k == 1:
+    writes out [M, N] in its dtype, bias added; else the float32 partial sums [split_k, M, N].
+    FOLD_OFFSETS: subtract the 2**e offsets once per tile from the sums (cheap, but the cancellation
+    costs about 2**-17 relative accuracy; fine for 16-bit x) rather than from every weight (exact,
+    for float32 x). top_exponent_bits is (exponent bias + 6) << MANTISSA_BITS, passed at run time
+    so that masking a code and setting its exponent compile to one LOP3 (a constant would need two).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     zero_shifts = 2 * (cols % 16)
+    # [word row, code, column]: words are loaded as [BK/16, 1, BN], so the 16 codes of a word stay
+    # in the registers of the thread that loaded it, and that load's layout (4 contiguous columns
+    # per thread) is the layout of everything after it.
+    word_rows = tl.arange(0, BLOCK_K // 16)[:, None, None]
+    fields = tl.arange(0, 16)[None, :, None]  # code i of a word: row 16r + i, bits 2i and 2i + 1
+    cols3 = cols[None, None, :]
 
-    # tl.full, not tl.zeros: builtins only, since Triton's @jit-defined helpers run in its CPU
-    # interpreter only if TRITON_INTERPRET was set before triton was first imported (the tests)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, split_k * BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        # Every N block reads x; each packed word is needed by this program only: cache hints say so.
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
-                    mask=(rows[:, None] < M) & k_mask[None, :], other=0.0, eviction_policy="evict_last")
-        # Sixteen rows share each word: the repeated addresses are served from cache, so DRAM sees
-        # every packed word once.
-        words = tl.load(qweight_ptr + (ks // 16)[:, None] * N + cols[None, :],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0, eviction_policy="evict_first")
-        codes = (words >> (2 * (ks % 16))[:, None]) & 3
+    # Code i becomes the float 2**e + q: bits (bias + e) << MANTISSA_BITS for 2**e, and q moved to
+    # bit MANTISSA_BITS - e, where its unit is 1. e = 6, 4, 2 for i % 3 = 0, 1, 2, so codes
+    # 3j, 3j + 1, 3j + 2 all land in place with the same shift of the word (a left shift for the
+    # low codes, a right one for the high). 2**e + q is exact in fp32, fp16 and bf16 alike.
+    exponent = 6 - 2 * (fields % 3)
+    shift = (MANTISSA_BITS - exponent) - 2 * fields
+    left = tl.maximum(shift, 0)
+    right = tl.maximum(-shift, 0)
+    code_mask = 3 << (MANTISSA_BITS - exponent)
+    exponent_bits = top_exponent_bits - ((6 - exponent) << MANTISSA_BITS)
+    offsets = (1 << exponent).to(tl.float32)  # 2**e of each code, [1, 16, 1]
 
-        group = k0 // group_size
-        scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0)
-        zero_words = tl.load(qzeros_ptr + group * zeros_stride + cols // 16, mask=col_mask, other=0)
-        zero = (zero_words >> zero_shifts) & 3
+    # x[m, k0 + x_k] for the tile at k0: one row as [r, i] with k - k0 = 16r + i (loaded in 2D: a
+    # 3D load would be a layout anchor that Triton may prefer over the words' for the product; it
+    # did, and spilled), or [m, k - k0] for tl.dot.
+    if BLOCK_M == 1:
+        rows = tl.arange(0, 1)
+        x_k = 16 * tl.arange(0, BLOCK_K // 16)[:, None] + tl.arange(0, 16)[None, :]
+        x_ptrs = x_ptr + x_k
+        x_ok = x_k < BLOCK_K  # every row of x exists (the one)
+        acc = tl.full((BLOCK_K // 16, BLOCK_N), 0.0, dtype=tl.float32)
+    else:
+        rows = tl.arange(0, BLOCK_M)
+        x_k = tl.arange(0, BLOCK_K)[None, :]
+        x_ptrs = x_ptr + rows[:, None] * K + x_k
+        x_ok = rows[:, None] < M
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    x_offsets = (1 << (6 - 2 * (x_k % 16 % 3))).to(tl.float32)  # 2**e of each x_k
+    words_ptrs = qweight_ptr + word_rows * N + cols3
 
-        # In the scales' dtype, then x's, rounding as TorchLinear.dequantize_weight does.
-        weight = ((codes - zero[None, :]).to(scale.dtype) * scale[None, :]).to(x.dtype)
-        acc += tl.dot(x, weight)
+    # The loads of a program's next tile are issued before its current tile is unpacked, so memory
+    # and arithmetic overlap within the program (Triton's own pipelining, num_stages, only stages
+    # loads that feed tl.dot, and slowed the tl.dot path down here). Each word is needed by this
+    # program only, x by every N block: the cache hints say so. Tiles past K load nothing.
+    k0 = pid_k * BLOCK_K
+    step = split_k * BLOCK_K
+    words = tl.load(words_ptrs + (k0 // 16) * N, mask=(k0 + 16 * word_rows < K) & (cols3 < N), other=0,
+                    eviction_policy="evict_first")
+    scale = tl.load(scales_ptr + (k0 // group_size) * N + cols, mask=col_mask & (k0 < K), other=0.0)
+    zero_words = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols // 16,
+                         mask=col_mask & (k0 < K), other=0)
+    x = tl.load(x_ptrs + k0, mask=x_ok & (k0 + x_k < K), other=0.0, eviction_policy="evict_last")
+    for k0 in range(pid_k * BLOCK_K, K, step):
+        k1 = k0 + step
+        next_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
+                             eviction_policy="evict_first")
+        next_scale = tl.load(scales_ptr + (k1 // group_size) * N + cols, mask=col_mask & (k1 < K), other=0.0)
+        next_zero_words = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols // 16,
+                                  mask=col_mask & (k1 < K), other=0)
+        next_x = tl.load(x_ptrs + k1, mask=x_ok & (k1 + x_k < K), other=0.0, eviction_policy="evict_last")
 
-    out = partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(out, acc, mask=(rows[:, None] < M) & col_mask[None, :])
+        bits = (((words << left) >> right) & code_mask) | exponent_bits  # [BK/16, 16, BN]
+        x32 = x.to(tl.float32)
+        if BLOCK_M == 1:
+            # Sums over i stay in each thread's registers; acc keeps one sum per word row until the end.
+            weights = bits.to(tl.float32, bitcast=True)
+            if not FOLD_OFFSETS:
+                weights -= offsets
+            dots = tl.reduce(x32[:, :, None] * weights, 1, tl.standard._sum_combine)  # [BK/16, BN]
+        else:
+            if MANTISSA_BITS == 23:
+                weights = bits.to(tl.float32, bitcast=True)
+            else:
+                weights = bits.to(tl.int16).to(x.dtype, bitcast=True)
+            if not FOLD_OFFSETS:
+                weights -= offsets.to(weights.dtype)
+            # Row 16r + i of the tile is code i of word row r: the row order of W.
+            dots = tl.dot(x, tl.reshape(weights, (BLOCK_K, BLOCK_N)), input_precision=DOT_PRECISION)
+        zero = ((zero_words >> zero_shifts) & 3).to(tl.float32)
+        dots -= zero[None, :] * tl.reduce(x32, 1, tl.standard._sum_combine)[:, None]
+        if FOLD_OFFSETS:
+            dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
+        acc += scale.to(tl.float32)[None, :] * dots
+        words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
+
+    if BLOCK_M == 1:
+        acc = tl.reduce(acc, 0, tl.standard._sum_combine)[None, :]
+    mask = (rows[:, None] < M) & col_mask[None, :]
+    if split_k == 1:  # decided at compile time: Triton specializes integer arguments equal to 1
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @_jit
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, split_k,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum over splits of partial (+ bias), cast to out's dtype; a fixed order, so reruns agree bit for bit."""
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    """out = sum over splits of partial (+ bias), cast to out's dtype.
+
+    All splits of a block are loaded at once (one memory round trip, not split_k) and added in an
+    order fixed when the kernel compiles, so reruns agree bit for bit.
+    """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    total = tl.full((BLOCK,), 0.0, dtype=tl.float32)
-    for split in range(split_k):
-        total += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
+    splits = tl.arange(0, SPLITS)[:, None]
+    parts = tl.load(partial_ptr + splits * numel + offs[None, :], mask=(splits < split_k) & mask[None, :], other=0.0)
+    total = tl.reduce(parts, 0, tl.standard._sum_combine)
     if HAS_BIAS:
         total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_k(K: int, group_size: int) -> int:
+    """The K tile: 128 rows, or one group when groups are smaller, so a tile never straddles two."""
+    return 128 if group_size % 128 == 0 or group_size >= K else group_size
+
+
+def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
+    """Block sizes, split-K, warps, stages and grid of `gptq2_matmul` for `rows` rows of x [rows, K]
+    and a [K, N] weight in groups of `group_size` rows: arithmetic on the shape alone.
+
+    Chosen here rather than by triton.autotune, whose timing runs would land inside CUDA graph
+    capture. Measured on an H100 inside CUDA graphs, Qwen3-8B shapes at G = 128, 1 and 16 rows:
+    - block_k: 128 rows of W (8 qweight rows), or the group when groups are smaller.
+    - block_n: 128 columns: each of the 128 threads holds 4 adjacent columns (one 16-byte load per
+      word row) of 2 word rows. 256 was no faster once split_k was retuned. Halved down to 64
+      while the layer has fewer (K tile, N block) pairs than SMs; k_proj and v_proj (N = 1024)
+      still have enough at 128.
+    - split_k: as many K splits as bring the grid to about TARGET_PROGRAMS (three per SM) but no
+      more than there are K tiles, then as few as keep the same most K tiles per program: 3 to 8
+      K tiles per program on the 8B shapes (1 on k_proj and v_proj), prefetched one ahead. About
+      one, two or eight programs per SM measured slower.
+    - num_warps 4 (2 and 8 were 10-40% slower); num_stages 1: Triton's pipeliner stages only loads
+      that feed tl.dot, and staging those made the tl.dot path up to 2x slower here.
+    """
+    block_k = _block_k(K, group_size)
+    k_tiles = _cdiv(K, block_k)
+    one_row = rows == 1
+    block_n = 128
+    while block_n > 64 and _cdiv(N, block_n) * k_tiles < H100_SMS:
+        block_n //= 2
+    block_n = min(block_n, max(16, 1 << (N - 1).bit_length()))  # tiny layers (tests): no wider than N
+    n_blocks = _cdiv(N, block_n)
+    split_k = max(1, min(k_tiles, TARGET_PROGRAMS // n_blocks))
+    split_k = _cdiv(k_tiles, _cdiv(k_tiles, split_k))
+    return {"block_m": 1 if one_row else MAX_ROWS, "block_n": block_n, "block_k": block_k,
+            "split_k": split_k, "num_warps": 4, "num_stages": 1,
+            "grid": (n_blocks, split_k)}
 
 
 def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -116,7 +261,7 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     For at most MAX_ROWS rows of x. No host sync and no branch on tensor values, so a CUDA graph
     can capture it (after one eager call per shape has compiled the kernels). Split-K partial sums
     are added in a fixed order rather than with atomics, so the result does not vary from run to
-    run (greedy traces stay reproducible). float32 x multiplies in TF32 on the GPU.
+    run (greedy traces stay reproducible). float32 x multiplies in full float32 (no TF32).
     """
     if triton is None:
         raise RuntimeError("gptq2_matmul needs Triton, which is not installed")
@@ -125,8 +270,7 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     if rows > MAX_ROWS:
         raise ValueError(f"gptq2_matmul takes at most {MAX_ROWS} rows of x, got {rows} (x of shape "
                          f"{tuple(x.shape)}); use the GPTQ module's own forward for prefill")
-    block_k = 128 if group_size % 128 == 0 or group_size >= K else group_size
-    if block_k not in (16, 32, 64, 128):
+    if _block_k(K, group_size) not in (16, 32, 64, 128):
         raise ValueError(f"gptq2_matmul: group_size must be 16, 32, 64, a multiple of 128 or at "
                          f"least in_features ({K}), got {group_size}")
     groups = -(-K // group_size)
@@ -147,20 +291,37 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     if rows == 0:
         return out
     x2d = x.reshape(rows, K).contiguous()
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    split_k = max(1, min(triton.cdiv(K, block_k), TARGET_PROGRAMS // n_blocks))
-    partial = torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device)
-    _gptq2_matmul_kernel[(n_blocks, split_k)](
-        x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), partial,
-        rows, N, K, group_size, qzeros.shape[1], split_k,
-        BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-    )
-    numel, block = rows * N, 1024
-    _sum_splits_kernel[(triton.cdiv(numel, block),)](
-        partial, bias if bias is not None else partial, out, numel, N, split_k,
-        HAS_BIAS=bias is not None, BLOCK=block,
-    )
+    plan = launch_plan(rows, K, N, group_size)
+    _launch(x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), bias, out, group_size, plan)
     return out
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+            bias: torch.Tensor | None, out: torch.Tensor, group_size: int, plan: dict) -> None:
+    """Runs `plan` for x [rows, K] into out [..., N] (checked and contiguous inputs)."""
+    rows, K = x.shape
+    N = qweight.shape[1]
+    split_k = plan["split_k"]
+    # One row sums on the FMA units in float32; tl.dot takes the weight tile in x's dtype.
+    mantissa_bits, exponent_bias = _FLOAT_BITS[torch.float32 if plan["block_m"] == 1 else x.dtype]
+    # float32 x: exact float32 throughout (offsets off every weight, no TF32), for tests and float32
+    # models; 16-bit x: the cheaper folded offsets, far more accurate than x's own rounding.
+    exact = x.dtype == torch.float32
+    partial = out if split_k == 1 else torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device)
+    _gptq2_matmul_kernel[plan["grid"]](
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
+        rows, N, K, group_size, qzeros.shape[1], split_k, (exponent_bias + 6) << mantissa_bits,
+        BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], MANTISSA_BITS=mantissa_bits,
+        DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+    )
+    if split_k > 1:
+        numel, splits = rows * N, triton.next_power_of_2(split_k)
+        block = max(32, 4096 // splits)  # a [splits, block] tile of 16 KB or less per program
+        _sum_splits_kernel[(triton.cdiv(numel, block),)](
+            partial, bias if bias is not None else partial, out, numel, N, split_k,
+            HAS_BIAS=bias is not None, BLOCK=block, SPLITS=splits,
+        )
 
 
 def _fusable_gptq_types() -> tuple[type, ...]:

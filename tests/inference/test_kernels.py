@@ -38,7 +38,9 @@ def random_2bit_linear(in_features: int, out_features: int, group_size: int, bia
                          in_features=in_features, out_features=out_features, bias=bias)
     for packed in (module.qweight, module.qzeros):
         packed.copy_(torch.randint(-2**31, 2**31, packed.shape, generator=generator, dtype=torch.int64))
-    module.scales.copy_(torch.rand(module.scales.shape, generator=generator) * 0.02 + 0.005)
+    # Multiples of 2**-14 below 2**-5: 9 significant bits, so (q - z) * s is exact in fp16 and the
+    # reference W (TorchLinear rounds it to fp16) is the exact W that the kernel multiplies by.
+    module.scales.copy_(torch.randint(80, 400, module.scales.shape, generator=generator) * 2.0**-14)
     if bias:
         module.bias.copy_(torch.randn(out_features, generator=generator))
     module.post_init()
@@ -64,12 +66,31 @@ def test_torch_linear_uses_v2_zero_points(kernels):
     torch.testing.assert_close(fused, x.sum(-1, keepdim=True).expand(2, 32))
 
 
-@pytest.mark.parametrize("in_features, out_features, group_size", [
+def split_k_ways(kernels, monkeypatch, split_k: int) -> None:
+    """Makes gptq2_matmul split K `split_k` ways, whatever launch_plan would choose."""
+    planned = kernels.launch_plan
+
+    def plan(rows, K, N, group_size):
+        chosen = planned(rows, K, N, group_size)
+        return {**chosen, "split_k": split_k, "grid": (chosen["grid"][0], split_k)}
+
+    monkeypatch.setattr(kernels, "launch_plan", plan)
+
+
+class NotLaunched:
+    def __getitem__(self, grid):
+        pytest.fail("the split-K sum kernel ran although there was one split")
+
+
+shapes = pytest.mark.parametrize("in_features, out_features, group_size", [
     (256, 256, 64),  # the shipped configs' g64: K tiles of one group each, split-K over 4 tiles
     (512, 160, 128),  # out_features not a multiple of the N block
     (208, 64, -1),  # one group over all rows; K not a multiple of the K tile
 ])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+
+
+@shapes
+@pytest.mark.parametrize("rows", [1, 3, 16])  # 1: the FMA path; 3, 16: tl.dot
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gptq2_matmul_matches_dequantized_weight(kernels, in_features, out_features, group_size, rows, dtype):
     module = random_2bit_linear(in_features, out_features, group_size)
@@ -83,27 +104,61 @@ def test_gptq2_matmul_matches_dequantized_weight(kernels, in_features, out_featu
     torch.testing.assert_close(fused.float(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("programs_per_n_block", [1, 3])
-def test_gptq2_matmul_covers_every_k_tile_whatever_the_split(kernels, monkeypatch, programs_per_n_block):
-    """One split walking all 8 K tiles, or 3 splits taking 3, 3 and 2 of them."""
-    module = random_2bit_linear(512, 128, group_size=64)
-    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", programs_per_n_block * 128 // kernels.BLOCK_N)
-    x = torch.randn(5, 512)
+@shapes
+def test_gptq2_matmul_one_row_in_bfloat16(kernels, in_features, out_features, group_size):
+    """bf16 on the one-row path only: the interpreter's tl.dot multiplies bf16 bit patterns as
+    integers, so the tl.dot path meets bf16 on a GPU alone. The interpreter also truncates float32 to
+    bf16 rather than rounding it, hence one bf16 ulp of tolerance."""
+    module = random_2bit_linear(in_features, out_features, group_size)
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
     fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
 
-    torch.testing.assert_close(fused, x @ dequantized(module), rtol=1e-4, atol=1e-4)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), x.float() @ dequantized(module), rtol=2**-7, atol=1e-2)
 
 
-def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels):
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, split_k):
+    """One split walking all 8 K tiles and writing the output itself, bias included, or 3 splits
+    taking 3, 3 and 2 of them, which the second kernel adds up with the bias."""
+    module = random_2bit_linear(512, 160, group_size=64, bias=True)
+    split_k_ways(kernels, monkeypatch, split_k)
+    if split_k == 1:
+        monkeypatch.setattr(kernels, "_sum_splits_kernel", NotLaunched())
+    x = torch.randn(rows, 512)
+
+    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size,
+                                 bias=module.bias)
+
+    torch.testing.assert_close(fused, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 128), (1, 1, 128)])
+def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, shape):
     module = random_2bit_linear(128, 64, group_size=32, bias=True)
-    x = torch.randn(2, 8, 128)
+    x = torch.randn(shape)
 
     fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size,
                                  bias=module.bias)
 
     expected = x @ dequantized(module) + module.bias.float()
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(4096, 4096), (4096, 1024), (4096, 12288), (12288, 4096)])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_launch_plan_fills_an_h100_for_qwen3_8b_linears(kernels, in_features, out_features, rows):
+    """q/o_proj, k/v_proj, gate/up_proj and down_proj of Qwen3-8B at g128: one wave of programs
+    at least, no more than the target, every K tile and column covered."""
+    plan = kernels.launch_plan(rows, in_features, out_features, 128)
+
+    n_blocks, split_k = plan["grid"]
+    assert 132 <= n_blocks * split_k <= kernels.TARGET_PROGRAMS
+    assert plan["block_m"] == (1 if rows == 1 else 16) and plan["block_k"] == 128
+    assert n_blocks == -(-out_features // plan["block_n"]) and split_k == plan["split_k"] <= in_features // 128
+    assert plan["num_warps"] > 0 and plan["num_stages"] > 0
 
 
 def test_gptq2_matmul_rejects_more_than_16_rows(kernels):
