@@ -8,6 +8,7 @@ so every variant does the same work) three ways, timed side by side in one proce
 Bytes per generated token are computed for several capture policies on the traces generated.
 
     python benchmarks/collect_throughput.py --models tiny-s qwen3-0.6b --batch 16 --steps 256 --out results.json
+    python benchmarks/collect_throughput.py --models tiny-l=DIR qwen3-0.6b --decode static   # a trained size, GPU
 
 `qwen3-0.6b` is a random-weight model built from the public Qwen3-0.6B config (no download). Its
 prompts use the embedded character tokenizer; the tokens it generates are random ids of its 151,936
@@ -48,8 +49,9 @@ def load(name: str, device: torch.device):
         model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
         layers = [13, 20, 27]
         return model, tokenizer, layers
+    name, _, folder = name.partition("=")  # tiny-l=DIR: a size's config with its FP16 model from DIR
     config = load_config(name)
-    model, tokenizer = load_full_precision(config.model.fp16, "auto", str(device))
+    model, tokenizer = load_full_precision(folder or config.model.fp16, "auto", str(device))
     return model, tokenizer, list(config.probe.layers)
 
 
@@ -65,7 +67,8 @@ def label_ids(ids, tokenizer, labels_config):
     return label_trace(ids, text, token_char_ends(tokenizer, ids), "budget", "0", labels_config)
 
 
-def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: int = 3) -> dict:
+def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: int = 3,
+            decode: str = "dynamic") -> dict:
     problems = arith_problems("test", limit=batch)
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
@@ -79,7 +82,8 @@ def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: i
         began = time.perf_counter()
         out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps, eos_token_ids=[],
                        pad_token_id=tokenizer.pad_token_id, sampler=sampler, generator=generator,
-                       layers=layers if recorder else (), hook=recorder)
+                       layers=layers if recorder else (), hook=recorder, top_prob=recorder is not None,
+                       decode=decode)
         kept = []
         if variant == "collect":
             for row, ids in enumerate(out.generated_ids):
@@ -117,17 +121,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--decode", default="dynamic", choices=("dynamic", "static"),
+                        help="decoding path (static: CUDA-graph steps on a GPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
-    report = {"machine": machine, "batch": args.batch, "steps": args.steps, "models": {}}
+    report = {"machine": machine, "batch": args.batch, "steps": args.steps, "decode": args.decode, "models": {}}
     print(f"collection throughput on {machine}, batch {args.batch}, {args.steps} steps")
     print("| model | plain tok/s | capture tok/s | collect tok/s | capture cost | collect cost | bytes/token: " +
           " / ".join(POLICIES) + " |")
     print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for name in args.models:
         model, tokenizer, layers = load(name, device)
-        r = report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device)
+        r = report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device,
+                                             decode=args.decode)
         del model
         sizes = " / ".join(f"{r['bytes_per_generated_token'][p]:.0f}" for p in POLICIES)
         print(f"| {name} | {r['plain']['tokens_per_s']:.0f} | {r['capture']['tokens_per_s']:.0f} | "

@@ -140,13 +140,15 @@ class InGraphProbe(torch.nn.Module):
         return torch.sigmoid(self.probe(torch.cat([states, self.ring.mean(dim=0)], dim=-1)))
 
 
-def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=()) -> float:
-    """Seconds per decode step: graph replays over a static cache holding `context` positions."""
+def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=(), compile: bool = False,
+                 timings: dict | None = None) -> float:
+    """Seconds per decode step: graph replays over a static cache holding `context` positions (with
+    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time)."""
     from inference.generate import resolve_layers
 
     watched = list(layers) if probe is not None else []
     runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
-                         max_length=context + steps + 8, probe=probe, graph=True)
+                         max_length=context + steps + 8, probe=probe, graph=True, compile=compile)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
     runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device="cuda"),
                    torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
@@ -157,9 +159,12 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     runner.prompt = context
     positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
     tokens = ids[:, 0]
-    for _ in range(3):  # eager warm-up, capture, one replay
+    began = time.perf_counter()
+    for _ in range(3):  # eager warm-up (compiles with `compile`), capture, one replay
         runner.step(tokens, positions)
     sync()
+    if timings is not None:
+        timings["warm_up_seconds"] = time.perf_counter() - began
     began = time.perf_counter()
     for _ in range(steps):
         runner._graph.replay()
@@ -181,6 +186,44 @@ def fused_check(model) -> dict:
         ours, theirs = linear(x).float(), linear.gptq(x).float()
         errors[f"rows_{rows}_relative_error"] = float((ours - theirs).norm() / theirs.norm())
     return errors
+
+
+def linear_microbench(model, calls: int = 50) -> list[dict]:
+    """Per linear shape of one decoder layer: a bf16 GEMV (cuBLAS) against the fused 2-bit kernel on
+    that layer's packed weights, `calls` launches captured in one CUDA graph, at 1 and 16 rows."""
+    from inference.kernels import Fused2BitLinear
+
+    results = []
+    layer = model.model.layers[0]
+    for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
+        if not isinstance(module, Fused2BitLinear):
+            continue
+        dense = torch.randn(module.out_features, module.in_features, device="cuda", dtype=torch.bfloat16)
+        packed = sum(t.numel() * t.element_size() for t in (module.gptq.qweight, module.gptq.qzeros,
+                                                            module.gptq.scales))
+        for rows in (1, 16):
+            x = torch.randn(rows, module.in_features, device="cuda", dtype=torch.bfloat16)
+            timing = {}
+            for kind, fn, size in (("bf16", lambda: torch.nn.functional.linear(x, dense), dense.numel() * 2),
+                                   ("fused", lambda: module(x), packed)):
+                fn()
+                sync()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        fn()
+                graph.replay()
+                sync()
+                began = time.perf_counter()
+                for _ in range(5):
+                    graph.replay()
+                sync()
+                seconds = (time.perf_counter() - began) / (5 * calls)
+                timing[kind] = {"us": seconds * 1e6, "GB_per_s": size / seconds / 1e9, "bytes": size}
+            results.append({"linear": name, "in": module.in_features, "out": module.out_features, "rows": rows,
+                            **timing})
+        del dense
+    return results
 
 
 def probe_overhead(model, layers, hidden: int, steps: int) -> dict:
@@ -227,13 +270,20 @@ def profile_eager(model, batch: int, context: int, steps: int = 8) -> dict:
         sync()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6  # microseconds -> seconds
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    breakdown = [{"kernel": name, "per_step": len(times) / (steps + 1), "us_per_step": sum(times) / (steps + 1),
+                  "mean_us": sum(times) / len(times)} for name, times in top]
     began = time.perf_counter()
     generate(model, ids, mask, max_new_tokens=steps + 1, eos_token_ids=[], pad_token_id=0)
     sync()
     wall = time.perf_counter() - began
     # The prefill is included in both; report per step of the whole call (prefill is one of steps + 1 forwards).
-    return {"kernels_per_step": len(kernels) / (steps + 1), "gpu_busy_per_step": busy / (steps + 1),
-            "wall_per_step": wall / (steps + 1)}
+    short = sum(1 for e in kernels if e.time_range.elapsed_us() < 5) / (steps + 1)
+    return {"kernels_per_step": len(kernels) / (steps + 1), "kernels_under_5us_per_step": short,
+            "gpu_busy_per_step": busy / (steps + 1), "wall_per_step": wall / (steps + 1), "top_kernels": breakdown}
 
 
 def collection_rate(model, layers, batch: int, steps: int) -> dict:
@@ -257,7 +307,7 @@ def collection_rate(model, layers, batch: int, steps: int) -> dict:
     return rates
 
 
-def greedy_agreement(steps: int = 64) -> dict:
+def greedy_agreement(steps: int = 64, decodes=("dynamic", "static")) -> dict:
     """Static (graph) and dynamic paths on the embedded tiny-s model, greedy, a left-padded batch."""
     from inference.config import load_config
     from inference.models import load_full_precision
@@ -269,11 +319,12 @@ def greedy_agreement(steps: int = 64) -> dict:
         model, tokenizer = load_full_precision(load_config("tiny-s").model.fp16, dtype, "cuda")
         prompts = [render_prompt(tokenizer, p.question) for p in arith_problems("test", limit=16)]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
-        runs = [generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps,
-                         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                         decode=decode).generated_ids for decode in ("dynamic", "static")]
-        same = sum(a == b for a, b in zip(*runs))
-        result[dtype] = {"sequences": len(runs[0]), "identical": same}
+        runs = {decode: generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps,
+                                 eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                                 decode=decode).generated_ids for decode in decodes}
+        result[dtype] = {"sequences": len(runs["dynamic"]),
+                         **{f"identical_{d}": sum(a == b for a, b in zip(runs["dynamic"], runs[d]))
+                            for d in decodes[1:]}}
     return result
 
 
@@ -295,6 +346,9 @@ def main():
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192])
     parser.add_argument("--backends", nargs="+", default=["fused", "gptq-triton", "gptq-torch"])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--compiled", nargs="*", default=["1x1024"], metavar="BATCHxCONTEXT",
+                        help="points also measured with the step through torch.compile (bf16 and fused)")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: loops, collection, micro")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
 
@@ -305,7 +359,8 @@ def main():
               "transformers": transformers.__version__, "python": platform.python_version(),
               "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "shapes": {}}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    guarded(report, "greedy_agreement", greedy_agreement)
+    decodes = ("dynamic", "static", "compiled") if args.compiled else ("dynamic", "static")
+    compiled_points = [tuple(int(v) for v in point.split("x")) for point in args.compiled]
 
     def save():
         with open(args.out, "w") as f:
@@ -317,7 +372,8 @@ def main():
         model = build_bf16(shape)
         info = report["shapes"][shape] = {"layers_watched": layers}
         guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
-        guarded(info, "loop_b1_1k_bf16", lambda: loop_costs(model, 1, 1024, 32))
+        if "loops" not in args.skip:
+            guarded(info, "loop_b1_1k_bf16", lambda: loop_costs(model, 1, 1024, 32))
         precisions = [("bf16", None)] + [("2bit", backend) for backend in args.backends]
         for precision, backend in precisions:
             if precision == "2bit":
@@ -328,28 +384,35 @@ def main():
                 if "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
                     continue
             bits = 16 if precision == "bf16" else 2
-            for batch in args.batches:
-                for context in args.contexts:
-                    if backend not in (None, "fused") and (batch, context) != (1, 1024):
-                        continue  # the dequantizing backends: one point is enough to rank them
-                    floor_bytes = decode_step_bytes(spec, bits, 128, batch, context)["total"]
-                    error = None
-                    try:
-                        seconds = step_latency(model, batch, context, args.steps)
-                    except Exception as failure:  # noqa: BLE001 - out of memory included: recorded, not fatal
-                        seconds, error = None, f"{type(failure).__name__}: {str(failure).splitlines()[0]}"
-                        torch.cuda.empty_cache()
-                    row = {"shape": shape, "precision": precision, "kernel": backend or "cuBLAS", "batch": batch,
-                           "context": context, "step_seconds": seconds, "floor_seconds": floor_bytes / bandwidth,
-                           "bytes_per_step": floor_bytes, "error": error}
-                    report["rows"].append(row)
-                    print(row, flush=True)
-                    save()
+            points = [(batch, context, False) for batch in args.batches for context in args.contexts]
+            if backend in (None, "fused"):
+                points += [(batch, context, True) for batch, context in compiled_points]
+            for batch, context, compiled in points:
+                if backend not in (None, "fused") and (batch, context) != (1, 1024):
+                    continue  # the dequantizing backends: one point is enough to rank them
+                floor_bytes = decode_step_bytes(spec, bits, 128, batch, context)["total"]
+                error, timings = None, {}
+                try:
+                    seconds = step_latency(model, batch, context, args.steps, compile=compiled, timings=timings)
+                except Exception as failure:  # noqa: BLE001 - out of memory included: recorded, not fatal
+                    seconds, error = None, f"{type(failure).__name__}: {str(failure).splitlines()[0]}"
+                    torch.cuda.empty_cache()
+                row = {"shape": shape, "precision": precision,
+                       "kernel": (backend or "cuBLAS") + (" + compile" if compiled else ""), "batch": batch,
+                       "context": context, "step_seconds": seconds, "floor_seconds": floor_bytes / bandwidth,
+                       "bytes_per_step": floor_bytes, "error": error, **timings}
+                report["rows"].append(row)
+                print(row, flush=True)
+                save()
             if precision == "2bit" and backend == "fused":
                 guarded(info, "fused_check", lambda: fused_check(model))
+                if "micro" not in args.skip:
+                    guarded(info, "linears_layer0", lambda: linear_microbench(model))
                 guarded(info, "probe_b1_1k", lambda: probe_overhead(model, layers, spec["hidden_size"], args.steps))
-                guarded(info, "collection_b16", lambda: collection_rate(model, layers, 16, 128))
-                guarded(info, "loop_b1_1k_2bit_fused", lambda: loop_costs(model, 1, 1024, 32))
+                if "collection" not in args.skip:
+                    guarded(info, "collection_b16", lambda: collection_rate(model, layers, 16, 128))
+                if "loops" not in args.skip:
+                    guarded(info, "loop_b1_1k_2bit_fused", lambda: loop_costs(model, 1, 1024, 32))
                 save()
             elif precision == "bf16":
                 guarded(info, "probe_b1_1k_bf16", lambda: probe_overhead(model, layers, spec["hidden_size"],
@@ -358,6 +421,7 @@ def main():
         del model
         gc.collect()
         torch.cuda.empty_cache()
+    guarded(report, "greedy_agreement", lambda: greedy_agreement(decodes=decodes))
     save()
     print(table(report))
 
