@@ -125,8 +125,8 @@ class ProjectedCosts:
     projected seconds are its tokens by precision times the measured decode cost per token at the
     comparison's batch size (the nearest measured batch) and at the trace's mean context (prompt +
     half its generated tokens, interpolated linearly between the measured contexts, clamped at their
-    ends), plus its prefilled tokens times the measured prefill cost. The 2-bit cost is the fastest
-    2-bit kernel measured at that point.
+    ends), plus its prefilled tokens times the measured prefill cost. Each precision's decode costs
+    come from one kernel: the fastest of those measured at every context of that batch size.
     """
 
     def __init__(self, report: dict, shape: str, batch: int, source: str = ""):
@@ -136,18 +136,24 @@ class ProjectedCosts:
                              f"(measured: {', '.join(sorted({r.get('shape', '?') for r in report.get('rows', [])})) or 'none'})")
         self.shape, self.device, self.source = shape, report.get("device", "?"), source
         self.points: dict[str, list[tuple[int, float]]] = {}
+        self.kernels: dict[str, str] = {}
         for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
             mine = [r for r in rows if r["precision"] == name]
             if not mine:
                 raise ValueError(f"{source or 'decode benchmark'}: no {name} decode steps for shape {shape!r}")
             batches = sorted({r["batch"] for r in mine})
             self.batch = min(batches, key=lambda b: (abs(math.log(b / batch)), b))
-            best: dict[int, float] = {}
+            # One kernel's curve over context: among the kernels measured at every context of this batch
+            # (a variant measured at one point only, e.g. a compiled step, cannot be interpolated), the fastest.
+            curves: dict[str, dict[int, float]] = {}
             for r in mine:
                 if r["batch"] == self.batch:
-                    per_token = r["step_seconds"] / r["batch"]
-                    best[r["context"]] = min(best.get(r["context"], per_token), per_token)
-            self.points[precision] = sorted(best.items())
+                    curves.setdefault(r["kernel"], {})[r["context"]] = r["step_seconds"] / r["batch"]
+            widest = max(len(curve) for curve in curves.values())
+            kernel, curve = min(((k, c) for k, c in curves.items() if len(c) == widest),
+                                key=lambda item: sum(item[1].values()) / len(item[1]))
+            self.kernels[precision] = kernel
+            self.points[precision] = sorted(curve.items())
         loops = report.get("shapes", {}).get(shape, {})
         self.prefill = {"fp16": loops.get("loop_b1_1k_bf16", {}).get("prefill_per_token", 0.0),
                         "2bit": loops.get("loop_b1_1k_2bit_fused", {}).get("prefill_per_token", 0.0)}
@@ -168,6 +174,7 @@ class ProjectedCosts:
 
     def describe(self) -> dict:
         return {"shape": self.shape, "device": self.device, "batch": self.batch, "source": self.source,
+                "kernels": self.kernels,
                 "decode_seconds_per_token": {p: dict(v) for p, v in self.points.items()},
                 "prefill_seconds_per_token": self.prefill}
 
