@@ -16,6 +16,7 @@ the graph, so that watching the states costs one replay, not a second launch seq
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -29,6 +30,16 @@ choose the same tokens). `compiled`: `static` with the decode step through torch
 StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 on (`past_key_values` still
+    works there, with a deprecation warning every call), `past_key_values` before."""
+    name = getattr(model, "_lowbit_cache_argument", None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model._lowbit_cache_argument = name
+    return name
+
+
 class DynamicSteps:
     """HF's own path: the cache grows, every step is an eager forward with a growing 2D mask."""
 
@@ -38,7 +49,7 @@ class DynamicSteps:
 
     def _run(self, input_ids, attention_mask, positions):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True,
+                             **{cache_argument(self.model): self.cache}, use_cache=True,
                              output_hidden_states=bool(self.layers), logits_to_keep=1)
         return _unpack(outputs, self.layers, self.layer_ids, self.probe)
 
@@ -123,8 +134,9 @@ class StaticSteps:
 
 def _step(model, input_ids, mask, positions, cache, layers, layer_ids, probe):
     """One forward over a static cache: last position's logits, watched states, probe output."""
-    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, output_hidden_states=bool(layers), logits_to_keep=1)
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    **{cache_argument(model): cache}, use_cache=True, output_hidden_states=bool(layers),
+                    logits_to_keep=1)
     return _unpack(outputs, layers, layer_ids, probe)
 
 
