@@ -179,3 +179,21 @@ def test_learned_style_planning_reads_the_probe_tokens_and_drops_them_when_it_pl
             assert record.tokens_2bit == 1 + (record.generated_tokens - record.tokens_fp16)
         else:
             assert kinds == [] and record.tokens_fp16 == 0
+
+
+@pytest.mark.parametrize("control", [ControlConfig(on_alarm="fallback", fallback_span=6),
+                                     ControlConfig(on_alarm="commit")])
+def test_actions_work_the_same_on_the_static_decode_path(pair, control):
+    models, tokenizer = pair
+    problems = _problems(4)
+    runs = {}
+    for decode in ("dynamic", "static"):
+        sampling = _sampling(temperature=0.0, decode=decode)
+        runs[decode] = run_controlled(models, tokenizer, problems, method="rule",
+                                      trigger=Scripted({0: 3, 1: 6, 3: 2}), sampling=sampling, control=control,
+                                      progress=False)
+    assert any(record.actions for record in runs["static"])
+    for dynamic, static in zip(runs["dynamic"], runs["static"]):
+        assert static.text == dynamic.text and static.actions == dynamic.actions
+        assert (static.tokens_2bit, static.tokens_fp16, static.prefill_fp16) == \
+               (dynamic.tokens_2bit, dynamic.tokens_fp16, dynamic.prefill_fp16)
