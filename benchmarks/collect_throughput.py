@@ -25,20 +25,18 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from inference.config import LabelsConfig, load_config
 from inference.generate import Sampler, generate
 from inference.models import load_full_precision
 from inference.prompts import render_prompt
+from inference.shapes import qwen3_config
 from training.arith import arith_problems
 from training.collect import HiddenRecorder, capture_positions
 from training.labels import label_trace, token_char_ends
 from training.tokenizer import build_tokenizer
 
-QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                 tie_word_embeddings=True, rope_theta=1000000.0)
 POLICIES = {"dense (stride 1)": (1, 0), "stride 4": (4, 0), "stride 8 + window 32": (8, 32), "stride 16": (16, 0)}
 
 
@@ -46,7 +44,7 @@ def load(name: str, device: torch.device):
     if name == "qwen3-0.6b":
         tokenizer = build_tokenizer()
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        model = Qwen3ForCausalLM(qwen3_config("qwen3-0.6b")).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
         layers = [13, 20, 27]
         return model, tokenizer, layers
     name, _, folder = name.partition("=")  # tiny-l=DIR: a size's config with its FP16 model from DIR
