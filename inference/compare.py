@@ -137,12 +137,17 @@ class ProjectedCosts:
         self.shape, self.device, self.source = shape, report.get("device", "?"), source
         self.points: dict[str, list[tuple[int, float]]] = {}
         self.kernels: dict[str, str] = {}
-        for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
-            mine = [r for r in rows if r["precision"] == name]
-            if not mine:
+        names = {"fp16": "bf16", "2bit": "2bit"}
+        for name in names.values():
+            if not any(r["precision"] == name for r in rows):
                 raise ValueError(f"{source or 'decode benchmark'}: no {name} decode steps for shape {shape!r}")
-            batches = sorted({r["batch"] for r in mine})
-            self.batch = min(batches, key=lambda b: (abs(math.log(b / batch)), b))
+        # The nearest batch size measured for both precisions, so that both costs are at the same batch.
+        batches = set.intersection(*({r["batch"] for r in rows if r["precision"] == n} for n in names.values()))
+        if not batches:
+            raise ValueError(f"{source or 'decode benchmark'}: bf16 and 2bit were measured at no common batch size")
+        self.batch = min(batches, key=lambda b: (abs(math.log(b / batch)), b))
+        for precision, name in names.items():
+            mine = [r for r in rows if r["precision"] == name]
             # One kernel's curve over context: among the kernels measured at every context of this batch
             # (a variant measured at one point only, e.g. a compiled step, cannot be interpolated), the fastest.
             curves: dict[str, dict[int, float]] = {}

@@ -94,7 +94,6 @@ class Controller:
         self.control, self.sampling, self.method = control, sampling, method
         self.device = next(models["2bit"].parameters()).device
         self.sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
-        self.decode = sampling.decode
         self.think_close = tokenizer.convert_tokens_to_ids("</think>")
         self.eos = eos_token_ids(tokenizer, models["2bit"])
         self.plan_stop = control.plan_stop
@@ -282,7 +281,7 @@ class Controller:
         layers = self.trigger.layers if precision == "2bit" and any(watched) else ()
         result = generate(model, input_ids, mask, max_new_tokens=max(s.limit for s in batch), eos_token_ids=self.eos,
                           pad_token_id=pad, sampler=self.sampler, generator=generator, layers=layers, hook=hook,
-                          decode=self.decode)
+                          decode=self.sampling.decode)
         share = (time.perf_counter() - began) / len(batch)
         for row, state in enumerate(batch):
             new = result.generated_ids[row][: state.limit]
