@@ -162,7 +162,8 @@ def wilson_interval(successes: int, count: int, z: float = 1.959964) -> tuple[fl
     p = successes / count
     centre = (p + z * z / (2 * count)) / (1 + z * z / count)
     half = z * (p * (1 - p) / count + z * z / (4 * count * count)) ** 0.5 / (1 + z * z / count)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 the bound equals p in exact arithmetic; rounding can put it a hair on the wrong side.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def summarize(records: Sequence[ProblemRecord]) -> dict:

@@ -1,6 +1,6 @@
 import pytest
 
-from inference.evaluate import ProblemRecord, summarize
+from inference.evaluate import ProblemRecord, summarize, wilson_interval
 
 
 def make_record(index: int, *, tokens: int, reason: str = "eos", closed: bool = True, loop: bool = False,
@@ -59,3 +59,16 @@ def test_summarize_no_records_is_all_zero():
     assert summary["accuracy"] == 0.0
     assert summary["p90_generated_tokens"] == 0.0
     assert summary["loop_or_no_commit_share"] == 0.0
+
+
+def test_wilson_interval_contains_the_share_at_the_extremes():
+    """All-correct and all-wrong runs: rounding once put the bound a hair inside the share, which gave a
+    negative error bar and crashed the comparison plot (tiny-l, 40 of 40 correct)."""
+    for count in range(1, 400):
+        for successes in (0, count):
+            low, high = wilson_interval(successes, count)
+            assert 0.0 <= low <= successes / count <= high <= 1.0
+    low, high = wilson_interval(40, 40)
+    assert high == 1.0 and 0.9 < low < 1.0
+    low, high = wilson_interval(3, 10)
+    assert low == pytest.approx(0.1078, abs=1e-4) and high == pytest.approx(0.6032, abs=1e-4)
