@@ -81,7 +81,7 @@ def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: i
         out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps, eos_token_ids=[],
                        pad_token_id=tokenizer.pad_token_id, sampler=sampler, generator=generator,
                        layers=layers if recorder else (), hook=recorder, top_prob=recorder is not None,
-                       decode=decode)
+                       stack_dtype=torch.float16 if recorder else None, decode=decode)
         kept = []
         if variant == "collect":
             for row, ids in enumerate(out.generated_ids):
@@ -113,6 +113,30 @@ def measure(model, tokenizer, layers, batch: int, steps: int, device, repeats: i
     return results
 
 
+def capture_agreement(model, tokenizer, layers, batch: int, steps: int, device) -> dict:
+    """Greedy decoding with the collection hook on the dynamic and the static path (on a GPU: CUDA-graph
+    replays): the share of rows whose tokens agree, and how far the stored states and top-token
+    probabilities of the agreeing rows' generated positions are apart."""
+    problems = arith_problems("test", limit=batch)
+    enc = tokenizer([render_prompt(tokenizer, p.question) for p in problems], return_tensors="pt",
+                    padding=True, padding_side="left").to(device)
+    runs = {}
+    for decode in ("dynamic", "static"):
+        recorder = HiddenRecorder(layers, batch, steps, torch.float16)
+        out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=steps, eos_token_ids=[],
+                       pad_token_id=tokenizer.pad_token_id, sampler=Sampler(0.0), layers=layers, hook=recorder,
+                       top_prob=True, stack_dtype=torch.float16, decode=decode)
+        runs[decode] = (out.generated_ids, recorder.buffer.float(), recorder.top_prob)
+    (ids_d, states_d, top_d), (ids_s, states_s, top_s) = runs["dynamic"], runs["static"]
+    same = [row for row in range(batch) if ids_d[row] == ids_s[row]]
+    # A row's states agree up to its first differing token; compare the rows that agree throughout.
+    scale = states_d[same].abs().amax().item() if same else 0.0
+    return {"rows_agreeing": len(same), "rows": batch,
+            "max_state_diff": (states_d[same] - states_s[same]).abs().amax().item() if same else None,
+            "state_scale": scale,
+            "max_top_prob_diff": (top_d[same] - top_s[same]).abs().amax().item() if same else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-s", "qwen3-0.6b"])
@@ -133,6 +157,10 @@ def main() -> None:
         model, tokenizer, layers = load(name, device)
         r = report["models"][name] = measure(model, tokenizer, layers, args.batch, args.steps, device,
                                              decode=args.decode)
+        if args.decode == "static":
+            r["capture_agreement"] = capture_agreement(model, tokenizer, layers, args.batch, min(args.steps, 128),
+                                                       device)
+            print(f"  static vs dynamic capture, greedy: {r['capture_agreement']}", flush=True)
         del model
         sizes = " / ".join(f"{r['bytes_per_generated_token'][p]:.0f}" for p in POLICIES)
         print(f"| {name} | {r['plain']['tokens_per_s']:.0f} | {r['capture']['tokens_per_s']:.0f} | "

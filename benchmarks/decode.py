@@ -301,7 +301,7 @@ def collection_rate(model, layers, batch: int, steps: int) -> dict:
         began = time.perf_counter()
         generate(model, ids, mask, max_new_tokens=steps, eos_token_ids=[], pad_token_id=0,
                  sampler=Sampler(0.6, 20, 0.95), generator=generator, layers=layers, hook=recorder,
-                 top_prob=recorder is not None, decode="static")
+                 top_prob=recorder is not None, stack_dtype=torch.float16 if recorder else None, decode="static")
         sync()
         rates[variant] = batch * steps / (time.perf_counter() - began)  # the second run of each is kept
     return rates

@@ -9,6 +9,7 @@ no second pass over the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Sequence
 
 import torch
@@ -19,14 +20,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inference.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepProbe
+from inference.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepOutputs, StepProbe
 
 FINISH_EOS = "eos"
 FINISH_BUDGET = "budget"
 FINISH_STOPPED = "stopped"
 
 
-@dataclass
 class StepView:
     """What the hook sees after one decoding step, for the sequences still generating.
 
@@ -36,16 +36,52 @@ class StepView:
     token, i.e. what the model "thought" when it chose it; shape (len(rows), hidden_size).
     `top_prob[i]` is the model's own probability of its most likely next token at that position
     (softmax of the raw logits, before temperature and truncation; None unless `generate` was asked
-    for it): the confidence rule reads it.
+    for it): the confidence rule reads it. `scores` is the `probe` given to `generate`, run on this
+    step's states (None without one).
+
+    `tokens`, `hidden`, `top_prob` and `scores` are copies made on first read, so a hook pays only for
+    what it reads; they are the hook's to keep. `outputs` is the step's own output for every batch row
+    (`StepOutputs`), which the next step overwrites on the static path: read it, and anything not yet
+    read, inside the hook (a view read after its hook returned raises).
     """
 
-    step: int
-    rows: torch.Tensor
-    tokens: torch.Tensor
-    hidden: dict[int, torch.Tensor]
-    top_prob: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    """The `probe` given to `generate`, run on this step's states (None without one)."""
+    def __init__(self, step: int, rows: torch.Tensor, chosen: torch.Tensor, outputs: StepOutputs):
+        self.step, self.rows = step, rows
+        self._chosen, self._outputs, self._open = chosen, outputs, True
+
+    @property
+    def outputs(self) -> StepOutputs:
+        self._check_open("outputs")
+        return self._outputs
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        self._check_open("tokens")
+        return self._chosen[self.rows]
+
+    @cached_property
+    def hidden(self) -> dict[int, torch.Tensor]:
+        self._check_open("hidden")
+        return {layer: states[self.rows] for layer, states in self._outputs.hidden.items()}
+
+    @cached_property
+    def top_prob(self) -> torch.Tensor | None:
+        self._check_open("top_prob")
+        return None if self._outputs.top_prob is None else self._outputs.top_prob[self.rows]
+
+    @cached_property
+    def scores(self) -> torch.Tensor | None:
+        self._check_open("scores")
+        return None if self._outputs.scores is None else self._outputs.scores[self.rows]
+
+    def close(self) -> None:
+        """Called when the hook returns: the step's outputs are about to be reused."""
+        self._open = False
+
+    def _check_open(self, name: str) -> None:
+        if not self._open:
+            raise RuntimeError(f"StepView.{name} of step {self.step} was first read after the hook returned; the "
+                               "next step reuses the step's outputs, so read it inside the hook")
 
 
 StepHook = Callable[[StepView], "torch.Tensor | None"]
@@ -123,6 +159,7 @@ def generate(
     top_prob: bool = False,
     decode: str = "dynamic",
     probe: StepProbe | None = None,
+    stack_dtype: torch.dtype | None = None,
 ) -> Generation:
     """Decode a left-padded batch until every sequence emits an EOS token or `max_new_tokens`.
 
@@ -135,6 +172,8 @@ def generate(
     All choose the same greedy tokens.
     `probe`: run on the step's layer states inside the step (in the graph on the static path); its
     output reaches the hook as `StepView.scores`.
+    `stack_dtype`: also stack the `layers`' states of every row in this dtype inside the step
+    (`StepView.outputs.stacked`), for a hook that keeps them all (trace collection).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -144,13 +183,17 @@ def generate(
     batch = input_ids.shape[0]
     num_layers = model.config.num_hidden_layers
     layer_ids = resolve_layers(layers, num_layers)
+    if stack_dtype is not None and not (layers and hook is not None):
+        raise ValueError("stack_dtype stacks the states of `layers` for a hook: give both")
     watched = list(layers) if (hook is not None or probe is not None) else []
     watched_ids = layer_ids if watched else []
+    # Made inside the step (in the CUDA graph on the static path), for the hook to read.
+    extras = {"top_prob": top_prob and hook is not None, "stack_dtype": stack_dtype}
     if decode in ("static", "compiled"):
         steps = StaticSteps(model, watched, watched_ids, input_ids.shape[1] + max_new_tokens, probe=probe,
-                            graph=device.type == "cuda", compile=decode == "compiled")
+                            graph=device.type == "cuda", compile=decode == "compiled", **extras)
     else:
-        steps = DynamicSteps(model, watched, watched_ids, probe=probe)
+        steps = DynamicSteps(model, watched, watched_ids, probe=probe, **extras)
     eos = torch.tensor(list(eos_token_ids), device=device)
 
     attention_mask = attention_mask.to(device)
@@ -160,11 +203,11 @@ def generate(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     finish = [FINISH_BUDGET] * batch
 
-    logits, hidden, scores = steps.prefill(input_ids, attention_mask, positions)
+    outputs = steps.prefill(input_ids, attention_mask, positions)
     positions = positions[:, -1:]
     step = 0
     for step in range(max_new_tokens):
-        tokens = sampler.choose(logits, generator)
+        tokens = sampler.choose(outputs.logits, generator)
         tokens = torch.where(live, tokens, torch.full_like(tokens, pad_token_id))
 
         rows = live.nonzero().squeeze(1)
@@ -172,11 +215,9 @@ def generate(
         lengths[rows] += 1
         stopped = None
         if hook is not None:
-            # Indexing copies: the static path overwrites its outputs at the next replay.
-            confidence = torch.softmax(logits[rows].float(), dim=-1).amax(dim=-1) if top_prob else None
-            stopped = hook(StepView(step=step, rows=rows, tokens=tokens[rows],
-                                    hidden={layer: states[rows] for layer, states in hidden.items()},
-                                    top_prob=confidence, scores=None if scores is None else scores[rows]))
+            view = StepView(step, rows, tokens, outputs)
+            stopped = hook(view)
+            view.close()
 
         hit_eos = live & torch.isin(tokens, eos)
         for row in hit_eos.nonzero().squeeze(1).tolist():
@@ -191,7 +232,7 @@ def generate(
         if not bool(live.any()) or step + 1 == max_new_tokens:
             break
         positions = positions + 1
-        logits, hidden, scores = steps.step(tokens, positions)
+        outputs = steps.step(tokens, positions)
 
     generated_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     prompt_lengths = attention_mask.sum(-1).tolist()

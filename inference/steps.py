@@ -10,14 +10,16 @@ step at a fixed address and a fixed shape: a static KV cache sized for prompt + 
 attention mask, and input buffers that each step writes into before the replay. The tiny kernels'
 own GPU time remains; torch.compile fuses them (`compiled`: 8.3 ms).
 
-Both steppers return, per step, the last position's logits [batch, vocab], the configured layers'
-states {layer: [batch, hidden]} and, if a `probe` callable is given, its output on those states (in
-the graph, so that watching the states costs one replay, not a second launch sequence).
+Both steppers return, per step, a `StepOutputs` for every batch row: the last position's logits, the
+configured layers' states and, when asked, what a watching hook needs from them (a `probe`'s scores, the
+top-token probability, the states stacked in a storage dtype). These are made inside the step (in the
+graph on the static path), so that watching a step costs one replay, not a second launch sequence.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,6 +36,25 @@ controller's rounds of varying lengths."""
 StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
 
+@dataclass
+class StepOutputs:
+    """One step's outputs for every batch row, finished rows included (they hold what the padding fed to
+    them produced). On the static path with a CUDA graph the same tensors are rewritten by every replay.
+
+    `logits` [batch, vocab] at the last position; `hidden` {layer: [batch, hidden_size]}, the configured
+    layers' outputs there; `scores` the probe's output on `hidden` (None without a probe); `top_prob`
+    [batch] float32, the softmax of the raw logits' largest value (None unless asked); `stacked`
+    [batch, len(layers), hidden_size], `hidden` stacked in layer order and cast to the stack dtype
+    (None unless asked).
+    """
+
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+    scores: torch.Tensor | None = None
+    top_prob: torch.Tensor | None = None
+    stacked: torch.Tensor | None = None
+
+
 def cache_argument(model) -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.24 on (`past_key_values` still
     works there, with a deprecation warning every call), `past_key_values` before."""
@@ -47,15 +68,18 @@ def cache_argument(model) -> str:
 class DynamicSteps:
     """HF's own path: the cache grows, every step is an eager forward with a growing 2D mask."""
 
-    def __init__(self, model, layers: list[int], layer_ids: list[int], probe: StepProbe | None = None):
+    def __init__(self, model, layers: list[int], layer_ids: list[int], probe: StepProbe | None = None,
+                 top_prob: bool = False, stack_dtype: torch.dtype | None = None):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
+        self.top_prob, self.stack_dtype = top_prob, stack_dtype
         self.cache = DynamicCache(config=model.config)
 
-    def _run(self, input_ids, attention_mask, positions):
+    def _run(self, input_ids, attention_mask, positions) -> StepOutputs:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              **{cache_argument(self.model): self.cache}, use_cache=True,
                              output_hidden_states=bool(self.layers), logits_to_keep=1)
-        return _unpack(outputs, self.layers, self.layer_ids, self.probe)
+        logits, hidden, scores = _unpack(outputs, self.layers, self.layer_ids, self.probe)
+        return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
 
     def prefill(self, input_ids, attention_mask, positions):
         self.mask = attention_mask
@@ -78,8 +102,10 @@ class StaticSteps:
     """
 
     def __init__(self, model, layers: list[int], layer_ids: list[int], max_length: int,
-                 probe: StepProbe | None = None, graph: bool = False, compile: bool = False):
+                 probe: StepProbe | None = None, graph: bool = False, compile: bool = False,
+                 top_prob: bool = False, stack_dtype: torch.dtype | None = None):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
+        self.top_prob, self.stack_dtype = top_prob, stack_dtype
         self.max_length = max_length
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         self.graph = graph
@@ -87,10 +113,12 @@ class StaticSteps:
         self._steps = 0
         self._decode = _compiled_step() if compile else _step
 
-    def _run(self, input_ids, positions, decode: bool = False):
+    def _run(self, input_ids, positions, decode: bool = False) -> StepOutputs:
         step = self._decode if decode else _step
-        return step(self.model, input_ids, self.mask, positions, self.cache, tuple(self.layers),
-                    tuple(self.layer_ids), self.probe)
+        logits, hidden, scores = step(self.model, input_ids, self.mask, positions, self.cache, tuple(self.layers),
+                                      tuple(self.layer_ids), self.probe)
+        # Outside torch.compile, so that `compiled` stores what `static` would store for the same states.
+        return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
 
     def prefill(self, input_ids, attention_mask, positions):
         batch, prompt = input_ids.shape
@@ -155,6 +183,15 @@ def _compiled_step():
     if _COMPILED is None:
         _COMPILED = torch.compile(_step, dynamic=False)
     return _COMPILED
+
+
+def _step_outputs(logits, hidden, scores, layers, top_prob: bool, stack_dtype: torch.dtype | None) -> StepOutputs:
+    """What a watching hook asked for, made from the step's outputs for every row."""
+    confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1) if top_prob else None
+    stacked = None
+    if stack_dtype is not None:
+        stacked = torch.stack([hidden[layer] for layer in layers], dim=1).to(stack_dtype)
+    return StepOutputs(logits, hidden, scores, confidence, stacked)
 
 
 def _unpack(outputs, layers, layer_ids, probe):

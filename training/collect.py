@@ -82,8 +82,15 @@ def capture_positions(length: int, labels: TraceLabels, think_close: int | None,
 
 
 class HiddenRecorder:
-    """A step hook that keeps every live row's hidden states of the chosen layers in one buffer, and
-    its top-token probability at every step in another ([batch, budget] float32)."""
+    """A step hook that keeps every row's hidden states of the chosen layers in one buffer
+    ([batch, budget, layers, hidden] in `dtype`) and its top-token probability at every step in another
+    ([batch, budget] float32).
+
+    It takes both from the step's outputs for the whole batch, made inside the step (in the CUDA graph
+    on the static path): decode with `generate(..., layers=layers, top_prob=True, stack_dtype=dtype)`.
+    One copy each per step; a row's positions at or past its length hold what the padding fed to it
+    after it finished produced, so readers take the first `length` positions.
+    """
 
     def __init__(self, layers: Sequence[int], batch: int, budget: int, dtype: torch.dtype):
         self.layers = list(layers)
@@ -92,13 +99,17 @@ class HiddenRecorder:
         self.top_prob: torch.Tensor | None = None
 
     def __call__(self, view: StepView) -> None:
-        states = torch.stack([view.hidden[layer] for layer in self.layers], dim=1)
+        states, top_prob = view.outputs.stacked, view.outputs.top_prob
+        asked = states is not None and states.dtype == self.dtype and states.shape[1] == len(self.layers)
+        if not asked or top_prob is None:
+            raise ValueError(f"HiddenRecorder needs generate(..., layers={self.layers}, top_prob=True, "
+                             f"stack_dtype={self.dtype})")
         if self.buffer is None:
             self.buffer = torch.zeros((self.batch, self.budget, *states.shape[1:]), dtype=self.dtype,
                                       device=states.device)
             self.top_prob = torch.zeros((self.batch, self.budget), dtype=torch.float32, device=states.device)
-        self.buffer[view.rows, view.step] = states.to(self.dtype)
-        self.top_prob[view.rows, view.step] = view.top_prob.float()
+        self.buffer[:, view.step] = states
+        self.top_prob[:, view.step] = top_prob
 
 
 def collection_identity(config: RescueConfig, model_ids: dict[str, Any], tokenizer, hidden_size: int,
@@ -209,7 +220,7 @@ def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig
         began = time.perf_counter()
         out = generate(model, encoded.input_ids, encoded.attention_mask, max_new_tokens=sampling.budget,
                        eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, sampler=sampler, decode=sampling.decode,
-                       generator=generator, layers=layers, hook=recorder, top_prob=True)
+                       generator=generator, layers=layers, hook=recorder, top_prob=True, stack_dtype=dtype)
         share = (time.perf_counter() - began) / len(batch)
         for row, unit in enumerate(batch):
             ids = out.generated_ids[row]

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +18,12 @@ def model_and_tokenizer(tiny_model_dir):
 def _batch(tokenizer, questions):
     prompts = [render_prompt(tokenizer, q) for q in questions]
     return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def _keep_views(seen):
+    """A hook that keeps what every step's view shows (a view is read inside its hook)."""
+    return lambda view: seen.append(SimpleNamespace(step=view.step, rows=view.rows, tokens=view.tokens,
+                                                    hidden=view.hidden, top_prob=view.top_prob, scores=view.scores))
 
 
 def test_greedy_matches_model_generate_on_left_padded_batch(model_and_tokenizer):
@@ -43,7 +51,7 @@ def test_hook_sees_live_sequences_and_hidden_states_of_the_same_forward(model_an
     result = generate(
         model, enc.input_ids, enc.attention_mask, max_new_tokens=6,
         eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-        layers=[0, -1], hook=seen.append,
+        layers=[0, -1], hook=_keep_views(seen),
     )
     assert [view.step for view in seen] == list(range(6))
     for view in seen:
@@ -136,7 +144,7 @@ def test_static_path_chooses_the_tokens_and_states_of_the_dynamic_path(model_and
         views = []
         result = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=20,
                           eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                          layers=[0, -1], hook=views.append, decode=decode,
+                          layers=[0, -1], hook=_keep_views(views), decode=decode,
                           probe=lambda hidden: hidden[-1].sum(dim=-1))
         runs[decode] = (result, views)
     (dynamic, dynamic_views), (static, static_views) = runs["dynamic"], runs["static"]
@@ -146,6 +154,21 @@ def test_static_path_chooses_the_tokens_and_states_of_the_dynamic_path(model_and
     for ours, theirs in zip(static_views, dynamic_views):
         torch.testing.assert_close(ours.hidden[-1], theirs.hidden[-1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours.scores, ours.hidden[-1].sum(dim=-1))
+
+
+def test_a_view_is_read_inside_its_hook(model_and_tokenizer):
+    """The static path reuses a step's outputs for the next step, so a view's fields not read while its
+    hook ran are refused afterwards; what the hook did read stays the hook's."""
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"])
+    kept = []
+    generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=3, eos_token_ids=[],
+             pad_token_id=tokenizer.pad_token_id, layers=[-1], hook=lambda view: kept.append((view, view.hidden)),
+             top_prob=True, decode="static")
+    view, hidden = kept[0]
+    assert view.hidden is hidden and hidden[-1].shape == (2, model.config.hidden_size)
+    with pytest.raises(RuntimeError, match="StepView.top_prob of step 0 was first read after the hook returned"):
+        _ = view.top_prob
 
 
 def test_compiled_path_chooses_the_tokens_of_the_dynamic_path(model_and_tokenizer):

@@ -9,8 +9,11 @@ import torch
 import torch.multiprocessing as mp
 
 from inference.config import load_config
+from inference.generate import generate
+from inference.prompts import render_prompt
 from rescue import commands
-from training.collect import TraceSetWriter
+from training.arith import arith_problems
+from training.collect import HiddenRecorder, TraceSetWriter
 from training.traces import MANIFEST, Manifest, TraceSet, TraceSetError
 
 SMALL = {"sampling.budget": 48, "sampling.batch_size": 2, "capture.shard_size": 2, "capture.stride": 4,
@@ -87,6 +90,42 @@ def test_top_prob_of_every_generated_token_is_stored_and_read_back(reference):
             logits = model(input_ids=ids).logits[0, len(trace.prompt_ids) - 1 : -1]
         expected = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
         torch.testing.assert_close(trace.top_prob, expected, rtol=0, atol=1e-4)
+
+
+def test_recorder_keeps_what_each_step_showed_on_both_decode_paths():
+    """At every generated position of every row (rows stopping at different steps), the recorder's
+    buffers hold bit for bit what a hook storing the live rows' `view.hidden` and the softmax of their
+    logits stores, on the dynamic and the static path; the two paths agree up to rounding."""
+    model, tokenizer = commands._load_for_precision(config(), "fp16")
+    prompts = [render_prompt(tokenizer, p.question) for p in arith_problems("val", limit=4)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    layers, budget, dtype = [2, -1], 24, torch.float16
+    kept = {}
+    for decode in ("dynamic", "static"):
+        recorder = HiddenRecorder(layers, 4, budget, dtype)
+        states = torch.zeros(4, budget, len(layers), model.config.hidden_size, dtype=dtype)
+        top_prob = torch.zeros(4, budget)
+
+        def hook(view):
+            recorder(view)
+            states[view.rows, view.step] = torch.stack([view.hidden[layer] for layer in layers], dim=1).to(dtype)
+            top_prob[view.rows, view.step] = torch.softmax(view.outputs.logits[view.rows].float(), dim=-1).amax(dim=-1)
+            return view.step == 4 * view.rows + 3
+
+        result = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=budget, eos_token_ids=[],
+                          pad_token_id=tokenizer.pad_token_id, layers=layers, hook=hook, top_prob=True,
+                          stack_dtype=dtype, decode=decode)
+        lengths = [len(ids) for ids in result.generated_ids]
+        assert lengths == [4, 8, 12, 16]
+        for row, length in enumerate(lengths):
+            assert torch.equal(recorder.buffer[row, :length], states[row, :length])
+            assert torch.equal(recorder.top_prob[row, :length], top_prob[row, :length])
+        kept[decode] = result.generated_ids, [(recorder.buffer[row, :n], recorder.top_prob[row, :n])
+                                              for row, n in enumerate(lengths)]
+    assert kept["dynamic"][0] == kept["static"][0]
+    for (dynamic_states, dynamic_prob), (static_states, static_prob) in zip(kept["dynamic"][1], kept["static"][1]):
+        torch.testing.assert_close(static_states, dynamic_states, rtol=4e-3, atol=1e-3)
+        torch.testing.assert_close(static_prob, dynamic_prob, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(reference, tmp_path, monkeypatch):
