@@ -127,11 +127,15 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
         alarm = first_alarm(s["scores"][grid, 0], threshold, patience)
         if alarm is not None:
             leads.append(int(s["positions"][grid][alarm]) - onset)
-    risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0))
-             if "fails_to_commit" not in (untrained or {}) else 0.0 for s in scored]
+    risks = [float(s["scores"][s["positions"] < plan_positions, 1].max(initial=0.0)) for s in scored]
     failing = [s["labels"].fails_to_commit or s["labels"].loop_onset is not None for s in scored]
     plan = {**choose_plan_threshold(risks, failing, target), "positions": plan_positions,
             "risk": "highest fails_to_commit score at generated positions < positions; failing = loop or no commit"}
+    if "fails_to_commit" in (untrained or {}):
+        # The untrained head's scores mean nothing: it never plans, as it never alarms.
+        plan.update(threshold=2.0, planned_failing=0.0 if plan["failing_traces"] else None,
+                    planned_healthy=0.0 if plan["healthy_traces"] else None,
+                    untrained=untrained["fails_to_commit"])
     return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads, "plan": plan,
             "loop_alarm_minus_onset_tokens": {
                 "count": len(leads), "median": float(np.median(leads)) if leads else None,

@@ -101,6 +101,21 @@ def test_a_head_without_positives_trains_the_other_and_never_alarms(tmp_path, ca
     assert "fails_to_commit/auroc" in summary["val"] and "loop_within_h/auroc" not in summary["val"]
 
 
+def test_an_untrained_fails_to_commit_head_never_plans(tmp_path):
+    """tiny-m and tiny-l traces never fail to commit: the planning threshold must not fall to the
+    smallest float above 0 (which planned every trace on the GPU), but stay above any probability."""
+    from inference.triggers import LearnedTrigger
+    from detector.artifact import load_detector
+
+    traces = write_planted_trace_set(tmp_path / "traces", problems=40, fails=False)
+    config = synthetic_config(tmp_path, **{**FAST, "detector.max_epochs": 2})
+    train_detector(config, str(traces), out=str(tmp_path / "detector"), progress=False)
+    card = json.loads((tmp_path / "detector" / CARD).read_text())
+    plan = card["calibration"]["plan"]
+    assert plan["threshold"] > 1.0 and "no positive labels for fails_to_commit" in plan["untrained"]
+    assert LearnedTrigger(load_detector(str(tmp_path / "detector"))).plan_threshold > 1.0
+
+
 def test_ngram_repeats_counts_the_newest_ngram_within_the_window():
     ids = [1, 2, 1, 2, 1, 2, 9, 1, 2]
     assert ngram_repeats(ids, 2, window=100).tolist() == [0, 1, 1, 2, 2, 3, 1, 1, 4]
