@@ -4,9 +4,11 @@ All recipes run in one process on the same test problems with the config's sampl
 warm-up is paid once), after an FP16 evaluation of the same problems that the length ratios refer
 to. A recipe is a name and config overrides, e.g.
   --recipe "g128-cal8:quantization.group_size=128,quantization.calibration.size=8"
-(values are read as YAML scalars). Writes into --out, after every row:
+(values are read as YAML: scalars, or flow lists such as quantization.keep_fp16=[mlp,o_proj], whose
+commas do not split the recipe). Writes into --out, after every row:
   sweep-<size>.json   every summary, the recipe overrides, quantize/evaluate wall times, the device
-  sweep-<size>.md     one table row per recipe (same columns as benchmarks/family_regime.py)
+  sweep-<size>.md     one table row per recipe: its settings (with the keep_fp16 patterns), then the
+                      columns of benchmarks/family_regime.py
 
 Usage:
   python benchmarks/quant_sweep.py --config tiny-m --model.fp16 DIR --out OUT --limit 300 \
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
 from benchmarks.family_regime import TARGET, device_name, generated_tokens
 from inference.config import load_config
 from inference.errors import RescueError
@@ -36,7 +40,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     if not name.strip():
         raise RescueError(f"--recipe needs NAME:key=value,...; got {text!r}")
     overrides = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
+    for item in filter(None, (part.strip() for part in _split_top_level(body))):
         key, sep, value = item.partition("=")
         if not sep:
             raise RescueError(f"--recipe {name}: '{item}' is not key=value")
@@ -44,22 +48,35 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     return name.strip(), overrides
 
 
+def _split_top_level(body: str) -> list[str]:
+    """`body` split at the commas outside brackets, braces and parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(body):
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    return parts + [body[start:]]
+
+
 def table(sweep: dict) -> str:
     rows = sweep["rows"]
     fp16 = next((r for r in rows if r["recipe"] == "fp16"), None)
     lines = [
-        "| recipe | bits | group | desc_act | damp | calib. | accuracy | mean tokens | p90 tokens | budget % "
+        "| recipe | bits | group | desc_act | damp | calib. | kept FP16 | accuracy | mean tokens | p90 tokens | budget % "
         "| unclosed think % | loop % | loop-or-no-commit % | length ratio vs FP16 | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         s, q = row["summary"], row["quantization"]
         ratio = f"{s['mean_generated_tokens'] / fp16['summary']['mean_generated_tokens']:.2f}x" if fp16 else "n/a"
         if row["recipe"] == "fp16":
-            setting = "| 16 | - | - | - | - "
+            setting = "| 16 | - | - | - | - | - "
         else:
+            kept = ", ".join(f"`{pattern}`" for pattern in q.get("keep_fp16", [])) or "-"
             setting = (f"| {q['bits']} | {q['group_size']} | {q['desc_act']} | {q['damp_percent']} "
-                       f"| {q['calibration']['size']} {q['calibration']['benchmark']}/{q['calibration']['split']} ")
+                       f"| {q['calibration']['size']} {q['calibration']['benchmark']}/{q['calibration']['split']} "
+                       f"| {kept} ")
         lines.append(
             f"| {row['recipe']} {setting}| {s['accuracy']:.1%} | {s['mean_generated_tokens']:.0f} "
             f"| {s['p90_generated_tokens']:.0f} | {s['budget_share']:.1%} | {s['unclosed_share']:.1%} "

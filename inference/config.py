@@ -10,6 +10,7 @@ checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,12 @@ class QuantizationConfig:
     group_size: int = field(default=64, metadata=_help("columns sharing one scale; -1 for per-channel"))
     desc_act: bool = field(default=False, metadata=_help("GPTQ act-order (quantize columns by activation size)"))
     damp_percent: float = field(default=0.05, metadata=_help("Hessian dampening", min=0.0, max=1.0))
+    keep_fp16: list[str] = field(
+        default_factory=list,
+        metadata=_help("regular expressions of module names (as in model.layers.0.self_attn.q_proj) whose linears "
+                       "stay in full precision; a pattern matches anywhere in the name (mlp keeps every MLP, "
+                       "^model\\.layers\\.0\\. the first layer); default: quantize every linear", regex=True),
+    )
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
@@ -410,6 +417,12 @@ def _check_value(value: Any, kind: Any, f: dataclasses.Field, source: str, dotte
         raise ConfigError(f"{source}: field '{dotted}' must be {expected}, got {value!r}")
     if value is not None and "max" in meta and value > meta["max"]:
         raise ConfigError(f"{source}: field '{dotted}' must be <= {meta['max']}, got {value!r}")
+    for i, pattern in enumerate(value if meta.get("regex") else ()):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{source}: field '{dotted}[{i}]' must be a regular expression, "
+                              f"got {pattern!r} ({error})") from None
     return value
 
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +43,7 @@ def quantize_model(
         group_size=settings.group_size,
         desc_act=settings.desc_act,
         damp_percent=settings.damp_percent,
+        dynamic=skip_rules(settings.keep_fp16),
         offload_to_disk=False,
     )
     started = time.perf_counter()
@@ -49,6 +51,7 @@ def quantize_model(
         # GPTQModel writes its per-layer logs to ./logs; keep them inside the model folder instead.
         with contextlib.chdir(staging):
             model = GPTQModel.load(str(source.resolve()), quantize_config, device=str(target))
+            kept = kept_linears(model.model, settings.keep_fp16, fp16_ref)
             model.quantize(list(calibration_texts), batch_size=batch_size)
             model.save(str(staging))
         summary = {
@@ -58,9 +61,42 @@ def quantize_model(
             "group_size": settings.group_size,
             "desc_act": settings.desc_act,
             "calibration_texts": len(calibration_texts),
+            "kept_fp16": kept,
             "quantization": dataclasses.asdict(settings),
             "device": str(target),
             "seconds": round(time.perf_counter() - started, 2),
         }
         (staging / "rescue_quantize.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def skip_rules(keep_fp16: Sequence[str]) -> dict[str, dict] | None:
+    """GPTQModel's `dynamic` overrides that leave the linears named by `keep_fp16` unquantized.
+
+    A `-:` key excludes every module whose full name the regex *matches from the start*, both when
+    quantizing and when the saved model is loaded (the rule travels in quantize_config.json). Our
+    patterns match anywhere in the name, hence the `.*` in front.
+    """
+    return {f"-:.*(?:{pattern})": {} for pattern in keep_fp16} or None
+
+
+def kept_linears(model, keep_fp16: Sequence[str], fp16_ref: str) -> list[str]:
+    """Names of the linears (the output head aside) that `keep_fp16` keeps in full precision.
+
+    A pattern that names no linear (most likely a misspelt module name), or patterns that leave
+    nothing to quantize, are refused.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not output]
+    for pattern in keep_fp16:
+        if not any(re.search(pattern, name) for name in linears):
+            raise RescueError(f"quantization.keep_fp16: {pattern!r} matches no linear of {fp16_ref} "
+                              f"(names look like {linears[0] if linears else 'none'})")
+    kept = [name for name in linears if any(re.search(pattern, name) for pattern in keep_fp16)]
+    if linears and len(kept) == len(linears):
+        raise RescueError(f"quantization.keep_fp16 {list(keep_fp16)} keeps every linear of {fp16_ref} "
+                          "in full precision; nothing is left to quantize")
+    return kept

@@ -32,6 +32,9 @@ def quantize(config: RescueConfig, out: str | None = None) -> dict:
     print(f"quantizing {config.model.fp16} to {config.quantization.bits} bits "
           f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems")
     summary = quantize_model(str(source), out_dir, texts, config.quantization, device=config.model.device)
+    if summary["kept_fp16"]:
+        print(f"kept {len(summary['kept_fp16'])} linears in full precision "
+              f"(quantization.keep_fp16 {config.quantization.keep_fp16})")
     print(f"wrote {summary['out']} in {summary['seconds']:.1f} s")
     return summary
 
@@ -447,7 +450,9 @@ def _quantized_matches(config: RescueConfig) -> bool:
                       == resolve_model_source(config.model.fp16, "model").resolve())
     except RescueError:
         return False
-    return same_model and made.get("quantization") == asdict(config.quantization)
+    # Records written before keep_fp16 existed quantized every linear, which is what [] means.
+    recorded = {"keep_fp16": [], **(made.get("quantization") or {})}
+    return same_model and recorded == asdict(config.quantization)
 
 
 def _detector_matches(config: RescueConfig, folder: Path, trace_sets: list[Path]) -> bool:

@@ -32,6 +32,9 @@ def test_minimal_config_fills_qwen3_thinking_defaults(tmp_path):
         (MINIMAL + "quantization:\n  bits: 5\n", "field 'quantization.bits' must be one of 2, 3, 4, 8, got 5"),
         (MINIMAL + "wandb:\n  mode: maybe\n", "field 'wandb.mode' must be one of offline, online, disabled"),
         (MINIMAL + "quantization:\n  desc_act: 1\n", "field 'quantization.desc_act' must be true or false"),
+        (MINIMAL + "quantization:\n  keep_fp16: mlp\n", "field 'quantization.keep_fp16' must be a list of str"),
+        (MINIMAL + "quantization:\n  keep_fp16: [mlp, '(self_attn']\n",
+         "field 'quantization.keep_fp16[1]' must be a regular expression, got '(self_attn' (missing ), "),
         ("- just\n- a list\n", "expected a mapping of config sections"),
         ("model: [unclosed\n", "not valid YAML"),
     ],
@@ -51,6 +54,13 @@ def test_overrides_replace_fields_and_are_validated(tmp_path):
     assert config.sampling.budget == 32 and config.benchmark.name == "arith"
     with pytest.raises(ConfigError, match="'sampling.top_k' must be >= 0"):
         load_config(path, {"sampling.top_k": -1})
+
+
+def test_keep_fp16_defaults_to_quantizing_everything_and_takes_regex_lists(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path).quantization.keep_fp16 == []
+    config = load_config(path, {"quantization.keep_fp16": ["mlp", r"^model\.layers\.0\."]})
+    assert config.quantization.keep_fp16 == ["mlp", r"^model\.layers\.0\."]
 
 
 def test_missing_config_lists_the_shipped_ones():

@@ -50,6 +50,24 @@ def test_quantize_writes_a_2bit_gptq_folder(quantized_dir):
     assert not quantized_dir.with_name("tiny-2bit.partial").exists()
 
 
+def test_a_2bit_model_is_up_to_date_only_for_the_modules_it_kept_in_full_precision(tiny_config, quantized_dir):
+    from inference.config import load_config
+    from rescue.commands import _quantized_matches
+
+    assert _quantized_matches(load_config(tiny_config))
+    assert not _quantized_matches(load_config(tiny_config, {"quantization.keep_fp16": ["mlp"]}))
+    # A record from before keep_fp16 existed quantized every linear: still up to date.
+    record = quantized_dir / "rescue_quantize.json"
+    text = record.read_text()
+    made = json.loads(text)
+    del made["quantization"]["keep_fp16"]
+    record.write_text(json.dumps(made))
+    try:
+        assert _quantized_matches(load_config(tiny_config))
+    finally:
+        record.write_text(text)
+
+
 def test_2bit_model_generates_with_gptq_kernels_and_dequantized_weights_alike(quantized_dir):
     import torch
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
@@ -103,6 +121,8 @@ def test_limit_evaluates_the_first_problems(tiny_config, quantized_dir, tmp_path
         (["--budget", "0"], "field 'sampling.budget' must be a positive integer, got 0"),
         (["--limit", "0"], "--limit must be a positive integer, got 0"),
         (["--benchmark", "nope"], "nope"),
+        (["--quantization.keep_fp16", "[mlp, '(attn']"],
+         "field 'quantization.keep_fp16[1]' must be a regular expression, got '(attn'"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_config, tmp_path, capsys, extra, message):

@@ -1,0 +1,88 @@
+"""`quantize_model` on a tiny random Qwen3 (CPU, seconds): which linears GPTQ quantizes, and loading the result."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from inference.config import QuantizationConfig
+from inference.errors import RescueError
+from inference.quantize import quantize_model
+
+CALIBRATION = [f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}." for a, b in
+               [(2, 3), (7, 6), (10, 4), (9, 9), (12, 30), (5, 8), (41, 1), (3, 3)]]
+
+
+def stored_tensors(folder):
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def attention_only_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with its attention quantized to 2 bits and its MLPs kept in full precision."""
+    out = tmp_path_factory.mktemp("keep-fp16") / "attn-2bit"
+    settings = QuantizationConfig(bits=2, group_size=32, keep_fp16=["mlp"])
+    summary = quantize_model(str(tiny_model_dir), out, CALIBRATION, settings, device="cpu")
+    assert summary["kept_fp16"] == [f"model.layers.{i}.mlp.{name}_proj" for i in (0, 1)
+                                    for name in ("gate", "up", "down")]
+    return out
+
+
+def test_keep_fp16_leaves_the_mlps_unquantized_and_quantizes_attention(attention_only_dir, tiny_model_dir):
+    original = stored_tensors(tiny_model_dir)
+    stored = stored_tensors(attention_only_dir)
+    for layer in (0, 1):
+        for name in ("gate", "up", "down"):
+            prefix = f"model.layers.{layer}.mlp.{name}_proj"
+            assert f"{prefix}.qweight" not in stored
+            weight = stored[f"{prefix}.weight"]
+            # GPTQModel keeps unquantized tensors in the dtype it quantized in (bfloat16 on the CPU).
+            assert torch.equal(weight, original[f"{prefix}.weight"].to(weight.dtype))
+        for name in ("q", "k", "v", "o"):
+            prefix = f"model.layers.{layer}.self_attn.{name}_proj"
+            assert f"{prefix}.qweight" in stored and f"{prefix}.weight" not in stored
+    settings = json.loads((attention_only_dir / "quantize_config.json").read_text())
+    assert settings["bits"] == 2 and settings["dynamic"] == {"-:.*(?:mlp)": {}}
+
+
+def test_attention_only_2bit_model_loads_and_generates(attention_only_dir, tiny_model_dir):
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from inference.generate import generate
+    from inference.models import load_full_precision, load_quantized
+    from inference.prompts import render_prompt
+
+    packed, tokenizer = load_quantized(str(attention_only_dir), "cpu", kernel="gptq")
+    layer = packed.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, TorchLinear) and type(layer.mlp.up_proj) is torch.nn.Linear
+
+    plain, _ = load_quantized(str(attention_only_dir), "cpu", kernel="dequantized")
+    full, _ = load_full_precision(str(tiny_model_dir), device="cpu")
+    assert not any(isinstance(m, TorchLinear) for m in plain.modules())
+    kept, original = plain.model.layers[1].mlp.down_proj.weight, full.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(kept, original.to(torch.bfloat16).float())
+    assert not torch.allclose(plain.model.layers[1].self_attn.o_proj.weight,
+                              full.model.layers[1].self_attn.o_proj.weight, atol=1e-3)
+
+    enc = tokenizer([render_prompt(tokenizer, "What is 2 + 3?")], return_tensors="pt")
+    with torch.no_grad():
+        a, b = packed(**enc).logits.float(), plain(**enc).logits.float()
+    assert torch.allclose(a, b, atol=0.05 * b.abs().max().item())
+    result = generate(plain, enc.input_ids, enc.attention_mask, max_new_tokens=5,
+                      eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert len(result.generated_ids[0]) >= 1
+
+
+@pytest.mark.parametrize("keep, message", [
+    (["mpl"], "quantization.keep_fp16: 'mpl' matches no linear of"),
+    (["mlp", "self_attn"], "keeps every linear of"),
+])
+def test_keep_fp16_that_names_nothing_or_everything_is_refused(tmp_path, tiny_model_dir, keep, message):
+    out = tmp_path / "never"
+    with pytest.raises(RescueError, match=message):
+        quantize_model(str(tiny_model_dir), out, CALIBRATION, QuantizationConfig(keep_fp16=keep), device="cpu")
+    assert not out.exists() and not out.with_name("never.partial").exists()
