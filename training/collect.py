@@ -100,11 +100,11 @@ class HiddenRecorder:
 
     def __call__(self, view: StepView) -> None:
         states, top_prob = view.outputs.stacked, view.outputs.top_prob
-        asked = states is not None and states.dtype == self.dtype and states.shape[1] == len(self.layers)
-        if not asked or top_prob is None:
-            raise ValueError(f"HiddenRecorder needs generate(..., layers={self.layers}, top_prob=True, "
-                             f"stack_dtype={self.dtype})")
-        if self.buffer is None:
+        if self.buffer is None:  # the step outputs keep their form for the whole generation: check once
+            asked = states is not None and states.dtype == self.dtype and states.shape[1] == len(self.layers)
+            if not asked or top_prob is None:
+                raise ValueError(f"HiddenRecorder needs generate(..., layers={self.layers}, top_prob=True, "
+                                 f"stack_dtype={self.dtype})")
             self.buffer = torch.zeros((self.batch, self.budget, *states.shape[1:]), dtype=self.dtype,
                                       device=states.device)
             self.top_prob = torch.zeros((self.batch, self.budget), dtype=torch.float32, device=states.device)

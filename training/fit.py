@@ -29,6 +29,9 @@ import torch
 from inference.config import RescueConfig
 from inference.errors import RescueError
 
+NEVER = 2.0
+"""The threshold of an untrained head, above any probability: it never alarms and never plans."""
+
 
 def _wandb_logger(config: RescueConfig, run_dir: Path):
     """W&B through Lightning's WandbLogger (offline by default); False when W&B is disabled."""
@@ -116,7 +119,7 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
         except ValueError as error:
             raise RescueError(f"calibration: {error}") from None
         if head in (untrained or {}):
-            heads[head].update(threshold=2.0, false_alarm_rate=0.0, detection_rate=None,
+            heads[head].update(threshold=NEVER, false_alarm_rate=0.0, detection_rate=None,
                                untrained=untrained[head])
     leads = []
     threshold = heads["loop_within_h"]["threshold"]
@@ -133,7 +136,7 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
             "risk": "highest fails_to_commit score at generated positions < positions; failing = loop or no commit"}
     if "fails_to_commit" in (untrained or {}):
         # The untrained head's scores mean nothing: it never plans, as it never alarms.
-        plan.update(threshold=2.0, planned_failing=0.0 if plan["failing_traces"] else None,
+        plan.update(threshold=NEVER, planned_failing=0.0 if plan["failing_traces"] else None,
                     planned_healthy=0.0 if plan["healthy_traces"] else None,
                     untrained=untrained["fails_to_commit"])
     return {"stride": stride, "patience": patience, "target_false_alarm_rate": target, "heads": heads, "plan": plan,
