@@ -284,6 +284,29 @@ class PretrainConfig:
     warmup_steps: int = field(default=200, metadata=_help("linear warm-up steps", min=0))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay", min=0.0))
     seed: int = field(default=0, metadata=_help("seed of initialisation, data order and task generation"))
+    # Trace style of the synthetic data (training.arith.TraceStyle); the defaults are its verify-until-agree recipe.
+    slip_rate: float = field(default=0.06, metadata=_help(
+        "chance that a step is first written wrong and corrected on the next line", min=0.0, max=0.99))
+    recheck_rate: float = field(default=0.25, metadata=_help(
+        "chance of each further re-check of an earlier step", min=0.0, max=0.99))
+    verify_rate: float = field(default=0.5, metadata=_help(
+        "share of traces followed by verification passes", min=0.0, max=0.99))
+    final_slip_rate: float = field(default=0.2, metadata=_help(
+        "chance that a verification pass ends in a slip, so another pass is needed", min=0.0, max=0.99))
+    max_verification_passes: int = field(default=4, metadata=_help(
+        "most verification passes one trace may hold", min=1))
+    max_trace_chars: int = field(default=750, metadata=_help(
+        "longest trace in characters (longer draws are redrawn)", min=50))
+
+    def trace_style(self):
+        """The `training.arith.TraceStyle` these fields describe."""
+        from training.arith import TraceStyle
+
+        return TraceStyle(
+            slip_rate=self.slip_rate, recheck_rate=self.recheck_rate, verify_rate=self.verify_rate,
+            final_slip_rate=self.final_slip_rate, max_verification_passes=self.max_verification_passes,
+            max_trace_chars=self.max_trace_chars,
+        )
 
 
 @dataclass

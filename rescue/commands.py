@@ -6,12 +6,13 @@ models and runners from `inference`); the stage packages never import each other
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 from inference.config import RescueConfig
-from inference.errors import RescueError
+from inference.errors import ConfigError, RescueError
 
 PRECISIONS = ("fp16", "2bit")
 
@@ -227,7 +228,10 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
     tokenizer = build_tokenizer()
     L.seed_everything(spec.seed, verbose=False)
     data = ArithTraceData(tokenizer, spec)
-    data.setup()
+    try:
+        data.setup()
+    except ValueError as error:  # a trace style no problem can be written in (e.g. max_trace_chars too small)
+        raise ConfigError(f"pretrain: {error}") from None
     steps = (len(data.train_set) // spec.batch_size) * spec.epochs
     module = ReasonerLM(family_config(spec, tokenizer), spec, steps)
     parameters = count_parameters(module.model)
@@ -260,6 +264,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         "train_traces": len(data.train_set),
         "epochs": spec.epochs,
         "steps": steps,
+        "trace_style": dataclasses.asdict(spec.trace_style()),
         "train_seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),

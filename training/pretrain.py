@@ -83,12 +83,13 @@ class ArithTraceData(L.LightningDataModule):
         self.num_workers = num_workers
 
     def setup(self, stage: str | None = None) -> None:
-        from training.arith import arith_dataset
+        from training.arith import ArithSpec, arith_dataset
 
         if hasattr(self, "train_set"):
             return
-        train = arith_dataset("train", self.spec.train_problems, seed=self.spec.seed)
-        val = arith_dataset("val", self.spec.val_problems, seed=self.spec.seed)
+        task = ArithSpec(trace=self.spec.trace_style())
+        train = arith_dataset("train", self.spec.train_problems, seed=self.spec.seed, spec=task)
+        val = arith_dataset("val", self.spec.val_problems, seed=self.spec.seed, spec=task)
         self.train_set = TraceDataset(train["question"], train["trace"], self.tokenizer, self.spec.max_length)
         self.val_set = TraceDataset(val["question"], val["trace"], self.tokenizer, self.spec.max_length)
 

@@ -19,3 +19,45 @@ def test_pretrain_writes_a_loadable_model_folder_and_a_checkpoint_per_epoch(tmp_
     assert model.config.hidden_size == 32 and len(tokenizer) <= model.config.vocab_size
     assert len(list((tmp_path / "runs" / "tiny-s" / "pretrain" / "checkpoints").glob("*.ckpt"))) == 2
     assert not out.with_name("tiny-x.partial").exists()
+
+
+def test_pretrain_trace_style_fields_shape_the_training_traces_and_are_recorded(tmp_path):
+    from inference.config import load_config
+    from training.pretrain import ArithTraceData
+    from training.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+
+    def verification_passes(overrides):
+        spec = load_config("tiny-s", overrides).pretrain
+        data = ArithTraceData(tokenizer, spec)
+        data.setup()
+        texts = [tokenizer.decode(ids) for ids, _ in data.train_set.examples]
+        return sum(text.count("Let me verify") for text in texts) / len(texts)
+
+    small = {"pretrain.train_problems": 200, "pretrain.val_problems": 4}
+    plain = verification_passes(small)
+    heavy = verification_passes({**small, "pretrain.verify_rate": 0.9, "pretrain.final_slip_rate": 0.35,
+                                 "pretrain.max_verification_passes": 6, "pretrain.max_trace_chars": 1000})
+    assert plain < 1.0 < 1.5 < heavy
+    assert verification_passes({**small, "pretrain.verify_rate": 0.0}) == 0.0
+
+    out = tmp_path / "tiny-x"
+    argv = ["pretrain", "--config", "tiny-s", "--out", str(out), "--output_dir", str(tmp_path / "runs"),
+            "--wandb", "disabled", "--pretrain.hidden_size", "16", "--pretrain.num_layers", "1",
+            "--pretrain.intermediate_size", "32", "--pretrain.train_problems", "32", "--pretrain.val_problems", "4",
+            "--pretrain.epochs", "1", "--pretrain.batch_size", "32", "--pretrain.verify_rate", "0.9"]
+    assert main(argv) == 0
+    assert json.loads((out / "pretrain.json").read_text())["trace_style"]["verify_rate"] == 0.9
+
+
+def test_pretrain_refuses_a_trace_style_no_problem_fits(tmp_path, capsys):
+    out = tmp_path / "tiny-x"
+    argv = ["pretrain", "--config", "tiny-s", "--out", str(out), "--output_dir", str(tmp_path / "runs"),
+            "--wandb", "disabled", "--pretrain.train_problems", "8", "--pretrain.max_trace_chars", "60"]
+    assert main(argv) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "max_trace_chars=60" in error[0]
+    assert not out.exists() and not out.with_name("tiny-x.partial").exists()
+    rate = ["pretrain", "--config", "tiny-s", "--out", str(out), "--wandb", "disabled", "--pretrain.verify_rate", "1.5"]
+    assert main(rate) != 0 and "pretrain.verify_rate" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Retrain embedded family sizes with other recipes (trace style, epochs) and measure each one's regime:
+# every variant runs `rescue pretrain`, then `benchmarks/family_regime.py` (FP16 and the BITS twins on
+# LIMIT test problems). All variants run at once on the one GPU, so their wall times share the machine.
+# Usage (on the device, after `source benchmarks/device_setup.sh`):
+#   benchmarks/retrain_sweep.sh OUT NAME:SIZE[:--pretrain.field=VALUE,...] ...
+#   e.g. benchmarks/retrain_sweep.sh $OUT s-v9:tiny-s:--pretrain.verify_rate=0.9,--pretrain.epochs=2
+# The same flags go to the regime run, so its record holds the recipe. Env: BITS (default 2), LIMIT (500),
+# BATCH (sampling.batch_size, 500), LIMIT_S (per variant, 540), EXTRA (more flags for the regime run).
+# Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/.
+set -uo pipefail
+out=$1; shift; mkdir -p "$out/models"
+one_variant() {
+  local name size flags=()
+  IFS=: read -r name size rest <<< "$1"
+  [ -n "${rest:-}" ] && IFS=, read -ra flags <<< "$rest"
+  local began=$(date +%s)
+  timeout "${LIMIT_S:-540}" bash -c '
+    python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "/tmp/retrain-$3" \
+      --wandb disabled "${@:4}" &&
+    python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
+      --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \
+      ${EXTRA:-} "${@:4}"' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - began )) s" | tee -a "$out/$name.log"
+}
+for spec in "$@"; do one_variant "$spec" & done
+wait
+for spec in "$@"; do
+  name=${spec%%:*}; echo "== $name"
+  grep -E "^(pretraining|wrote $out/models|[^ ]+: exit|fp16 on|[0-9]+bit on|- (met|MISSED)|[A-Za-z]*Error)" "$out/$name.log" | tail -12
+  cat "$out/regime-$name"/regime-*.md 2>/dev/null | grep -E "^\|"
+done
