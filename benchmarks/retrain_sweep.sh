@@ -6,7 +6,8 @@
 #   benchmarks/retrain_sweep.sh OUT NAME:SIZE[:--pretrain.field=VALUE,...] ...
 #   e.g. benchmarks/retrain_sweep.sh $OUT s-v9:tiny-s:--pretrain.verify_rate=0.9,--pretrain.epochs=2
 # The same flags go to the regime run, so its record holds the recipe. Env: BITS (default 2), LIMIT (500),
-# BATCH (sampling.batch_size, 500), LIMIT_S (per variant, 540), EXTRA (more flags for the regime run).
+# BATCH (sampling.batch_size, 500), LIMIT_S (per variant, 540), EXTRA (more flags for the regime run),
+# REGIME=0 (train only: measure the regime elsewhere, e.g. on a CPU with the same family_regime.py).
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/.
 set -uo pipefail
 out=$1; shift; mkdir -p "$out/models"
@@ -17,7 +18,8 @@ one_variant() {
   local began=$(date +%s)
   timeout "${LIMIT_S:-540}" bash -c '
     python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "/tmp/retrain-$3" \
-      --wandb disabled "${@:4}" &&
+      --wandb disabled "${@:4}" || exit
+    [ "${REGIME:-1}" = 1 ] || exit 0
     python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
       --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \
       ${EXTRA:-} "${@:4}"' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1

@@ -264,6 +264,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         "train_traces": len(data.train_set),
         "epochs": spec.epochs,
         "steps": steps,
+        "seed": spec.seed,
         "trace_style": dataclasses.asdict(spec.trace_style()),
         "train_seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if gpu else "cpu",

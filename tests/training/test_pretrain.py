@@ -36,7 +36,8 @@ def test_pretrain_trace_style_fields_shape_the_training_traces_and_are_recorded(
         return sum(text.count("Let me verify") for text in texts) / len(texts)
 
     small = {"pretrain.train_problems": 200, "pretrain.val_problems": 4}
-    plain = verification_passes(small)
+    plain = verification_passes({**small, "pretrain.verify_rate": 0.5, "pretrain.final_slip_rate": 0.2,
+                                 "pretrain.max_verification_passes": 4, "pretrain.max_trace_chars": 750})
     heavy = verification_passes({**small, "pretrain.verify_rate": 0.9, "pretrain.final_slip_rate": 0.35,
                                  "pretrain.max_verification_passes": 6, "pretrain.max_trace_chars": 1000})
     assert plain < 1.0 < 1.5 < heavy
