@@ -5,12 +5,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rescue.cli import main
 
 
+def pretrain_argv(tmp_path, **fields) -> list[str]:
+    """`rescue pretrain` of tiny-s's config into tmp_path/tiny-x, with `--pretrain.<field> <value>` flags."""
+    argv = ["pretrain", "--config", "tiny-s", "--out", str(tmp_path / "tiny-x"),
+            "--output_dir", str(tmp_path / "runs"), "--wandb", "disabled"]
+    for name, value in fields.items():
+        argv += [f"--pretrain.{name}", str(value)]
+    return argv
+
+
 def test_pretrain_writes_a_loadable_model_folder_and_a_checkpoint_per_epoch(tmp_path):
     out = tmp_path / "tiny-x"
-    argv = ["pretrain", "--config", "tiny-s", "--out", str(out), "--output_dir", str(tmp_path / "runs"),
-            "--wandb", "disabled", "--pretrain.hidden_size", "32", "--pretrain.num_layers", "1",
-            "--pretrain.intermediate_size", "64", "--pretrain.train_problems", "64", "--pretrain.val_problems", "8",
-            "--pretrain.epochs", "2", "--pretrain.batch_size", "32", "--pretrain.warmup_steps", "1"]
+    argv = pretrain_argv(tmp_path, hidden_size=32, num_layers=1, intermediate_size=64, train_problems=64,
+                         val_problems=8, epochs=2, batch_size=32, warmup_steps=1)
     assert main(argv) == 0
     record = json.loads((out / "pretrain.json").read_text())
     assert record["steps"] == 4 and record["train_traces"] == 64
@@ -44,21 +51,16 @@ def test_pretrain_trace_style_fields_shape_the_training_traces_and_are_recorded(
     assert verification_passes({**small, "pretrain.verify_rate": 0.0}) == 0.0
 
     out = tmp_path / "tiny-x"
-    argv = ["pretrain", "--config", "tiny-s", "--out", str(out), "--output_dir", str(tmp_path / "runs"),
-            "--wandb", "disabled", "--pretrain.hidden_size", "16", "--pretrain.num_layers", "1",
-            "--pretrain.intermediate_size", "32", "--pretrain.train_problems", "32", "--pretrain.val_problems", "4",
-            "--pretrain.epochs", "1", "--pretrain.batch_size", "32", "--pretrain.verify_rate", "0.9"]
+    argv = pretrain_argv(tmp_path, hidden_size=16, num_layers=1, intermediate_size=32, train_problems=32,
+                         val_problems=4, epochs=1, batch_size=32, verify_rate=0.9)
     assert main(argv) == 0
     assert json.loads((out / "pretrain.json").read_text())["trace_style"]["verify_rate"] == 0.9
 
 
 def test_pretrain_refuses_a_trace_style_no_problem_fits(tmp_path, capsys):
     out = tmp_path / "tiny-x"
-    argv = ["pretrain", "--config", "tiny-s", "--out", str(out), "--output_dir", str(tmp_path / "runs"),
-            "--wandb", "disabled", "--pretrain.train_problems", "8", "--pretrain.max_trace_chars", "60"]
-    assert main(argv) != 0
+    assert main(pretrain_argv(tmp_path, train_problems=8, max_trace_chars=60)) != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "max_trace_chars=60" in error[0]
     assert not out.exists() and not out.with_name("tiny-x.partial").exists()
-    rate = ["pretrain", "--config", "tiny-s", "--out", str(out), "--wandb", "disabled", "--pretrain.verify_rate", "1.5"]
-    assert main(rate) != 0 and "pretrain.verify_rate" in capsys.readouterr().err
+    assert main(pretrain_argv(tmp_path, verify_rate=1.5)) != 0 and "pretrain.verify_rate" in capsys.readouterr().err
