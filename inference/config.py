@@ -299,14 +299,11 @@ class PretrainConfig:
         "longest trace in characters (longer draws are redrawn)", min=50))
 
     def trace_style(self):
-        """The `training.arith.TraceStyle` these fields describe."""
+        """The `training.arith.TraceStyle` these fields describe (its fields not named here keep their defaults)."""
         from training.arith import TraceStyle
 
-        return TraceStyle(
-            slip_rate=self.slip_rate, recheck_rate=self.recheck_rate, verify_rate=self.verify_rate,
-            final_slip_rate=self.final_slip_rate, max_verification_passes=self.max_verification_passes,
-            max_trace_chars=self.max_trace_chars,
-        )
+        named = {f.name for f in dataclasses.fields(TraceStyle)} & {f.name for f in dataclasses.fields(self)}
+        return TraceStyle(**{name: getattr(self, name) for name in named})
 
 
 @dataclass
