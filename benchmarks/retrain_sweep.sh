@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Retrain embedded family sizes with other recipes (trace style, epochs) and measure each one's regime:
 # every variant runs `rescue pretrain`, then `benchmarks/family_regime.py` (FP16 and the BITS twins on
-# LIMIT test problems). All variants run at once on the one GPU, so their wall times share the machine.
+# LIMIT test problems). All variants run at once; on a machine with several GPUs they take turns
+# (variant i on GPU i mod the GPU count), so variants that share a GPU share its wall time.
 # Usage (on the device, after `source benchmarks/device_setup.sh`):
 #   benchmarks/retrain_sweep.sh OUT NAME:SIZE[:--pretrain.field=VALUE,...] ...
 #   e.g. benchmarks/retrain_sweep.sh $OUT s-v9:tiny-s:--pretrain.verify_rate=0.9,--pretrain.epochs=2
@@ -11,8 +12,10 @@
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/.
 set -uo pipefail
 out=$1; shift; mkdir -p "$out/models"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -gt 0 ] || gpus=1
 one_variant() {
   local name size flags=()
+  export CUDA_VISIBLE_DEVICES=$2
   IFS=: read -r name size rest <<< "$1"
   [ -n "${rest:-}" ] && IFS=, read -ra flags <<< "$rest"
   local began=$(date +%s)
@@ -23,9 +26,10 @@ one_variant() {
     python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
       --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \
       ${EXTRA:-} "${@:4}"' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1
-  echo "$name: exit $? after $(( $(date +%s) - began )) s" | tee -a "$out/$name.log"
+  echo "$name: exit $? after $(( $(date +%s) - began )) s on GPU $2" | tee -a "$out/$name.log"
 }
-for spec in "$@"; do one_variant "$spec" & done
+i=0
+for spec in "$@"; do one_variant "$spec" $(( i++ % gpus )) & done
 wait
 for spec in "$@"; do
   name=${spec%%:*}; echo "== $name"
