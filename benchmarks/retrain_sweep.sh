@@ -29,7 +29,7 @@ one_variant() {
   echo "$name: exit $? after $(( $(date +%s) - began )) s on GPU $2" | tee -a "$out/$name.log"
 }
 i=0
-for spec in "$@"; do one_variant "$spec" $(( i++ % gpus )) & done
+for spec in "$@"; do one_variant "$spec" $(( i % gpus )) & i=$(( i + 1 )); done
 wait
 for spec in "$@"; do
   name=${spec%%:*}; echo "== $name"
