@@ -8,8 +8,12 @@
 #   e.g. benchmarks/retrain_sweep.sh $OUT s-v9:tiny-s:--pretrain.verify_rate=0.9,--pretrain.epochs=2
 # The same flags go to the regime run, so its record holds the recipe. Env: BITS (default 2), LIMIT (500),
 # BATCH (sampling.batch_size, 500), LIMIT_S (per variant, 540), EXTRA (more flags for the regime run),
-# REGIME=0 (train only: measure the regime elsewhere, e.g. on a CPU with the same family_regime.py).
-# Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/.
+# REGIME=0 (train only: measure the regime elsewhere, e.g. on a CPU with the same family_regime.py),
+# SWEEP (space-separated benchmarks/quant_sweep.py recipes, e.g. "g128:quantization.group_size=128":
+# swept after the regime run, into OUT/sweep-NAME; its quantized models are large, so bring back only
+# the *.json and *.md files of OUT).
+# Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/,
+# OUT/sweep-NAME/ (with SWEEP).
 set -uo pipefail
 out=$1; shift; mkdir -p "$out/models"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -gt 0 ] || gpus=1
@@ -22,10 +26,16 @@ one_variant() {
   timeout "${LIMIT_S:-540}" bash -c '
     python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "/tmp/retrain-$3" \
       --wandb disabled "${@:4}" || exit
-    [ "${REGIME:-1}" = 1 ] || exit 0
-    python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
-      --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \
-      ${EXTRA:-} "${@:4}"' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1
+    if [ "${REGIME:-1}" = 1 ]; then
+      python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
+        --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \
+        ${EXTRA:-} "${@:4}" || exit
+    fi
+    [ -n "${SWEEP:-}" ] || exit 0
+    recipes=(); for recipe in $SWEEP; do recipes+=(--recipe "$recipe"); done
+    python3 benchmarks/quant_sweep.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/sweep-$3" \
+      --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled ${EXTRA:-} "${@:4}" "${recipes[@]}"
+    ' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - began )) s on GPU $2" | tee -a "$out/$name.log"
 }
 i=0
@@ -34,5 +44,5 @@ wait
 for spec in "$@"; do
   name=${spec%%:*}; echo "== $name"
   grep -E "^(pretraining|wrote $out/models|[^ ]+: exit|fp16 on|[0-9]+bit on|- (met|MISSED)|[A-Za-z]*Error)" "$out/$name.log" | tail -12
-  cat "$out/regime-$name"/regime-*.md 2>/dev/null | grep -E "^\|"
+  cat "$out/regime-$name"/regime-*.md "$out/sweep-$name"/sweep-*.md 2>/dev/null | grep -E "^\|"
 done
