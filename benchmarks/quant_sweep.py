@@ -59,6 +59,13 @@ def _split_top_level(body: str) -> list[str]:
     return parts + [body[start:]]
 
 
+def calibration_source(calibration: dict) -> str:
+    """Where the calibration texts came from: benchmark/split, or the local file a path names."""
+    if calibration.get("path"):
+        return f"{calibration['benchmark']} ({Path(calibration['path']).name})"
+    return f"{calibration['benchmark']}/{calibration['split']}"
+
+
 def table(sweep: dict) -> str:
     rows = sweep["rows"]
     fp16 = next((r for r in rows if r["recipe"] == "fp16"), None)
@@ -75,7 +82,7 @@ def table(sweep: dict) -> str:
         else:
             kept = ", ".join(f"`{pattern}`" for pattern in q.get("keep_fp16", [])) or "-"
             setting = (f"| {q['bits']} | {q['group_size']} | {q['desc_act']} | {q['damp_percent']} "
-                       f"| {q['calibration']['size']} {q['calibration']['benchmark']}/{q['calibration']['split']} "
+                       f"| {q['calibration']['size']} {calibration_source(q['calibration'])} "
                        f"| {kept} ")
         lines.append(
             f"| {row['recipe']} {setting}| {s['accuracy']:.1%} | {s['mean_generated_tokens']:.0f} "
