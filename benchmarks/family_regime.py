@@ -4,7 +4,8 @@ Evaluates the FP16 model, quantizes it to each bit width (GPTQ settings other th
 config) and evaluates each twin, all on the same test problems with the config's sampling. Writes
 into --out:
   regime-<size>.json          every summary, the settings, wall times and the device
-  regime-<size>.md            the regime table (accuracy, lengths, budget / unclosed / loop shares)
+  regime-<size>.md            the regime table (accuracy, lengths, budget / unclosed / loop shares: the
+                              naive repetition check's, and the trace labeler's loop and delayed commitment)
   trace-lengths-<size>.png    generated-token histograms, FP16 against each bit width
   <size>-<b>bit/              the quantized models; <size>/evaluate-<precision>/ the evaluation records
 
@@ -27,8 +28,10 @@ from pathlib import Path
 
 from inference.config import load_config
 from inference.errors import RescueError
+from inference.models import load_tokenizer, resolve_model_source
 from rescue import commands
 from rescue.cli import add_config_flags, config_overrides
+from training.labels import label_records, label_shares
 
 TARGET = "FP16 accuracy >= 90%; 2-bit accuracy 15-75%; >= 15% of 2-bit traces loop or fail to commit; " \
          "2-bit mean length >= 1.3x FP16"
@@ -45,6 +48,15 @@ def device_name() -> str:
 def generated_tokens(record_dir: Path) -> list[int]:
     with open(record_dir / "records.jsonl") as handle:
         return [json.loads(line)["generated_tokens"] for line in handle]
+
+
+def labeled_shares(record_dir: Path, config) -> dict[str, float]:
+    """The trace labeler's shares (`training.labels.label_shares`, with the config's `labels`
+    parameters) over the traces of one evaluation record."""
+    tokenizer = load_tokenizer(resolve_model_source(config.model.fp16, "model"))
+    with open(record_dir / "records.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    return label_shares(label_records(rows, tokenizer, config.labels))
 
 
 def measure(config_ref: str | None, overrides: dict, bits_list: list[int], limit: int, out: Path) -> dict:
@@ -74,6 +86,7 @@ def measure(config_ref: str | None, overrides: dict, bits_list: list[int], limit
             "quantize_seconds": quantize_seconds,
             "evaluate_seconds": round(time.perf_counter() - began, 1),
             "generated_tokens": generated_tokens(record_dir),
+            "labels": labeled_shares(record_dir, config),
             "records": str(record_dir),
         })
         (out / f"regime-{size}.json").write_text(json.dumps(regime, indent=1) + "\n")
@@ -102,8 +115,8 @@ def regime_table(regime: dict) -> str:
     fp16_mean = next(r["summary"]["mean_generated_tokens"] for r in rows if r["precision"] == "fp16")
     lines = [
         "| precision | accuracy | mean tokens | p90 tokens | budget % | unclosed think % | loop % "
-        "| loop-or-no-commit % | length ratio vs FP16 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| loop-or-no-commit % | labeled loop % | delayed commitment % | length ratio vs FP16 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         s = row["summary"]
@@ -111,9 +124,15 @@ def regime_table(regime: dict) -> str:
         lines.append(
             f"| {name} | {s['accuracy']:.1%} | {s['mean_generated_tokens']:.0f} | {s['p90_generated_tokens']:.0f} "
             f"| {s['budget_share']:.1%} | {s['unclosed_share']:.1%} | {s['loop_share']:.1%} "
-            f"| {s['loop_or_no_commit_share']:.1%} | {s['mean_generated_tokens'] / fp16_mean:.2f}x |"
+            f"| {s['loop_or_no_commit_share']:.1%} | {labeled_columns(row)} | {s['mean_generated_tokens'] / fp16_mean:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def labeled_columns(row: dict) -> str:
+    """The labeler's loop and delayed-commitment shares of a row ('- | -' in records made before they were kept)."""
+    labels = row.get("labels")
+    return f"{labels['loop']:.1%} | {labels['delayed_commitment']:.1%}" if labels else "- | -"
 
 
 def target_check(regime: dict) -> list[str]:
@@ -122,13 +141,18 @@ def target_check(regime: dict) -> list[str]:
     if "fp16" not in rows or "2bit" not in rows:
         return []
     fp16, low = rows["fp16"], rows["2bit"]
+    labels = next(r.get("labels") for r in regime["precisions"] if r["precision"] == "2bit")
     ratio = low["mean_generated_tokens"] / fp16["mean_generated_tokens"]
     checks = [
         (f"FP16 accuracy {fp16['accuracy']:.1%} >= 90%", fp16["accuracy"] >= 0.9),
         (f"2-bit accuracy {low['accuracy']:.1%} in 15-75%", 0.15 <= low["accuracy"] <= 0.75),
-        (f"2-bit loop-or-no-commit {low['loop_or_no_commit_share']:.1%} >= 15%", low["loop_or_no_commit_share"] >= 0.15),
+        (f"2-bit loop-or-no-commit {low['loop_or_no_commit_share']:.1%} >= 15% (naive repetition check)",
+         low["loop_or_no_commit_share"] >= 0.15),
         (f"2-bit length ratio {ratio:.2f}x >= 1.3x", ratio >= 1.3),
     ]
+    if labels:
+        share = labels["loop_or_fails_to_commit"]
+        checks.insert(3, (f"2-bit loop-or-fails-to-commit {share:.1%} >= 15% (trace labeler)", share >= 0.15))
     return [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
 
 

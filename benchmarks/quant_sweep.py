@@ -8,7 +8,7 @@ to. A recipe is a name and config overrides, e.g.
 commas do not split the recipe). Writes into --out, after every row:
   sweep-<size>.json   every summary, the recipe overrides, quantize/evaluate wall times, the device
   sweep-<size>.md     one table row per recipe: its settings (with the keep_fp16 patterns), then the
-                      columns of benchmarks/family_regime.py
+                      columns of benchmarks/family_regime.py (the trace labeler's among them)
 
 Usage:
   python benchmarks/quant_sweep.py --config tiny-m --model.fp16 DIR --out OUT --limit 300 \
@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks.family_regime import TARGET, device_name, generated_tokens
+from benchmarks.family_regime import TARGET, device_name, generated_tokens, labeled_columns, labeled_shares
 from inference.config import load_config
 from inference.errors import RescueError
 from rescue import commands
@@ -71,8 +71,9 @@ def table(sweep: dict) -> str:
     fp16 = next((r for r in rows if r["recipe"] == "fp16"), None)
     lines = [
         "| recipe | bits | group | desc_act | damp | calib. | kept FP16 | accuracy | mean tokens | p90 tokens | budget % "
-        "| unclosed think % | loop % | loop-or-no-commit % | length ratio vs FP16 | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| unclosed think % | loop % | loop-or-no-commit % | labeled loop % | delayed commitment % "
+        "| length ratio vs FP16 | quantize s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         s, q = row["summary"], row["quantization"]
@@ -87,7 +88,7 @@ def table(sweep: dict) -> str:
         lines.append(
             f"| {row['recipe']} {setting}| {s['accuracy']:.1%} | {s['mean_generated_tokens']:.0f} "
             f"| {s['p90_generated_tokens']:.0f} | {s['budget_share']:.1%} | {s['unclosed_share']:.1%} "
-            f"| {s['loop_share']:.1%} | {s['loop_or_no_commit_share']:.1%} | {ratio} "
+            f"| {s['loop_share']:.1%} | {s['loop_or_no_commit_share']:.1%} | {labeled_columns(row)} | {ratio} "
             f"| {row['quantize_seconds'] if row['quantize_seconds'] is not None else '-'} |"
         )
     return "\n".join(lines)
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary, "quantize_seconds": quantize_seconds,
                 "evaluate_seconds": round(time.perf_counter() - began, 1),
                 "generated_tokens": generated_tokens(record_dir),
+                "labels": labeled_shares(record_dir, config),
             })
             write(sweep, out)
             print(table(sweep).splitlines()[-1], flush=True)

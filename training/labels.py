@@ -17,7 +17,8 @@ Per trace (`TraceLabels`):
 Per position (`position_targets`), for the probe: `loop_within_h` (inside a loop, or its onset
 within the next H tokens) and the trace-level `fails_to_commit`.
 
-`label_report` summarizes a list of labels as a markdown table and PNG plots.
+`label_report` summarizes a list of labels as a markdown table and PNG plots; `label_records` labels
+the traces of an evaluation record and `label_shares` gives the share of traces per label.
 """
 
 from __future__ import annotations
@@ -327,6 +328,31 @@ def _distribution(values: Sequence[float]) -> dict[str, float]:
         "p90": float(np.percentile(ordered, 90)),
         "max": float(ordered[-1]),
     }
+
+
+def label_records(records: Sequence[dict], tokenizer, params: LabelsConfig) -> list[TraceLabels]:
+    """Labels of the traces of an evaluation record (the rows of `rescue evaluate`'s `records.jsonl`).
+
+    A row keeps the generated text, not its token ids, so the text is tokenized again (with the EOS
+    token after it where generation stopped there). With the embedded character tokenizer that gives
+    back the generated ids; with a BPE tokenizer positions can shift by a token or so.
+    """
+    labels = []
+    for row in records:
+        ids = tokenizer.encode(row["text"], add_special_tokens=False)
+        if row["finish_reason"] == "eos" and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        labels.append(label_trace(ids, text, token_char_ends(tokenizer, ids), row["finish_reason"], row["gold"], params))
+    return labels
+
+
+def label_shares(labels: Sequence[TraceLabels]) -> dict[str, float]:
+    """Share of the traces carrying each label (`label_report`'s rates), plus `loop_or_fails_to_commit`."""
+    total = len(labels)
+    shares = {name: sum(flag(t) for t in labels) / total if total else 0.0 for name, flag in _FLAGS.items()}
+    shares["loop_or_fails_to_commit"] = sum(_is_failing(t) for t in labels) / total if total else 0.0
+    return shares
 
 
 def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, Any]:

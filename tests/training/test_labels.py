@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 
 from inference.config import LabelsConfig
+from inference.repetition import has_loop
 from training.arith import arith_dataset
 from training.labels import (
     TraceLabels,
     find_loop,
+    label_records,
     label_report,
+    label_shares,
     label_trace,
     position_targets,
     token_char_ends,
@@ -332,3 +335,29 @@ def test_label_report_without_loops(tmp_path):
     summary = label_report([_labels(300, None)], tmp_path)
     assert summary["counts"]["loop"] == 0 and summary["loop_onset"] == {"count": 0}
     assert (tmp_path / "loop-onsets.png").exists()
+
+
+# ----------------------------------------------------------------------------- evaluation records
+
+PASS = "Let me verify again: 3 + 4 = 7, 7 * 2 = 14, 14 - 5 = 9, 9 * 6 = 54, 54 + 11 = 65.\nThat gives 65, not 65.\n"
+
+
+def test_label_records_labels_evaluation_rows_as_their_generated_ids(tokenizer):
+    healthy = "<think>\nPlan: apply the 5 operations in order.\n3 + 4 = 7\n7 * 2 = 14\n14 - 5 = 9\n9 * 6 = 54\n" \
+              "54 + 11 = 65\nSo the result is 65.\n</think>\n\nThe answer is \\boxed{65}."
+    # Passes that never see their own agreement: two alternating lines, which the naive check misses.
+    looping = "<think>\n3 + 4 = 7\n7 * 2 = 14\n14 - 5 = 9\n9 * 6 = 54\n54 + 11 = 65\nSo the result is 65.\n" + \
+              PASS * 4 + "</think>\n\nThe answer is \\boxed{65}."
+    cut = "<think>\n3 + 4 = 7\n7 * 2 = 14\n"
+    rows = [{"text": healthy, "finish_reason": "eos", "gold": "65"},
+            {"text": looping, "finish_reason": "eos", "gold": "65"},
+            {"text": cut, "finish_reason": "budget", "gold": "65"}]
+    labels = label_records(rows, tokenizer, PARAMS)
+    assert labels[0] == labels_of(tokenizer, healthy, gold="65")[1]
+    assert labels[0].loop_onset is None and labels[0].committed
+    assert labels[1].loop_onset is not None and labels[1].committed and not has_loop(looping)
+    assert labels[2].fails_to_commit and labels[2].length == len(tokenizer.encode(cut))
+    shares = label_shares(labels)
+    assert shares["loop"] == pytest.approx(1 / 3) and shares["fails_to_commit"] == pytest.approx(1 / 3)
+    assert shares["loop_or_fails_to_commit"] == pytest.approx(2 / 3) and shares["correct"] == pytest.approx(2 / 3)
+    assert label_shares([])["loop"] == 0.0
