@@ -266,6 +266,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         "steps": steps,
         "seed": spec.seed,
         "trace_style": dataclasses.asdict(spec.trace_style()),
+        "recipe": dataclasses.asdict(spec),
         "train_seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),

@@ -15,12 +15,16 @@ def pretrain_argv(tmp_path, **fields) -> list[str]:
 
 
 def test_pretrain_writes_a_loadable_model_folder_and_a_checkpoint_per_epoch(tmp_path):
+    from inference.config import load_config
+
     out = tmp_path / "tiny-x"
     argv = pretrain_argv(tmp_path, hidden_size=32, num_layers=1, intermediate_size=64, train_problems=64,
                          val_problems=8, epochs=2, batch_size=32, warmup_steps=1)
     assert main(argv) == 0
     record = json.loads((out / "pretrain.json").read_text())
     assert record["steps"] == 4 and record["train_traces"] == 64
+    assert record["recipe"]["batch_size"] == 32 and record["recipe"]["hidden_size"] == 32
+    assert record["recipe"]["weight_decay"] == load_config("tiny-s").pretrain.weight_decay
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == 32 and len(tokenizer) <= model.config.vocab_size
