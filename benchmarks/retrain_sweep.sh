@@ -12,8 +12,11 @@
 # SWEEP (space-separated benchmarks/quant_sweep.py recipes, e.g. "g128:quantization.group_size=128":
 # swept after the regime run, into OUT/sweep-NAME; its quantized models are large, so bring back only
 # the *.json and *.md files of OUT).
+# RESUME=1: a variant whose training was stopped (LIMIT_S) continues from its newest epoch checkpoint;
+# on the lent machine, rerun the same command in a later call while the machine is still warm.
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/,
-# OUT/sweep-NAME/ (with SWEEP).
+# OUT/sweep-NAME/ (with SWEEP), OUT/pretrain-runs/NAME/ (Lightning logs and one checkpoint per epoch:
+# large, leave them out of what comes back).
 set -uo pipefail
 out=$1; shift; mkdir -p "$out/models"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -gt 0 ] || gpus=1
@@ -24,8 +27,10 @@ one_variant() {
   [ -n "${rest:-}" ] && IFS=, read -ra flags <<< "$rest"
   local began=$(date +%s)
   timeout "${LIMIT_S:-540}" bash -c '
-    python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "/tmp/retrain-$3" \
-      --wandb disabled "${@:4}" || exit
+    resume=(); [ "${RESUME:-0}" = 1 ] && compgen -G "$2/pretrain-runs/$3/*/pretrain/checkpoints/*.ckpt" > /dev/null \
+      && resume=(--resume)
+    python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "$2/pretrain-runs/$3" \
+      --wandb disabled "${@:4}" "${resume[@]}" || exit
     if [ "${REGIME:-1}" = 1 ]; then
       python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
         --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \

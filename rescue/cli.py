@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "every epoch and save it as a Hugging Face folder at model.fp16.")
     add_config_flags(pretrain)
     pretrain.add_argument("--out", default=None, help="model folder (default: the config's model.fp16)")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue from the newest epoch checkpoint in <output_dir>/<model>/pretrain/"
+                               "checkpoints (a run that was stopped), with the same config")
     return parser
 
 
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "detect-report":
             commands.detect_report(config, test=args.test, detector=args.detector, out=args.out)
         elif args.command == "pretrain":
-            commands.pretrain(config, out=args.out)
+            commands.pretrain(config, out=args.out, resume=args.resume)
     except RescueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -210,8 +210,41 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def pretrain(config: RescueConfig, out: str | None = None) -> dict:
-    """Train an embedded family model (architecture and recipe in the config's `pretrain` section)."""
+def newest_checkpoint(folder: Path) -> Path:
+    """The epoch checkpoint with the highest epoch in `folder` (as `rescue pretrain` names them)."""
+    import re
+
+    found = []
+    for path in folder.glob("*.ckpt"):
+        match = re.match(r"epoch=(\d+)-step=(\d+)", path.name)
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), path.stat().st_mtime, path))
+    if not found:
+        raise ConfigError(f"pretrain --resume: no epoch checkpoint (epoch=N-step=M.ckpt) in {folder}")
+    return max(found)[-1]
+
+
+def check_checkpoint_fits(checkpoint: Path, module) -> None:
+    """Refuse a checkpoint whose weights do not have the configured model's names and shapes."""
+    import torch
+
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as error:
+        raise ConfigError(f"pretrain --resume: cannot read {checkpoint}: {error}") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    for name, shape in expected.items():
+        found = tuple(saved[name].shape) if name in saved else None
+        if found != shape:
+            raise ConfigError(f"pretrain --resume: {checkpoint} does not fit the config's model: {name} is "
+                              f"{'missing' if found is None else found} there, the config makes it {shape}")
+
+
+def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False) -> dict:
+    """Train an embedded family model (architecture and recipe in the config's `pretrain` section).
+
+    With `resume`, training continues from the newest epoch checkpoint of an earlier run with the
+    same config (weights, optimizer, learning-rate schedule and epoch count come from it)."""
     import json
 
     import lightning as L
@@ -225,6 +258,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
     spec = config.pretrain
     out_dir = Path(out or config.model.fp16)
     run_dir = Path(config.output_dir) / config.model.name / "pretrain"
+    checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
     tokenizer = build_tokenizer()
     L.seed_everything(spec.seed, verbose=False)
     data = ArithTraceData(tokenizer, spec)
@@ -253,7 +287,10 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         default_root_dir=run_dir,
     )
     began = time.perf_counter()
-    trainer.fit(module, data)
+    if checkpoint:
+        check_checkpoint_fits(checkpoint, module)
+        print(f"resuming from {checkpoint}")
+    trainer.fit(module, data, ckpt_path=checkpoint)
     seconds = time.perf_counter() - began
     model = module.model.to(torch.float16).cpu()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -267,6 +304,7 @@ def pretrain(config: RescueConfig, out: str | None = None) -> dict:
         "seed": spec.seed,
         "trace_style": dataclasses.asdict(spec.trace_style()),
         "recipe": dataclasses.asdict(spec),
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "train_seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),

@@ -68,3 +68,30 @@ def test_pretrain_refuses_a_trace_style_no_problem_fits(tmp_path, capsys):
     assert len(error) == 1 and "max_trace_chars=60" in error[0]
     assert not out.exists() and not out.with_name("tiny-x.partial").exists()
     assert main(pretrain_argv(tmp_path, verify_rate=1.5)) != 0 and "pretrain.verify_rate" in capsys.readouterr().err
+
+
+def test_pretrain_resume_continues_from_the_newest_epoch_checkpoint(tmp_path, capsys):
+    small = dict(hidden_size=16, num_layers=1, intermediate_size=32, train_problems=64, val_problems=4,
+                 batch_size=32, warmup_steps=1)
+    checkpoints = tmp_path / "runs" / "tiny-s" / "pretrain" / "checkpoints"
+    # Nothing to resume from: one line, nothing written.
+    assert main(pretrain_argv(tmp_path, epochs=1, **small) + ["--resume"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no epoch checkpoint" in error[0] and str(checkpoints) in error[0]
+    assert not (tmp_path / "tiny-x").exists()
+
+    assert main(pretrain_argv(tmp_path, epochs=1, **small)) == 0
+    assert [p.name for p in checkpoints.glob("*.ckpt")] == ["epoch=0-step=2.ckpt"]
+    assert main(pretrain_argv(tmp_path, epochs=2, **small) + ["--resume"]) == 0
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
+    record = json.loads((tmp_path / "tiny-x" / "pretrain.json").read_text())
+    assert record["resumed_from"].endswith("epoch=0-step=2.ckpt") and record["steps"] == 4
+
+    # A checkpoint of another architecture is refused in one line, before training starts.
+    capsys.readouterr()
+    wider = {**small, "hidden_size": 32}
+    assert main(pretrain_argv(tmp_path, epochs=3, **wider) + ["--resume"]) != 0
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and "does not fit the config's model" in error[0] and "(102, 16)" in error[0]
+    assert "Epoch" not in captured.out + captured.err
