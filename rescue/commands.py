@@ -268,6 +268,8 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
         raise ConfigError(f"pretrain: {error}") from None
     steps = (len(data.train_set) // spec.batch_size) * spec.epochs
     module = ReasonerLM(family_config(spec, tokenizer), spec, steps)
+    if checkpoint:
+        check_checkpoint_fits(checkpoint, module)
     parameters = count_parameters(module.model)
     print(f"pretraining {config.model.name}: {parameters / 1e6:.2f}M parameters, {len(data.train_set)} traces, "
           f"{spec.epochs} epochs, {steps} steps")
@@ -288,7 +290,6 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
     )
     began = time.perf_counter()
     if checkpoint:
-        check_checkpoint_fits(checkpoint, module)
         print(f"resuming from {checkpoint}")
     trainer.fit(module, data, ckpt_path=checkpoint)
     seconds = time.perf_counter() - began

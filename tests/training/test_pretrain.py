@@ -95,3 +95,9 @@ def test_pretrain_resume_continues_from_the_newest_epoch_checkpoint(tmp_path, ca
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and "does not fit the config's model" in error[0] and "(102, 16)" in error[0]
     assert "Epoch" not in captured.out + captured.err
+
+    # A truncated checkpoint (the newest one) is refused in one line.
+    (checkpoints / "epoch=5-step=12.ckpt").write_bytes((checkpoints / "epoch=1-step=4.ckpt").read_bytes()[:100])
+    assert main(pretrain_argv(tmp_path, epochs=8, **small) + ["--resume"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cannot read" in error[0] and "epoch=5-step=12.ckpt" in error[0]
