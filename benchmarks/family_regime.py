@@ -137,11 +137,10 @@ def labeled_columns(row: dict) -> str:
 
 def target_check(regime: dict) -> list[str]:
     """Which parts of the issue's target regime this run meets (needs FP16 and 2-bit rows)."""
-    rows = {r["precision"]: r["summary"] for r in regime["precisions"]}
+    rows = {r["precision"]: r for r in regime["precisions"]}
     if "fp16" not in rows or "2bit" not in rows:
         return []
-    fp16, low = rows["fp16"], rows["2bit"]
-    labels = next(r.get("labels") for r in regime["precisions"] if r["precision"] == "2bit")
+    fp16, low, labels = rows["fp16"]["summary"], rows["2bit"]["summary"], rows["2bit"].get("labels")
     ratio = low["mean_generated_tokens"] / fp16["mean_generated_tokens"]
     checks = [
         (f"FP16 accuracy {fp16['accuracy']:.1%} >= 90%", fp16["accuracy"] >= 0.9),

@@ -371,7 +371,8 @@ def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     total = len(labels)
     counts = {name: sum(flag(t) for t in labels) for name, flag in _FLAGS.items()}
-    rates = {name: count / total if total else 0.0 for name, count in counts.items()}
+    shares = label_shares(labels)
+    rates = {name: shares[name] for name in _FLAGS}
     onsets = [t.loop_onset for t in labels if t.loop_onset is not None]
     periods = [t.loop_period for t in labels if t.loop_period is not None]
     relative_onsets = [t.loop_onset / t.length for t in labels if t.loop_onset is not None and t.length]
