@@ -88,6 +88,12 @@ class CalibrationConfig:
     split: str = field(default="train", metadata=_help("split to draw calibration problems from"))
     path: str | None = field(default=None, metadata=_help("local JSONL/Parquet file instead of the hub"))
     size: int = field(default=128, metadata=_help("number of calibration problems", min=1))
+    text: str = field(
+        default="solution",
+        metadata=_help("what one calibration text holds: the prompt and its worked solution (solution), or the prompt "
+                       "alone (question), as when a reasoning model is calibrated on text with no thinking traces",
+                       choices=("solution", "question")),
+    )
 
 
 @dataclass

@@ -28,10 +28,12 @@ def quantize(config: RescueConfig, out: str | None = None) -> dict:
     source = resolve_model_source(config.model.fp16, "model")
     problems = calibration_problems(calibration.benchmark, calibration.split, calibration.path, calibration.size)
     tokenizer = load_tokenizer(source)
-    texts = [render_prompt(tokenizer, p.question) + (p.solution or "") for p in problems]
+    with_solution = calibration.text == "solution"
+    texts = [render_prompt(tokenizer, p.question) + ((p.solution or "") if with_solution else "") for p in problems]
     out_dir = out or config.quantized_path
     print(f"quantizing {config.model.fp16} to {config.quantization.bits} bits "
-          f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems")
+          f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems "
+          f"({'prompts and worked solutions' if with_solution else 'prompts only'})")
     summary = quantize_model(str(source), out_dir, texts, config.quantization, device=config.model.device)
     if summary["kept_fp16"]:
         print(f"kept {len(summary['kept_fp16'])} linears in full precision "

@@ -230,3 +230,23 @@ def test_train_refuses_a_trace_set_without_labels(tmp_path, capsys, monkeypatch)
                                 "--out", str(tmp_path / "detector")])
     assert "labels.json" in line
     assert not (tmp_path / "detector").exists()
+
+
+@pytest.mark.parametrize("text, with_solution", [("solution", True), ("question", False)])
+def test_quantize_calibrates_on_prompts_alone_when_asked(tiny_config, tmp_path, monkeypatch, text, with_solution):
+    import inference.quantize
+
+    seen = {}
+
+    def record(source, out_dir, texts, settings, device):
+        seen["texts"] = texts
+        return {"out": str(out_dir), "kept_fp16": [], "seconds": 0.0}
+
+    monkeypatch.setattr(inference.quantize, "quantize_model", record)
+    argv = ["quantize", "--config", str(tiny_config), "--quantization.calibration.benchmark", "arith",
+            "--quantization.calibration.size", "3", "--quantization.calibration.text", text, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert len(seen["texts"]) == 3
+    # arith's worked solutions open the thinking block; the rendered prompt alone never does.
+    assert all(("<think>\nPlan:" in t) == with_solution for t in seen["texts"])
+    assert all(t.count("Start with") == 1 for t in seen["texts"])
