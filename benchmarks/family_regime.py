@@ -155,6 +155,15 @@ def target_check(regime: dict) -> list[str]:
     return [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
 
 
+def gptq_settings(quantization: dict) -> str:
+    """One line of the GPTQ settings other than the bit width (group size is in the table)."""
+    calibration = quantization["calibration"]
+    texts = "prompts only" if calibration.get("text") == "question" else "prompts and worked solutions"
+    kept = f", kept in FP16: {', '.join(quantization['keep_fp16'])}" if quantization.get("keep_fp16") else ""
+    return (f"GPTQ: desc_act {quantization['desc_act']}, damp {quantization['damp_percent']}, calibration "
+            f"{calibration['size']} {calibration['benchmark']}/{calibration['split']} problems ({texts}){kept}.")
+
+
 def write_report(regime: dict, out: Path) -> None:
     """Write the markdown table and the trace-length plot beside the JSON record."""
     size = regime["model"]
@@ -165,6 +174,7 @@ def write_report(regime: dict, out: Path) -> None:
         f"{regime['limit']} problems of {regime['config']['benchmark']['name']}/{regime['config']['benchmark']['split']}, "
         f"T={sampling['temperature']}, top-p {sampling['top_p']}, top-k {sampling['top_k']}, "
         f"budget {sampling['budget']} tokens, seed {sampling['seed']}; {regime['device']}, {regime['started']}.",
+        gptq_settings(regime["config"]["quantization"]),
         "",
         regime_table(regime),
         "",

@@ -60,10 +60,11 @@ def _split_top_level(body: str) -> list[str]:
 
 
 def calibration_source(calibration: dict) -> str:
-    """Where the calibration texts came from: benchmark/split, or the local file a path names."""
-    if calibration.get("path"):
-        return f"{calibration['benchmark']} ({Path(calibration['path']).name})"
-    return f"{calibration['benchmark']}/{calibration['split']}"
+    """Where the calibration texts came from (benchmark/split, or the local file a path names), and
+    "prompts only" when they leave out the worked solutions."""
+    source = (f"{calibration['benchmark']} ({Path(calibration['path']).name})" if calibration.get("path")
+              else f"{calibration['benchmark']}/{calibration['split']}")
+    return source + (", prompts only" if calibration.get("text") == "question" else "")
 
 
 def table(sweep: dict) -> str:
