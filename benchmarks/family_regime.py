@@ -155,13 +155,20 @@ def target_check(regime: dict) -> list[str]:
     return [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
 
 
+def calibration_source(calibration: dict) -> str:
+    """Where the calibration texts came from (benchmark/split, or the local file a path names), and
+    "prompts only" when they leave out the worked solutions."""
+    source = (f"{calibration['benchmark']} ({Path(calibration['path']).name})" if calibration.get("path")
+              else f"{calibration['benchmark']}/{calibration['split']}")
+    return source + (", prompts only" if calibration.get("text") == "question" else "")
+
+
 def gptq_settings(quantization: dict) -> str:
     """One line of the GPTQ settings other than the bit width (group size is in the table)."""
     calibration = quantization["calibration"]
-    texts = "prompts only" if calibration.get("text") == "question" else "prompts and worked solutions"
     kept = f", kept in FP16: {', '.join(quantization['keep_fp16'])}" if quantization.get("keep_fp16") else ""
-    return (f"GPTQ: desc_act {quantization['desc_act']}, damp {quantization['damp_percent']}, calibration "
-            f"{calibration['size']} {calibration['benchmark']}/{calibration['split']} problems ({texts}){kept}.")
+    return (f"GPTQ: desc_act {quantization['desc_act']}, damp {quantization['damp_percent']}, calibration on "
+            f"{calibration['size']} problems of {calibration_source(calibration)}{kept}.")
 
 
 def write_report(regime: dict, out: Path) -> None:

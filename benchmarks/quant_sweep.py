@@ -28,7 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks.family_regime import TARGET, device_name, generated_tokens, labeled_columns, labeled_shares
+from benchmarks.family_regime import (TARGET, calibration_source, device_name, generated_tokens, labeled_columns,
+                                      labeled_shares)
 from inference.config import load_config
 from inference.errors import RescueError
 from rescue import commands
@@ -57,14 +58,6 @@ def _split_top_level(body: str) -> list[str]:
             parts.append(body[start:i])
             start = i + 1
     return parts + [body[start:]]
-
-
-def calibration_source(calibration: dict) -> str:
-    """Where the calibration texts came from (benchmark/split, or the local file a path names), and
-    "prompts only" when they leave out the worked solutions."""
-    source = (f"{calibration['benchmark']} ({Path(calibration['path']).name})" if calibration.get("path")
-              else f"{calibration['benchmark']}/{calibration['split']}")
-    return source + (", prompts only" if calibration.get("text") == "question" else "")
 
 
 def table(sweep: dict) -> str:
