@@ -13,7 +13,8 @@
 # swept after the regime run, into OUT/sweep-NAME; its quantized models are large, so bring back only
 # the *.json and *.md files of OUT).
 # RESUME=1: a variant whose training was stopped (LIMIT_S) continues from its newest epoch checkpoint;
-# on the lent machine, rerun the same command in a later call while the machine is still warm.
+# on the lent machine, rerun the same command in a later call while the machine is still warm. A variant whose
+# model folder is already written is not trained again (its pretrain.json, with the training time, stays).
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/,
 # OUT/sweep-NAME/ (with SWEEP), OUT/pretrain-runs/NAME/ (Lightning logs and one checkpoint per epoch:
 # large, leave them out of what comes back).
@@ -29,8 +30,12 @@ one_variant() {
   timeout "${LIMIT_S:-540}" bash -c '
     resume=(); [ "${RESUME:-0}" = 1 ] && compgen -G "$2/pretrain-runs/$3/*/pretrain/checkpoints/*.ckpt" > /dev/null \
       && resume=(--resume)
-    python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "$2/pretrain-runs/$3" \
-      --wandb disabled "${@:4}" "${resume[@]}" || exit
+    if [ "${RESUME:-0}" = 1 ] && [ -f "$2/models/$3/pretrain.json" ]; then
+      echo "$3: trained in an earlier call ($2/models/$3), not training again"  # keeps its pretrain.json
+    else
+      python3 -m rescue.cli pretrain --config "$1" --out "$2/models/$3" --output_dir "$2/pretrain-runs/$3" \
+        --wandb disabled "${@:4}" "${resume[@]}" || exit
+    fi
     if [ "${REGIME:-1}" = 1 ]; then
       python3 benchmarks/family_regime.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/regime-$3" \
         --bits "${BITS:-2}" --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled \

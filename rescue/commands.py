@@ -295,6 +295,8 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
         print(f"resuming from {checkpoint}")
     trainer.fit(module, data, ckpt_path=checkpoint)
     seconds = time.perf_counter() - began
+    if "val/loss" not in trainer.callback_metrics:  # resumed from the last epoch's checkpoint: nothing ran
+        trainer.validate(module, data, verbose=False)
     model = module.model.to(torch.float16).cpu()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,4 +1,5 @@
 import json
+import math
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +87,11 @@ def test_pretrain_resume_continues_from_the_newest_epoch_checkpoint(tmp_path, ca
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
     record = json.loads((tmp_path / "tiny-x" / "pretrain.json").read_text())
     assert record["resumed_from"].endswith("epoch=0-step=2.ckpt") and record["steps"] == 4
+    # Resuming a finished run trains nothing more; its record still carries a validation loss.
+    assert main(pretrain_argv(tmp_path, epochs=2, **small) + ["--resume"]) == 0
+    record = json.loads((tmp_path / "tiny-x" / "pretrain.json").read_text())
+    assert record["resumed_from"].endswith("epoch=1-step=4.ckpt") and math.isfinite(record["val_loss"])
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
 
     # A checkpoint of another architecture is refused in one line, before training starts.
     capsys.readouterr()
