@@ -452,6 +452,9 @@ def _check_value(value: Any, kind: Any, f: dataclasses.Field, source: str, dotte
     return value
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, kind: Any, source: str, dotted: str) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
@@ -474,6 +477,8 @@ def _coerce(value: Any, kind: Any, source: str, dotted: str) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; Python and YAML 1.2 read a number
     elif kind is str:
         if isinstance(value, str):
             return value

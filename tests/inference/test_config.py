@@ -24,6 +24,8 @@ def test_minimal_config_fills_qwen3_thinking_defaults(tmp_path):
     [
         (MINIMAL + "sampling:\n  budget: 0\n", "field 'sampling.budget' must be a positive integer, got 0"),
         (MINIMAL + "sampling:\n  budget: many\n", "field 'sampling.budget' must be an integer, got str 'many'"),
+        (MINIMAL + "sampling:\n  temperature: warm\n", "field 'sampling.temperature' must be a number, got str 'warm'"),
+        (MINIMAL + "sampling:\n  temperature: 1e\n", "field 'sampling.temperature' must be a number, got str '1e'"),
         (MINIMAL + "sampling:\n  temprature: 0.5\n", "unknown field 'sampling.temprature'"),
         (MINIMAL + "extra: 1\n", "unknown field 'extra'"),
         ("model:\n  name: tiny\n", "missing required field 'model.fp16'"),
@@ -54,6 +56,12 @@ def test_overrides_replace_fields_and_are_validated(tmp_path):
     assert config.sampling.budget == 32 and config.benchmark.name == "arith"
     with pytest.raises(ConfigError, match="'sampling.top_k' must be >= 0"):
         load_config(path, {"sampling.top_k": -1})
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; a user writing it in a config or a flag means a number.
+    config = load_config(write(tmp_path, MINIMAL + "pretrain:\n  learning_rate: 1e-3\n"), {"sampling.top_p": "9.5E-1"})
+    assert config.pretrain.learning_rate == 0.001 and config.sampling.top_p == 0.95
 
 
 def test_keep_fp16_defaults_to_quantizing_everything_and_takes_regex_lists(tmp_path):
