@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true",
                           help="continue from the newest epoch checkpoint in <output_dir>/<model>/pretrain/"
                                "checkpoints (a run that was stopped), with the same config")
+    pretrain.add_argument("--init", default=None, metavar="MODEL_DIR",
+                          help="start from the weights of this saved model folder (same architecture), with a "
+                               "fresh optimizer and schedule: continued training on the traces of pretrain.seed")
     return parser
 
 
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "detect-report":
             commands.detect_report(config, test=args.test, detector=args.detector, out=args.out)
         elif args.command == "pretrain":
-            commands.pretrain(config, out=args.out, resume=args.resume)
+            commands.pretrain(config, out=args.out, resume=args.resume, init=args.init)
     except RescueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

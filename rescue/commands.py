@@ -242,11 +242,25 @@ def check_checkpoint_fits(checkpoint: Path, module) -> None:
                               f"{'missing' if found is None else found} there, the config makes it {shape}")
 
 
-def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False) -> dict:
+def init_weights_from(folder: str, saved: dict, module) -> None:
+    """Load a saved family model's weights into `module.model`, refusing one of another architecture."""
+    for name, tensor in module.model.state_dict().items():
+        found = tuple(saved[name].shape) if name in saved else None
+        if found != tuple(tensor.shape):
+            raise ConfigError(f"pretrain --init: {folder} does not fit the config's model: {name} is "
+                              f"{'missing' if found is None else found} there, the config makes it "
+                              f"{tuple(tensor.shape)}")
+    module.model.load_state_dict(saved, strict=False)  # tied head: lm_head.weight is embed_tokens.weight
+
+
+def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False, init: str | None = None) -> dict:
     """Train an embedded family model (architecture and recipe in the config's `pretrain` section).
 
     With `resume`, training continues from the newest epoch checkpoint of an earlier run with the
-    same config (weights, optimizer, learning-rate schedule and epoch count come from it)."""
+    same config (weights, optimizer, learning-rate schedule and epoch count come from it). With
+    `init`, training starts from the weights of a saved model folder of the same architecture, with
+    a fresh optimizer and schedule: continued training, on the traces of `pretrain.seed` (set another
+    seed than the first run's for fresh ones)."""
     import json
 
     import lightning as L
@@ -258,9 +272,16 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
     from training.tokenizer import build_tokenizer
 
     spec = config.pretrain
+    if resume and init:
+        raise ConfigError("pretrain: --resume and --init exclude each other (resume continues a run; init starts one "
+                          "from saved weights)")
     out_dir = Path(out or config.model.fp16)
     run_dir = Path(config.output_dir) / config.model.name / "pretrain"
     checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
+    if init:  # read before the traces are made, so a bad folder fails at once
+        from inference.models import load_full_precision
+
+        initial = load_full_precision(init, "float32", "cpu")[0].state_dict()
     tokenizer = build_tokenizer()
     L.seed_everything(spec.seed, verbose=False)
     data = ArithTraceData(tokenizer, spec)
@@ -272,6 +293,8 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
     module = ReasonerLM(family_config(spec, tokenizer), spec, steps)
     if checkpoint:
         check_checkpoint_fits(checkpoint, module)
+    if init:
+        init_weights_from(init, initial, module)
     parameters = count_parameters(module.model)
     print(f"pretraining {config.model.name}: {parameters / 1e6:.2f}M parameters, {len(data.train_set)} traces, "
           f"{spec.epochs} epochs, {steps} steps")
@@ -310,6 +333,7 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False)
         "trace_style": dataclasses.asdict(spec.trace_style()),
         "recipe": dataclasses.asdict(spec),
         "resumed_from": str(checkpoint) if checkpoint else None,
+        "initialized_from": str(init) if init else None,
         "train_seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),

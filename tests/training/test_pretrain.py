@@ -1,6 +1,7 @@
 import json
 import math
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rescue.cli import main
@@ -107,3 +108,44 @@ def test_pretrain_resume_continues_from_the_newest_epoch_checkpoint(tmp_path, ca
     assert main(pretrain_argv(tmp_path, epochs=8, **small) + ["--resume"]) != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "cannot read" in error[0] and "epoch=5-step=12.ckpt" in error[0]
+
+
+def test_pretrain_init_starts_from_saved_weights_and_refuses_another_architecture(tmp_path, capsys):
+    small = dict(hidden_size=16, num_layers=1, intermediate_size=32, train_problems=64, val_problems=4,
+                 batch_size=32, warmup_steps=1, epochs=1)
+
+    def argv_to(folder, **fields):
+        argv = pretrain_argv(tmp_path, **{**small, **fields})
+        argv[argv.index("--out") + 1] = str(tmp_path / folder)
+        return argv
+
+    first = tmp_path / "first"
+    assert main(argv_to("first")) == 0
+    base = AutoModelForCausalLM.from_pretrained(first)
+
+    # Continued training with a vanishing learning rate keeps the saved weights: they were loaded.
+    assert main(argv_to("continued", seed=5, learning_rate=1e-12) + ["--init", str(first)]) == 0
+    record = json.loads((tmp_path / "continued" / "pretrain.json").read_text())
+    assert record["initialized_from"] == str(first) and record["seed"] == 5
+    continued = AutoModelForCausalLM.from_pretrained(tmp_path / "continued")
+    for (name, saved), (_, now) in zip(base.state_dict().items(), continued.state_dict().items()):
+        assert torch.equal(saved, now), name
+    # The same run without --init is another model.
+    assert main(argv_to("fresh", seed=5, learning_rate=1e-12)) == 0
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh")
+    assert not torch.equal(fresh.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+    # Another architecture, a missing folder, or --init with --resume: one line each, nothing written.
+    capsys.readouterr()
+    wider = argv_to("other", hidden_size=32)
+    assert main(wider + ["--init", str(first)]) != 0
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error:")]  # after a weight-loading bar
+    assert len(error) == 1 and "does not fit the config's model" in error[0] and "(102, 16)" in error[0]
+    assert "Epoch" not in captured.out + captured.err
+    assert main(wider + ["--init", str(tmp_path / "nowhere")]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "nowhere" in error[0]
+    assert main(wider + ["--init", str(first), "--resume"]) != 0
+    assert "exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
