@@ -12,7 +12,7 @@ into --out:
 Usage:
   python benchmarks/family_regime.py --config tiny-m --model.fp16 DIR --out OUT [--bits 4,3,2]
       [--limit 500] [--sampling.batch_size 500] [any --section.field VALUE of `rescue`]
-  python benchmarks/family_regime.py --report OUT/regime-<size>.json   # redraw table and plot only
+  python benchmarks/family_regime.py --report OUT/regime-<size>.json   # redraw table and plot only (named after the record)
 W&B is disabled unless --wandb says otherwise.
 """
 
@@ -171,9 +171,13 @@ def gptq_settings(quantization: dict) -> str:
             f"{calibration['size']} problems of {calibration_source(calibration)}{kept}.")
 
 
-def write_report(regime: dict, out: Path) -> None:
-    """Write the markdown table and the trace-length plot beside the JSON record."""
+def write_report(regime: dict, out: Path, stem: str | None = None) -> Path:
+    """Write the markdown table `<stem>.md` and the trace-length plot beside the JSON record; returns the table's path.
+
+    `stem` is the record's name without `.json` (default `regime-<size>`); the plot is named after it
+    (`regime-tiny-m-seed1` -> `trace-lengths-tiny-m-seed1.png`)."""
     size = regime["model"]
+    stem = stem or f"regime-{size}"
     sampling = regime["config"]["sampling"]
     lines = [
         f"# Failure regime of {size}",
@@ -189,8 +193,10 @@ def write_report(regime: dict, out: Path) -> None:
         *target_check(regime),
         "",
     ]
-    (out / f"regime-{size}.md").write_text("\n".join(lines))
-    plot_trace_lengths(regime, out / f"trace-lengths-{size}.png")
+    table = out / f"{stem}.md"
+    table.write_text("\n".join(lines))
+    plot_trace_lengths(regime, out / f"trace-lengths-{stem.removeprefix('regime-')}.png")
+    return table
 
 
 def plot_trace_lengths(regime: dict, path: Path) -> None:
@@ -243,18 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.report:
             path = Path(args.report)
-            regime = json.loads(path.read_text())
-            out = path.parent
+            try:
+                regime = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise RescueError(f"--report {path}: not a readable regime record ({error})") from None
+            table = write_report(regime, path.parent, path.stem)  # beside the record, under its name
         else:
             bits_list = parse_bits(args.bits)
             overrides = {"wandb.mode": "disabled", **config_overrides(args)}
             out = Path(args.out)
             regime = measure(args.config, overrides, bits_list, args.limit, out)
-        write_report(regime, out)
+            table = write_report(regime, out)
     except RescueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print((out / f"regime-{regime['model']}.md").read_text())
+    print(table.read_text())
     return 0
 
 
