@@ -43,6 +43,9 @@ def quantize_model(
         group_size=settings.group_size,
         desc_act=settings.desc_act,
         damp_percent=settings.damp_percent,
+        # GPTQModel's default group-aware act-order needs groups; per-channel (-1) has one per row.
+        # (Left to its default otherwise: set explicitly, it refuses desc_act.)
+        act_group_aware=None if settings.group_size > 0 else False,
         dynamic=skip_rules(settings.keep_fp16),
         offload_to_disk=False,
     )

@@ -86,3 +86,20 @@ def test_keep_fp16_that_names_nothing_or_everything_is_refused(tmp_path, tiny_mo
     with pytest.raises(RescueError, match=message):
         quantize_model(str(tiny_model_dir), out, CALIBRATION, QuantizationConfig(keep_fp16=keep), device="cpu")
     assert not out.exists() and not out.with_name("never.partial").exists()
+
+
+@pytest.mark.parametrize("group_size, desc_act", [(-1, False), (-1, True), (32, True)])
+def test_per_channel_2bit_quantizes_and_loads(tmp_path, tiny_model_dir, group_size, desc_act):
+    # group_size -1 (one scale per output row) is a documented setting; GPTQModel's default
+    # group-aware act-order used to refuse it. act-order (desc_act) must keep working beside it.
+    from inference.models import load_quantized
+
+    settings = QuantizationConfig(bits=2, group_size=group_size, desc_act=desc_act)
+    quantize_model(str(tiny_model_dir), tmp_path / "pc", CALIBRATION, settings, device="cpu")
+    stored = stored_tensors(tmp_path / "pc")
+    down_in = stored["model.layers.0.mlp.down_proj.g_idx"].numel()
+    groups = 1 if group_size == -1 else down_in // group_size  # -1: one group over all input columns
+    assert stored["model.layers.0.mlp.down_proj.scales"].shape[0] == groups
+    assert json.loads((tmp_path / "pc" / "quantize_config.json").read_text())["group_size"] == group_size
+    model, _ = load_quantized(str(tmp_path / "pc"), "cpu")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
