@@ -226,6 +226,16 @@ def newest_checkpoint(folder: Path) -> Path:
     return max(found)[-1]
 
 
+def check_weights_fit(saved: dict, model, flag: str, source) -> None:
+    """Refuse saved weights that do not have `model`'s names and shapes, naming the first that differs."""
+    for name, tensor in model.state_dict().items():
+        found = tuple(saved[name].shape) if name in saved else None
+        if found != tuple(tensor.shape):
+            raise ConfigError(f"pretrain {flag}: {source} does not fit the config's model: {name} is "
+                              f"{'missing' if found is None else found} there, the config makes it "
+                              f"{tuple(tensor.shape)}")
+
+
 def check_checkpoint_fits(checkpoint: Path, module) -> None:
     """Refuse a checkpoint whose weights do not have the configured model's names and shapes."""
     import torch
@@ -234,22 +244,12 @@ def check_checkpoint_fits(checkpoint: Path, module) -> None:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     except Exception as error:
         raise ConfigError(f"pretrain --resume: cannot read {checkpoint}: {error}") from None
-    expected = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
-    for name, shape in expected.items():
-        found = tuple(saved[name].shape) if name in saved else None
-        if found != shape:
-            raise ConfigError(f"pretrain --resume: {checkpoint} does not fit the config's model: {name} is "
-                              f"{'missing' if found is None else found} there, the config makes it {shape}")
+    check_weights_fit(saved, module, "--resume", checkpoint)
 
 
 def init_weights_from(folder: str, saved: dict, module) -> None:
     """Load a saved family model's weights into `module.model`, refusing one of another architecture."""
-    for name, tensor in module.model.state_dict().items():
-        found = tuple(saved[name].shape) if name in saved else None
-        if found != tuple(tensor.shape):
-            raise ConfigError(f"pretrain --init: {folder} does not fit the config's model: {name} is "
-                              f"{'missing' if found is None else found} there, the config makes it "
-                              f"{tuple(tensor.shape)}")
+    check_weights_fit(saved, module.model, "--init", folder)
     module.model.load_state_dict(saved, strict=False)  # tied head: lm_head.weight is embed_tokens.weight
 
 
