@@ -84,7 +84,8 @@ class SamplingConfig:
 class CalibrationConfig:
     """Problems GPTQ calibrates on (the benchmark's train split)."""
 
-    benchmark: str = field(default="gsm8k", metadata=_help("benchmark name (math500, gsm8k, arith)"))
+    benchmark: str = field(default="gsm8k", metadata=_help(
+        "benchmark name (math500, gsm8k, aime24, arith, arith-hard, arith-xhard)"))
     split: str = field(default="train", metadata=_help("split to draw calibration problems from"))
     path: str | None = field(default=None, metadata=_help("local JSONL/Parquet file instead of the hub"))
     size: int = field(default=128, metadata=_help("number of calibration problems", min=1))
@@ -267,7 +268,8 @@ class ControlConfig:
 class BenchmarkConfig:
     """Which problems are evaluated."""
 
-    name: str = field(default="gsm8k", metadata=_help("benchmark name (math500, gsm8k, arith)"))
+    name: str = field(default="gsm8k", metadata=_help(
+        "benchmark name (math500, gsm8k, aime24, arith, arith-hard, arith-xhard)"))
     split: str = field(default="test", metadata=_help("split to evaluate"))
     path: str | None = field(default=None, metadata=_help("local JSONL/Parquet file instead of the hub"))
 
@@ -276,6 +278,9 @@ class BenchmarkConfig:
 class PretrainConfig:
     """Architecture and training recipe of an embedded family model (tiny-s/m/l); unused by real models."""
 
+    task: str = field(default="arith", metadata=_help(
+        "generated benchmark whose train split is learned (training.arith.TASKS); evaluate on the same name",
+        choices=("arith", "arith-hard", "arith-xhard")))
     hidden_size: int = field(default=128, metadata=_help("model width", min=8))
     num_layers: int = field(default=6, metadata=_help("decoder layers", min=1))
     num_heads: int = field(default=4, metadata=_help("attention heads", min=1))

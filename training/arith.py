@@ -30,6 +30,7 @@ Problem `i` of a split depends only on (split, i, seed, spec).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -159,6 +160,24 @@ class ArithChain:
         """The canonical question text; it alone decides the split."""
         instructions = ", ".join(f"{OPERATION_WORDS[o.op]} {o.operand}" for o in self.operations)
         return f"Start with {self.start}. {instructions[0].upper()}{instructions[1:]}. What is the result?"
+
+
+# The generated benchmarks: one difficulty each, every trace style (a model's training recipe picks
+# the style; the benchmark fixes the problems). `arith` is the family's task; the harder ones keep its
+# 3-8 steps and widen the numbers, so a larger model has to work near its capacity as tiny-s does on
+# `arith` (values up to 4 digits; `arith-xhard` also multiplies by 2-digit numbers).
+TASKS: dict[str, ArithSpec] = {
+    "arith": ArithSpec(),
+    "arith-hard": ArithSpec(start_range=(1, 999), addend_range=(1, 999), value_bound=9999),
+    "arith-xhard": ArithSpec(start_range=(1, 999), addend_range=(1, 999), multiplier_range=(2, 19), value_bound=9999),
+}
+
+
+def task_spec(task: str, trace: TraceStyle | None = None) -> ArithSpec:
+    """The problems of a generated benchmark, with `trace` as their trace style (default: TraceStyle())."""
+    if task not in TASKS:
+        raise ValueError(f"unknown arithmetic task {task!r}; known tasks: {', '.join(TASKS)}")
+    return dataclasses.replace(TASKS[task], trace=trace or TraceStyle())
 
 
 def split_of(question: str) -> str:
@@ -329,37 +348,42 @@ def _trace_rng(split: str, index: int, seed: int) -> random.Random:
     return random.Random(f"arith-trace/{seed}/{split}/{index}")
 
 
-def problem_id(split: str, index: int, seed: int = 0) -> str:
+def problem_id(split: str, index: int, seed: int = 0, task: str = "arith") -> str:
     """`arith/test/000123`; a non-default seed is part of the id, since it draws other problems."""
     seed_part = f"s{seed}/" if seed else ""
-    return f"arith/{split}/{seed_part}{index:06d}"
+    return f"{task}/{split}/{seed_part}{index:06d}"
 
 
 def arith_problems(
-    split: str, limit: int | None = None, seed: int = 0, spec: ArithSpec | None = None
+    split: str, limit: int | None = None, seed: int = 0, spec: ArithSpec | None = None, task: str = "arith"
 ) -> list[Problem]:
-    """The first `limit` problems of a split (default size: DEFAULT_SPLIT_SIZES), for evaluation."""
+    """The first `limit` problems of a split (default size: DEFAULT_SPLIT_SIZES), for evaluation.
+
+    `task` names the problems (ids and benchmark); without `spec` it also chooses them (TASKS).
+    """
     _check_split(split)
     size = DEFAULT_SPLIT_SIZES[split] if limit is None else limit
-    spec = spec or ArithSpec()
+    spec = spec or task_spec(task)
     problems = []
     for index in range(size):
         chain = arith_chain(split, index, seed, spec)
         trace = write_trace(chain, _trace_rng(split, index, seed), spec.trace)
-        problems.append(Problem(problem_id(split, index, seed), chain.question, str(chain.answer), "arith", trace))
+        problems.append(Problem(problem_id(split, index, seed, task), chain.question, str(chain.answer), task, trace))
     return problems
 
 
-def arith_dataset(split: str, size: int, seed: int = 0, spec: ArithSpec | None = None) -> datasets.Dataset:
+def arith_dataset(
+    split: str, size: int, seed: int = 0, spec: ArithSpec | None = None, task: str = "arith"
+) -> datasets.Dataset:
     """The first `size` problems of a split with their traces: columns id, question, answer, trace."""
     import datasets
 
     _check_split(split)
-    spec = spec or ArithSpec()
+    spec = spec or task_spec(task)
     columns: dict[str, list[str]] = {"id": [], "question": [], "answer": [], "trace": []}
     for index in range(size):
         chain = arith_chain(split, index, seed, spec)
-        columns["id"].append(problem_id(split, index, seed))
+        columns["id"].append(problem_id(split, index, seed, task))
         columns["question"].append(chain.question)
         columns["answer"].append(str(chain.answer))
         columns["trace"].append(write_trace(chain, _trace_rng(split, index, seed), spec.trace))

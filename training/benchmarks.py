@@ -109,7 +109,7 @@ _SOURCES: dict[str, _BenchmarkSource] = {
     ),
     "aime24": _BenchmarkSource("HuggingFaceH4/aime_2024", None, {"test": "train"}, _aime24_problem),
 }
-GENERATED_BENCHMARKS = ("arith",)
+GENERATED_BENCHMARKS = ("arith", "arith-hard", "arith-xhard")  # training.arith.TASKS
 KNOWN_BENCHMARKS = (*_SOURCES, *GENERATED_BENCHMARKS)
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -221,7 +221,8 @@ def load_benchmark(
     """The problems of one benchmark split, in file order.
 
     Args:
-        name: math500, gsm8k, aime24 or arith (the synthetic arithmetic task, generated).
+        name: math500, gsm8k, aime24, or a generated one: arith (the synthetic arithmetic task),
+            arith-hard or arith-xhard (the same task with larger numbers).
         split: which split; math500 and aime24 have only "test", gsm8k has "train" and "test".
         path: a local .jsonl/.json or .parquet file with the benchmark's own fields; without it
             the benchmark is fetched from the Hugging Face Hub, which needs a network.
@@ -231,19 +232,19 @@ def load_benchmark(
     if limit is not None and limit <= 0:
         raise BenchmarkError(f"benchmark limit must be a positive number of problems, got {limit}")
 
-    if key == "arith":
+    if key in GENERATED_BENCHMARKS:
         if path is not None:
             raise BenchmarkError(
-                f"benchmark 'arith' is generated, not read from a file; got --benchmark.path {path}"
+                f"benchmark '{key}' is generated, not read from a file; got --benchmark.path {path}"
             )
         from training.arith import arith_problems
 
         try:
-            problems = arith_problems(split, limit)
+            problems = arith_problems(split, limit, task=key)
         except ValueError as error:  # an unknown split, reported by the generator
-            raise BenchmarkError(f"benchmark 'arith': {_first_line(error)}") from error
+            raise BenchmarkError(f"benchmark '{key}': {_first_line(error)}") from error
         if not problems:
-            raise BenchmarkError(f"benchmark 'arith' split '{split}' has no problems")
+            raise BenchmarkError(f"benchmark '{key}' split '{split}' has no problems")
         return problems
 
     _check_split(key, split)

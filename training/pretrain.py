@@ -83,13 +83,14 @@ class ArithTraceData(L.LightningDataModule):
         self.num_workers = num_workers
 
     def setup(self, stage: str | None = None) -> None:
-        from training.arith import ArithSpec, arith_dataset
+        from training.arith import arith_dataset, task_spec
 
         if hasattr(self, "train_set"):
             return
-        task = ArithSpec(trace=self.spec.trace_style())
-        train = arith_dataset("train", self.spec.train_problems, seed=self.spec.seed, spec=task)
-        val = arith_dataset("val", self.spec.val_problems, seed=self.spec.seed, spec=task)
+        name = self.spec.task
+        task = task_spec(name, self.spec.trace_style())
+        train = arith_dataset("train", self.spec.train_problems, seed=self.spec.seed, spec=task, task=name)
+        val = arith_dataset("val", self.spec.val_problems, seed=self.spec.seed, spec=task, task=name)
         self.train_set = TraceDataset(train["question"], train["trace"], self.tokenizer, self.spec.max_length)
         self.val_set = TraceDataset(val["question"], val["trace"], self.tokenizer, self.spec.max_length)
 

@@ -219,3 +219,40 @@ def test_rigid_style_has_no_reasoning_ingredients():
     trace = write_trace(chain, random.Random(0), rigid)
     assert "Wait" not in trace and "verify" not in trace
     assert len(trace.splitlines()) == len(chain.operations) + 6
+
+
+def test_generated_benchmarks_are_the_tasks_and_harder_ones_widen_the_numbers():
+    from training.arith import TASKS, task_spec
+    from training.benchmarks import GENERATED_BENCHMARKS
+
+    assert tuple(TASKS) == GENERATED_BENCHMARKS
+    base, hard, xhard = (arith_problems("test", limit=200, task=name) for name in TASKS)
+    assert hard[7].id == "arith-hard/test/000007" and hard[7].benchmark == "arith-hard"
+    assert {p.question for p in base}.isdisjoint(p.question for p in hard)
+
+    def numbers(problems):
+        return [int(n) for p in problems for n in re.findall(r"\d+", p.question + " " + p.answer)]
+
+    assert max(numbers(base)) <= 999 < max(numbers(hard)) <= 9999
+    multipliers = [int(m) for p in xhard for m in re.findall(r"[Mm]ultiply by (\d+)", p.question)]
+    assert max(multipliers) >= 10 and max(numbers(xhard)) <= 9999
+    # The harder tasks keep the split rule: each question hashes into its own split.
+    assert all(split_of(p.question) == "test" for p in hard + xhard)
+    style = TraceStyle(verify_rate=0.0)
+    assert task_spec("arith-hard", style).trace == style and task_spec("arith-hard").value_bound == 9999
+    with pytest.raises(ValueError, match="unknown arithmetic task 'arith-x'"):
+        task_spec("arith-x")
+
+
+def test_a_harder_task_s_traces_check_out_step_by_step():
+    import operator
+
+    apply = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+    for problem in arith_problems("val", limit=100, task="arith-xhard"):
+        lines = problem.solution.splitlines()
+        steps = [m.groups() for m in map(STEP.match, lines) if m]
+        wrong = [s for s in steps if apply[s[1]](int(s[0]), int(s[2])) != int(s[3])]
+        corrections = sum(bool(CORRECTION.match(line)) for line in lines)
+        assert len(steps) >= 3 and len(wrong) <= corrections + 1  # + a slip that verification outvotes
+        assert all(abs(int(s[3])) <= 9999 for s in steps if s not in wrong)
+        assert BOXED.search(problem.solution).group(1) == problem.answer

@@ -240,6 +240,17 @@ def test_arith_delegates_to_the_generator():
     assert all(isinstance(p, Problem) for p in problems)
 
 
+def test_the_harder_generated_benchmarks_load_by_name_and_take_no_file(tmp_path):
+    pytest.importorskip("training.arith")
+    problems = load_benchmark("Arith-Hard", split="test", limit=3)
+    assert [p.id for p in problems] == [f"arith-hard/test/{i:06d}" for i in range(3)]
+    assert calibration_problems("arith-xhard", size=2)[1].id == "arith-xhard/train/000001"
+    with pytest.raises(BenchmarkError, match="'arith-xhard' is generated"):
+        load_benchmark("arith-xhard", path=str(tmp_path / "x.jsonl"))
+    with pytest.raises(BenchmarkError, match="benchmark 'arith-hard'.*'dev'"):
+        load_benchmark("arith-hard", split="dev", limit=1)
+
+
 def test_arith_unknown_split_is_a_benchmark_error():
     pytest.importorskip("training.arith")
     with pytest.raises(BenchmarkError, match="benchmark 'arith'.*'nosuchsplit'"):

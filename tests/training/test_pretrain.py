@@ -63,6 +63,25 @@ def test_pretrain_trace_style_fields_shape_the_training_traces_and_are_recorded(
     assert json.loads((out / "pretrain.json").read_text())["trace_style"]["verify_rate"] == 0.9
 
 
+def test_pretrain_task_chooses_the_problems_it_learns_and_is_checked(tmp_path, capsys):
+    from inference.config import load_config
+    from training.arith import arith_problems
+    from training.pretrain import ArithTraceData
+    from training.tokenizer import build_tokenizer
+
+    spec = load_config("tiny-s", {"pretrain.task": "arith-hard", "pretrain.train_problems": 20,
+                                  "pretrain.val_problems": 3}).pretrain
+    data = ArithTraceData(build_tokenizer(), spec)
+    data.setup()
+    text = data.tokenizer.decode(data.val_set.examples[0][0])
+    assert arith_problems("val", limit=1, seed=spec.seed, task="arith-hard")[0].question in text
+
+    assert main(pretrain_argv(tmp_path, task="arith-medium")) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "pretrain.task" in error[0] and "arith-hard" in error[0]
+    assert not (tmp_path / "tiny-x").exists()
+
+
 def test_pretrain_refuses_a_trace_style_no_problem_fits(tmp_path, capsys):
     out = tmp_path / "tiny-x"
     assert main(pretrain_argv(tmp_path, train_problems=8, max_trace_chars=60)) != 0
