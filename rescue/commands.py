@@ -7,7 +7,9 @@ models and runners from `inference`); the stage packages never import each other
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +58,31 @@ def evaluate(
     bench = config.benchmark
     out_dir = Path(out or Path(config.output_dir) / config.model.name / f"evaluate-{method}-{bench.name}-{bench.split}")
     return compare(config, limit=limit, methods=(method,), out=str(out_dir), single=True)
+
+
+def task_mismatch(config: RescueConfig) -> str | None:
+    """A warning when an embedded family model learned another generated task than the benchmark names.
+
+    The task is in the model folder's `pretrain.json` (`recipe.task`; records from before the
+    harder tasks have none and learned `arith`). Real models, and benchmarks that are not
+    generated, are never warned about.
+    """
+    from training.benchmarks import GENERATED_BENCHMARKS
+
+    benchmark = config.benchmark.name.strip().lower()
+    if benchmark not in GENERATED_BENCHMARKS:
+        return None
+    try:
+        from inference.models import resolve_model_source
+
+        record = json.loads((resolve_model_source(config.model.fp16, "model") / "pretrain.json").read_text())
+    except (RescueError, OSError, ValueError):
+        return None
+    learned = record.get("recipe", {}).get("task", "arith")
+    if learned == benchmark:
+        return None
+    return (f"warning: {config.model.fp16} was trained on '{learned}' (its pretrain.json), "
+            f"but the benchmark is '{benchmark}'; pass --benchmark {learned} to evaluate it on its own task")
 
 
 def _check_methods(config: RescueConfig, methods) -> None:
@@ -111,6 +138,8 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             raise RescueError(str(error)) from None
     bench = config.benchmark
     problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
+    if warning := task_mismatch(config):
+        print(warning, file=sys.stderr)
     need_fp16 = any(m != "2bit" for m in methods)
     need_2bit = any(m != "fp16" for m in methods)
     models, tokenizer = {}, None
@@ -261,7 +290,6 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False,
     `init`, training starts from the weights of a saved model folder of the same architecture, with
     a fresh optimizer and schedule: continued training, on the traces of `pretrain.seed` (set another
     seed than the first run's for fresh ones)."""
-    import json
 
     import lightning as L
     import torch
@@ -387,6 +415,8 @@ def collect(
     if samples < 1:
         raise RescueError(f"--samples must be a positive integer, got {samples}")
     problems = load_benchmark(config.benchmark.name, split, config.benchmark.path, limit=limit)
+    if warning := task_mismatch(config):
+        print(warning, file=sys.stderr)
     rank, world = distributed_context()
     if world > 1 and config.model.device == "auto":
         import torch
@@ -429,7 +459,6 @@ def label(config: RescueConfig, traces: str, report: str | None = None) -> dict:
     Labels go to `<traces>/labels.json` together with the parameters used, so relabeling with other
     parameters rewrites that file and never needs a new collection.
     """
-    import json
     from dataclasses import asdict
 
     from inference.models import load_tokenizer, resolve_model_source
@@ -509,7 +538,6 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
 
 def _quantized_matches(config: RescueConfig) -> bool:
     """Whether the config's 2-bit folder was made by `rescue quantize` from this model with these settings."""
-    import json
     from dataclasses import asdict
 
     record = Path(config.quantized_path) / "rescue_quantize.json"
@@ -531,7 +559,6 @@ def _quantized_matches(config: RescueConfig) -> bool:
 
 def _detector_matches(config: RescueConfig, folder: Path, trace_sets: list[Path]) -> bool:
     """Whether the detector in `folder` was trained on exactly these (labeled) trace sets with this recipe."""
-    import json
     from dataclasses import asdict
 
     from training.datamodule import manifest_sha256
@@ -557,7 +584,6 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
     rescue_quantize.json), trace sets (a complete set with the same identity; a partial one resumes),
     the detector (trained on the same trace-set manifests with the same labels and recipe).
     """
-    import json
     import shutil
 
     from inference.storage import folder_written_atomically

@@ -250,3 +250,29 @@ def test_quantize_calibrates_on_prompts_alone_when_asked(tiny_config, tmp_path, 
     # arith's worked solutions open the thinking block; the rendered prompt alone never does.
     assert all(("<think>\nPlan:" in t) == with_solution for t in seen["texts"])
     assert all(t.count("Start with") == 1 for t in seen["texts"])
+
+
+def test_a_family_model_evaluated_off_its_own_generated_task_is_warned_about(tiny_model_dir, tmp_path, capsys):
+    from inference.config import load_config
+    from rescue.commands import task_mismatch
+
+    hard = tmp_path / "tiny-hard"
+    shutil.copytree(tiny_model_dir, hard)
+    (hard / "pretrain.json").write_text(json.dumps({"recipe": {"task": "arith-hard"}}))
+
+    def warning(folder, benchmark):
+        return task_mismatch(load_config(None, {"model.fp16": str(folder), "benchmark.name": benchmark}))
+
+    assert "trained on 'arith-hard'" in warning(hard, "arith") and "--benchmark arith-hard" in warning(hard, "arith")
+    assert warning(hard, "arith-hard") is None and warning(hard, "gsm8k") is None
+    assert warning(tiny_model_dir, "arith-xhard") is None  # no pretrain.json: not a family model
+    (hard / "pretrain.json").write_text(json.dumps({"model": "tiny-s"}))  # a record from before the tasks
+    assert "trained on 'arith'" in warning(hard, "arith-hard") and warning(hard, "arith") is None
+
+    (hard / "pretrain.json").write_text(json.dumps({"recipe": {"task": "arith-hard"}}))
+    argv = ["evaluate", "--config", "tiny-s", "--model.fp16", str(hard), "--model.device", "cpu", "--method", "fp16",
+            "--limit", "1", "--budget", "4", "--wandb", "disabled", "--out", str(tmp_path / "eval")]
+    assert main(argv + ["--benchmark", "arith"]) == 0
+    assert capsys.readouterr().err.count("warning: ") == 1
+    assert main(argv + ["--benchmark", "arith-hard"]) == 0
+    assert "warning" not in capsys.readouterr().err
