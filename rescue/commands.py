@@ -138,10 +138,11 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             raise RescueError(str(error)) from None
     bench = config.benchmark
     problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
-    if warning := task_mismatch(config):
-        print(warning, file=sys.stderr)
     need_fp16 = any(m != "2bit" for m in methods)
     need_2bit = any(m != "fp16" for m in methods)
+    for warning in (task_mismatch(config), twin_mismatch(config) if need_2bit else None):
+        if warning:
+            print(warning, file=sys.stderr)
     models, tokenizer = {}, None
     if need_2bit:
         models["2bit"], tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
@@ -415,8 +416,9 @@ def collect(
     if samples < 1:
         raise RescueError(f"--samples must be a positive integer, got {samples}")
     problems = load_benchmark(config.benchmark.name, split, config.benchmark.path, limit=limit)
-    if warning := task_mismatch(config):
-        print(warning, file=sys.stderr)
+    for warning in (task_mismatch(config), twin_mismatch(config) if precision == "2bit" else None):
+        if warning:
+            print(warning, file=sys.stderr)
     rank, world = distributed_context()
     if world > 1 and config.model.device == "auto":
         import torch
@@ -536,25 +538,48 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
 # -- the main job -------------------------------------------------------------------------------------
 
 
+def _quantize_record(config: RescueConfig) -> dict | None:
+    """The `rescue_quantize.json` of the config's 2-bit folder, or None where there is none to read."""
+    try:
+        return json.loads((Path(config.quantized_path) / "rescue_quantize.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_model(recorded, configured: str) -> bool | None:
+    """Whether two model references name the same folder; None where either cannot be resolved."""
+    from inference.models import resolve_model_source
+
+    try:
+        return (resolve_model_source(str(recorded), "model").resolve()
+                == resolve_model_source(configured, "model").resolve())
+    except RescueError:
+        return None
+
+
 def _quantized_matches(config: RescueConfig) -> bool:
     """Whether the config's 2-bit folder was made by `rescue quantize` from this model with these settings."""
     from dataclasses import asdict
 
-    record = Path(config.quantized_path) / "rescue_quantize.json"
-    try:
-        made = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return False
-    from inference.models import resolve_model_source
-
-    try:
-        same_model = (resolve_model_source(str(made.get("fp16")), "model").resolve()
-                      == resolve_model_source(config.model.fp16, "model").resolve())
-    except RescueError:
+    made = _quantize_record(config)
+    if made is None or not _same_model(made.get("fp16"), config.model.fp16):
         return False
     # Records written before keep_fp16 existed quantized every linear, which is what [] means.
     recorded = {"keep_fp16": [], **(made.get("quantization") or {})}
-    return same_model and recorded == asdict(config.quantization)
+    return recorded == asdict(config.quantization)
+
+
+def twin_mismatch(config: RescueConfig) -> str | None:
+    """A warning when the 2-bit folder was quantized from another model than `model.fp16`.
+
+    Silent where that cannot be told: a folder not made by `rescue quantize`, or a recorded source
+    that is not at hand (a twin made on another machine).
+    """
+    made = _quantize_record(config)
+    if made is None or _same_model(made.get("fp16"), config.model.fp16) is not False:
+        return None
+    return (f"warning: {config.quantized_path} was quantized from {made.get('fp16')} (its rescue_quantize.json), "
+            f"not from model.fp16 {config.model.fp16}; its 2-bit results are not that model's")
 
 
 def _detector_matches(config: RescueConfig, folder: Path, trace_sets: list[Path]) -> bool:

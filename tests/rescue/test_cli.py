@@ -276,3 +276,24 @@ def test_a_family_model_evaluated_off_its_own_generated_task_is_warned_about(tin
     assert capsys.readouterr().err.count("warning: ") == 1
     assert main(argv + ["--benchmark", "arith-hard"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_2bit_twin_of_another_model_is_warned_about(tiny_config, quantized_dir, other_tiny_model_dir, tmp_path,
+                                                      capsys):
+    from inference.config import load_config
+    from rescue.commands import twin_mismatch
+
+    own = load_config(str(tiny_config))
+    assert twin_mismatch(own) is None
+    other = load_config(str(tiny_config), {"model.fp16": str(other_tiny_model_dir),
+                                           "model.quantized": str(quantized_dir)})
+    assert str(quantized_dir) in twin_mismatch(other) and "not from model.fp16" in twin_mismatch(other)
+    assert main(["evaluate", "--config", str(tiny_config), "--model.fp16", str(other_tiny_model_dir),
+                 "--model.quantized", str(quantized_dir), "--method", "2bit", "--limit", "1",
+                 "--wandb", "disabled", "--out", str(tmp_path / "eval")]) == 0
+    assert capsys.readouterr().err.count("was quantized from") == 1
+    unrecorded = tmp_path / "elsewhere"
+    shutil.copytree(quantized_dir, unrecorded)
+    record = json.loads((unrecorded / "rescue_quantize.json").read_text())
+    (unrecorded / "rescue_quantize.json").write_text(json.dumps({**record, "fp16": "/no/such/machine/folder"}))
+    assert twin_mismatch(load_config(str(tiny_config), {"model.quantized": str(unrecorded)})) is None
