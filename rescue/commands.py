@@ -308,9 +308,15 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False,
     run_dir = Path(config.output_dir) / config.model.name / "pretrain"
     checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
     if init:  # read before the traces are made, so a bad folder fails at once
+        from transformers.utils import logging as hf_logging
+
         from inference.models import load_full_precision
 
-        initial = load_full_precision(init, "float32", "cpu")[0].state_dict()
+        hf_logging.disable_progress_bar()  # a bad folder's error stays the one line printed
+        try:
+            initial = load_full_precision(init, "float32", "cpu")[0].state_dict()
+        finally:
+            hf_logging.enable_progress_bar()
     tokenizer = build_tokenizer()
     L.seed_everything(spec.seed, verbose=False)
     data = ArithTraceData(tokenizer, spec)

@@ -159,8 +159,9 @@ def test_pretrain_init_starts_from_saved_weights_and_refuses_another_architectur
     wider = argv_to("other", hidden_size=32)
     assert main(wider + ["--init", str(first)]) != 0
     captured = capsys.readouterr()
-    error = [line for line in captured.err.splitlines() if line.startswith("error:")]  # after a weight-loading bar
-    assert len(error) == 1 and "does not fit the config's model" in error[0] and "(102, 16)" in error[0]
+    error = captured.err.strip().splitlines()  # no weight-loading bar before it
+    assert len(error) == 1 and error[0].startswith("error:")
+    assert "does not fit the config's model" in error[0] and "(102, 16)" in error[0]
     assert "Epoch" not in captured.out + captured.err
     assert main(wider + ["--init", str(tmp_path / "nowhere")]) != 0
     error = capsys.readouterr().err.strip().splitlines()
