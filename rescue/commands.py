@@ -85,6 +85,13 @@ def task_mismatch(config: RescueConfig) -> str | None:
             f"but the benchmark is '{benchmark}'; pass --benchmark {learned} to evaluate it on its own task")
 
 
+def warn_mismatches(config: RescueConfig, two_bit: bool) -> None:
+    """Print (stderr) the warnings about a model run on another task, or a 2-bit folder of another model."""
+    for warning in (task_mismatch(config), twin_mismatch(config) if two_bit else None):
+        if warning:
+            print(warning, file=sys.stderr)
+
+
 def _check_methods(config: RescueConfig, methods) -> None:
     """Refuse, before any model is loaded, a method whose settings cannot work."""
     control = config.rescue
@@ -140,9 +147,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     problems = load_benchmark(bench.name, bench.split, bench.path, limit=limit)
     need_fp16 = any(m != "2bit" for m in methods)
     need_2bit = any(m != "fp16" for m in methods)
-    for warning in (task_mismatch(config), twin_mismatch(config) if need_2bit else None):
-        if warning:
-            print(warning, file=sys.stderr)
+    warn_mismatches(config, two_bit=need_2bit)
     models, tokenizer = {}, None
     if need_2bit:
         models["2bit"], tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
@@ -422,9 +427,7 @@ def collect(
     if samples < 1:
         raise RescueError(f"--samples must be a positive integer, got {samples}")
     problems = load_benchmark(config.benchmark.name, split, config.benchmark.path, limit=limit)
-    for warning in (task_mismatch(config), twin_mismatch(config) if precision == "2bit" else None):
-        if warning:
-            print(warning, file=sys.stderr)
+    warn_mismatches(config, two_bit=precision == "2bit")
     rank, world = distributed_context()
     if world > 1 and config.model.device == "auto":
         import torch
