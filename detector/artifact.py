@@ -1,7 +1,7 @@
 """The detector artifact: a folder with `weights.safetensors` and `card.json`, readable without this code.
 
-weights.safetensors  the probe's state dict (`body.*`, `heads.weight` [2, width], `heads.bias` [2]; head
-                     rows in `card.heads` order) and the feature normalisation statistics
+weights.safetensors  the probe's state dict (`body.*`, `heads.weight` [heads, width], `heads.bias` [heads];
+                     head rows in `card.probe.heads` order) and the feature normalisation statistics
                      `features.mean`, `features.std` [n_layers, hidden_size] float32.
 card.json            {
                        "kind": "lowbit-rescue detector", "schema_version": 1,
@@ -12,6 +12,7 @@ card.json            {
                        "heads": {head: what it predicts}, "horizon": H,
                        "calibration": {"stride", "patience", "target_false_alarm_rate",
                                        "heads": {head: HeadCalibration},
+                                       "policy": learned action selection (detector.policy),
                                        "rules": {"ngram": {ngram, window, min_repeats, ...},
                                                  "confidence": {window, threshold, ...} or
                                                                {window, skipped: reason}}},
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from detector.features import FeatureRecipe, NormalisationStats, StreamingFeatures, trace_features
-from detector.probe import HEADS, Probe
+from detector.probe import DECISION_HEADS, HEADS, Probe
 from inference.errors import RescueError
 from inference.storage import file_sha256, replace_atomically
 
@@ -46,6 +47,8 @@ SCHEMA_VERSION = 1
 HEAD_MEANINGS = {
     "loop_within_h": "the trace is inside a loop or its onset comes within the next H generated tokens",
     "fails_to_commit": "the trace will end without a committed final answer (budget, unclosed think, no answer)",
+    "ends_wrong": "the trace will not end with a correct final answer",
+    "answer_correct": "the candidate answer stated just before this position is correct",
 }
 
 
@@ -63,6 +66,16 @@ class Detector:
     card: dict[str, Any]
 
     @property
+    def heads(self) -> tuple[str, ...]:
+        """The probe's heads, in output order (two-head detectors predate `DECISION_HEADS`)."""
+        return self.probe.head_names
+
+    @property
+    def has_decision_heads(self) -> bool:
+        """Whether learned action selection can run: both decision heads and a calibrated policy."""
+        return all(h in self.heads for h in DECISION_HEADS) and bool(self.card["calibration"].get("policy"))
+
+    @property
     def thresholds(self) -> dict[str, float]:
         return {head: entry["threshold"] for head, entry in self.card["calibration"]["heads"].items()}
 
@@ -76,7 +89,7 @@ class Detector:
 
     @torch.no_grad()
     def score_trace(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Probabilities [captured, 2] (`HEADS` order) for one trace's states [captured, n_layers, hidden_size]."""
+        """Probabilities [captured, heads] (`heads` order) for one trace's states [captured, n_layers, hidden_size]."""
         self.probe.eval()
         return self.probe(trace_features(hidden, positions, self.recipe, self.stats)).sigmoid()
 
@@ -99,7 +112,7 @@ def save_detector(folder: str | Path, probe: Probe, recipe: FeatureRecipe, stats
         "layers": list(recipe.layers),
         "features": {**recipe.to_dict(), "stats": {"file": WEIGHTS, "mean": "features.mean", "std": "features.std"}},
         "probe": {**card.get("probe", {}), **probe.architecture()},
-        "heads": {head: HEAD_MEANINGS[head] for head in HEADS},
+        "heads": {head: HEAD_MEANINGS[head] for head in probe.head_names},
         "weights_sha256": file_sha256(folder / WEIGHTS),
     }
     temporary = folder / (CARD + ".tmp")
@@ -146,14 +159,14 @@ def load_detector(folder: str | Path, model_name: str | None = None, hidden_size
         tensors = load_file(str(weights_path))
         stats = NormalisationStats(mean=tensors.pop("features.mean"), std=tensors.pop("features.std"))
         probe = Probe(int(architecture["in_features"]), int(architecture["hidden_width"]),
-                      max(1, int(architecture["hidden_layers"])))
+                      max(1, int(architecture["hidden_layers"])), heads=architecture.get("heads", HEADS[:2]))
         probe.load_state_dict(tensors)
     except (SafetensorError, KeyError, RuntimeError, ValueError, OSError) as error:
         raise DetectorError(f"{weights_path}: weights do not match the card ({type(error).__name__})") from None
     expected = (len(recipe.layers), recipe.hidden_size)
     if tuple(stats.mean.shape) != expected or probe.in_features != recipe.feature_dim:
         raise DetectorError(f"{folder}: card and weights disagree on the feature shape")
-    if sorted(calibration.get("heads", {})) != sorted(HEADS):
-        raise DetectorError(f"{card_path}: calibration lacks thresholds for heads {list(HEADS)}")
+    if sorted(calibration.get("heads", {})) != sorted(probe.head_names):
+        raise DetectorError(f"{card_path}: calibration lacks thresholds for heads {list(probe.head_names)}")
     probe.eval()
     return Detector(probe=probe, recipe=recipe, stats=stats, card=card)

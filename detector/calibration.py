@@ -20,6 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
+NEVER = 2.0
+"""A threshold above any probability: the head never alarms (an untrained head, a disabled action)."""
+
 
 @dataclass
 class HeadCalibration:

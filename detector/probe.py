@@ -1,8 +1,15 @@
-"""The probe: a small network over one position's features with two heads, and its LightningModule.
+"""The probe: a small network over one position's features with its heads, and its LightningModule.
 
 Heads (logits; `HEADS` order):
 - `loop_within_h`: the trace is inside a loop, or its onset comes within the next H tokens;
-- `fails_to_commit`: the trace will not commit to a final answer (a trace-level outcome).
+- `fails_to_commit`: the trace will not commit to a final answer (a trace-level outcome);
+- `ends_wrong`: the trace will not end with a correct final answer (a trace-level outcome, known at
+  every position): the risk the learned trigger acts on when nothing loops;
+- `answer_correct`: the candidate answer stated just before this position will be correct; a target
+  only at the capture position that follows a stated candidate (NaN elsewhere: no loss, no metric).
+
+Detectors trained before the last two heads existed (`DECISION_HEADS`) keep their two heads: the probe
+is built with the heads its card names.
 
 Class imbalance: both targets are rare at the position level (loops are a minority of traces and
 cover only their tails). Each head's BCE-with-logits loss weighs its positive positions by
@@ -22,19 +29,28 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
-HEADS = ("loop_within_h", "fails_to_commit")
+HEADS = ("loop_within_h", "fails_to_commit", "ends_wrong", "answer_correct")
+ALARM_HEADS = ("loop_within_h", "fails_to_commit", "ends_wrong")
+"""Heads whose sustained score raises an alarm; `answer_correct` only ranks candidates."""
+DECISION_HEADS = ("ends_wrong", "answer_correct")
+"""The heads learned action selection needs (absent from two-head detectors)."""
 MAX_POS_WEIGHT = 100.0
 
 
 class Probe(nn.Module):
-    """Features [batch, in_features] -> logits [batch, 2] (`HEADS` order).
+    """Features [batch, in_features] -> logits [batch, len(heads)] (`heads` order, default `HEADS`).
 
-    `hidden_width` 0 makes the body the identity (two linear heads); otherwise the body is
+    `hidden_width` 0 makes the body the identity (linear heads); otherwise the body is
     `hidden_layers` (1 or 2) Linear + GELU + Dropout layers of that width.
     """
 
-    def __init__(self, in_features: int, hidden_width: int = 64, hidden_layers: int = 1, dropout: float = 0.0):
+    def __init__(self, in_features: int, hidden_width: int = 64, hidden_layers: int = 1, dropout: float = 0.0,
+                 heads: Sequence[str] = HEADS):
         super().__init__()
+        unknown = [head for head in heads if head not in HEADS]
+        if unknown:
+            raise ValueError(f"unknown probe heads {unknown}; known: {list(HEADS)}")
+        self.head_names = tuple(heads)
         if hidden_layers not in (1, 2):
             raise ValueError(f"hidden_layers must be 1 or 2, got {hidden_layers}")
         self.in_features, self.hidden_width, self.hidden_layers = in_features, hidden_width, hidden_layers
@@ -45,14 +61,14 @@ class Probe(nn.Module):
                 layers += [nn.Linear(width, hidden_width), nn.GELU(), nn.Dropout(dropout)]
                 width = hidden_width
         self.body = nn.Sequential(*layers)
-        self.heads = nn.Linear(width, len(HEADS))
+        self.heads = nn.Linear(width, len(self.head_names))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.heads(self.body(features))
 
     def architecture(self) -> dict:
         return {"in_features": self.in_features, "hidden_width": self.hidden_width,
-                "hidden_layers": self.hidden_layers if self.hidden_width else 0, "heads": list(HEADS)}
+                "hidden_layers": self.hidden_layers if self.hidden_width else 0, "heads": list(self.head_names)}
 
 
 def probe_flops_per_step(probe: Probe, mean_window: int = 0) -> int:
@@ -82,16 +98,17 @@ def flops_comparison(probe: Probe, mean_window: int, base_parameters: int | None
 
 
 class ProbeModule(L.LightningModule):
-    """Trains a `Probe` on batches `(features [B, F] float32, targets [B, 2] float32)`.
+    """Trains a `Probe` on batches `(features [B, F] float32, targets [B, len(HEADS)] float32)`.
 
-    Loss: the sum over heads of BCE-with-logits with per-head `pos_weight` (module docstring).
+    Loss: the sum over heads of BCE-with-logits with per-head `pos_weight` (module docstring), each the
+    mean over the positions where that head has a target (NaN targets are skipped).
     Logged: `train/loss`, `val/loss`, per-head losses, and per head `val/<head>/auroc` and
     `val/<head>/auprc` (torchmetrics AUROC and average precision, over the whole validation epoch).
     """
 
     def __init__(self, in_features: int, hidden_width: int = 64, hidden_layers: int = 1, dropout: float = 0.1,
                  learning_rate: float = 1e-3, weight_decay: float = 1e-4,
-                 pos_weight: Sequence[float] = (1.0, 1.0), untrained: Sequence[str] = ()):
+                 pos_weight: Sequence[float] = (1.0,) * len(HEADS), untrained: Sequence[str] = ()):
         super().__init__()
         self.save_hyperparameters()
         self.probe = Probe(in_features, hidden_width, hidden_layers, dropout)
@@ -107,10 +124,11 @@ class ProbeModule(L.LightningModule):
         return self.probe(features)
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-head mean losses [2]."""
+        """Per-head mean losses [len(HEADS)] over the positions with a target."""
+        defined = ~targets.isnan()
         per_element = nn.functional.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return per_element.mean(dim=0) * self.head_mask
+            logits, targets.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none") * defined
+        return per_element.sum(dim=0) / defined.sum(dim=0).clamp(min=1) * self.head_mask
 
     def training_step(self, batch, batch_index):
         features, targets = batch
@@ -132,10 +150,11 @@ class ProbeModule(L.LightningModule):
         scores = logits.sigmoid()
         for index, head in enumerate(HEADS):
             self.log(f"val/{head}/loss", losses[index], batch_size=size)
-            if index not in self.judged:
+            defined = ~targets[:, index].isnan()
+            if index not in self.judged or not defined.any():
                 continue
-            self.val_auroc[index].update(scores[:, index], targets[:, index].long())
-            self.val_auprc[index].update(scores[:, index], targets[:, index].long())
+            self.val_auroc[index].update(scores[defined, index], targets[defined, index].long())
+            self.val_auprc[index].update(scores[defined, index], targets[defined, index].long())
 
     def on_validation_epoch_end(self):
         for index, head in enumerate(HEADS):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -204,3 +205,63 @@ def find_candidate_answers(text: str) -> list[CandidateAnswer]:
             continue
         candidates.append(CandidateAnswer(text[start:end], start, end))
     return candidates
+
+
+def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
+    """For each generated token, the character offset where it ends in the decoded text.
+
+    The text is `tokenizer.decode(ids, skip_special_tokens=True)`, as collection decodes it, so
+    special tokens (EOS) end where the token before them ends. `text[:ends[i]]` is the text of
+    `ids[:i + 1]` wherever that prefix decodes to a prefix of the text; a token holding part of a
+    multi-byte character ends where the character ends. Offsets never decrease.
+
+    Three ways, the first that reproduces the text wins: one decode per token (character and most
+    BPE tokenizers), incremental decoding with a few tokens of context (byte-level pieces, leading
+    space rules), decoding every prefix (slow, exact).
+    """
+    ids = list(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    distinct = sorted(set(ids))
+    piece_of = dict(zip(distinct, tokenizer.batch_decode([[token] for token in distinct], skip_special_tokens=True)))
+    pieces = [piece_of[token] for token in ids]
+    if "".join(pieces) != text:
+        pieces = _incremental_pieces(tokenizer, ids)
+    if "".join(pieces) == text:
+        ends, offset = [], 0
+        for piece in pieces:
+            offset += len(piece)
+            ends.append(offset)
+        return ends
+    return _prefix_ends(tokenizer, ids, text)
+
+
+def _incremental_pieces(tokenizer, ids: list[int], context: int = 6) -> list[str]:
+    """Text added by each token, decoding it together with the tokens before it (as streaming
+    detokenizers do): a token that leaves an incomplete character adds nothing until the token
+    completing it."""
+    pieces = []
+    prefix_start = read_start = 0
+    for index in range(len(ids)):
+        before = tokenizer.decode(ids[prefix_start:read_start], skip_special_tokens=True)
+        after = tokenizer.decode(ids[prefix_start : index + 1], skip_special_tokens=True)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before) :])
+            prefix_start = max(0, index + 1 - context)
+            read_start = index + 1
+        else:
+            pieces.append("")
+    return pieces
+
+
+def _prefix_ends(tokenizer, ids: list[int], text: str, chunk: int = 256) -> list[int]:
+    ends = []
+    for start in range(0, len(ids), chunk):
+        prefixes = [ids[: index + 1] for index in range(start, min(len(ids), start + chunk))]
+        for decoded in tokenizer.batch_decode(prefixes, skip_special_tokens=True):
+            # An incomplete character decodes to U+FFFD; it only counts once completed.
+            while decoded.endswith("\ufffd") and not text.startswith(decoded):
+                decoded = decoded[:-1]
+            ends.append(min(len(decoded), len(text)))
+    for index in range(len(ends) - 2, -1, -1):  # never decreasing
+        ends[index] = min(ends[index], ends[index + 1])
+    return ends

@@ -7,9 +7,10 @@ memory: `setup` makes one pass over the shards (checksums, normalisation statist
 and the loaders then read one shard at a time through safetensors' lazy `safe_open`, so a trace set
 larger than RAM still trains.
 
-A batch is `(features [B, feature_dim] float32, targets [B, 2] float32)`, one row per captured
-position, targets in `detector.probe.HEADS` order, from `training.labels.position_targets` with
-`labels.horizon` of the config. Training batches are shuffled within a buffer of shards (shard order
+A batch is `(features [B, feature_dim] float32, targets [B, len(HEADS)] float32)`, one row per
+captured position, targets in `detector.probe.HEADS` order, from `training.labels.position_targets`
+(with `labels.horizon` of the config), the trace's `correct` label (`ends_wrong`) and
+`training.labels.candidate_targets` (`answer_correct`, NaN where no candidate was just stated). Training batches are shuffled within a buffer of shards (shard order
 reshuffled each epoch); validation batches come in trace order.
 
 Refused (one line, `TraceSetError`): a trace set without `labels.json` or with traces it does not
@@ -37,7 +38,7 @@ from detector.features import FeatureRecipe, NormalisationStats, StatsAccumulato
 from detector.probe import HEADS
 from inference.config import RescueConfig
 from inference.errors import ModelUnavailableError
-from training.labels import TraceLabels, position_targets
+from training.labels import TraceLabels, candidate_targets, position_targets
 from inference.storage import file_sha256
 from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError
 
@@ -66,7 +67,7 @@ class TraceExample:
     features: torch.Tensor
     """[captured, feature_dim] float32."""
     targets: torch.Tensor
-    """[captured, 2] float32 in `HEADS` order."""
+    """[captured, len(HEADS)] float32 in `HEADS` order (NaN: no target at that position)."""
     labels: TraceLabels
     generated_ids: torch.Tensor
     """[generated] int32 token ids (for replaying token-level rules)."""
@@ -187,7 +188,9 @@ class _PositionStream(IterableDataset):
 def _targets(labels: TraceLabels, positions: torch.Tensor, horizon: int) -> torch.Tensor:
     loop_within_h, fails_to_commit = position_targets(labels, horizon)
     loop = torch.from_numpy(loop_within_h[positions.numpy()].astype(np.float32))
-    return torch.stack([loop, torch.full_like(loop, float(fails_to_commit))], dim=1)
+    candidate = torch.from_numpy(candidate_targets(labels, positions.numpy()))
+    return torch.stack([loop, torch.full_like(loop, float(fails_to_commit)),
+                        torch.full_like(loop, float(not labels.correct)), candidate], dim=1)
 
 
 def _plan_traces(plan: ShardPlan, recipe: FeatureRecipe, stats: NormalisationStats,
@@ -269,6 +272,10 @@ class TraceDataModule(L.LightningDataModule):
             if missing:
                 raise TraceSetError(f"{trace_set.folder}: {LABELS} has no labels for trace {missing[0]!r} "
                                     f"({len(missing)} unlabeled); rerun `rescue label {trace_set.folder}`")
+            ungraded = [row["id"] for row in rows if not str(row.get("gold") or "").strip()]
+            if ungraded:
+                raise TraceSetError(f"{path}: trace {ungraded[0]!r} has no gold answer; the correctness heads "
+                                    "(ends_wrong, answer_correct) need a benchmark with gold answers")
             index.append((path, [{**row, "labels": labels[row["id"]]} for row in rows]))
         return index
 
@@ -324,7 +331,7 @@ class TraceDataModule(L.LightningDataModule):
         self.untrained_heads: dict[str, str] = {}
         for split, counts in self.counts.items():
             for head in HEADS:
-                positives, positions = counts[f"{head}_positives"], counts["positions"]
+                positives, positions = counts[f"{head}_positives"], counts[f"{head}_positions"]
                 if (positives == 0 or positives == positions) and head not in self.untrained_heads:
                     kind = "no positive" if positives == 0 else "only positive"
                     source = self.val_folder if split == "val" and self.val_folder else self.train_folder
@@ -333,7 +340,7 @@ class TraceDataModule(L.LightningDataModule):
                                                   f"collect more traces or relabel")
         if len(self.untrained_heads) == len(HEADS):
             raise TraceSetError(next(iter(self.untrained_heads.values())))
-        self.pos_weight = [(train_counts["positions"] - train_counts[f"{h}_positives"]) / train_counts[f"{h}_positives"]
+        self.pos_weight = [(train_counts[f"{h}_positions"] - train_counts[f"{h}_positives"]) / train_counts[f"{h}_positives"]
                            if h not in self.untrained_heads else 1.0 for h in HEADS]
         self._ready = True
 
@@ -349,7 +356,7 @@ class TraceDataModule(L.LightningDataModule):
         return accumulator.stats(), self._count(plans)
 
     def _count(self, plans: list[ShardPlan]) -> dict[str, int]:
-        counts = {"traces": 0, "positions": 0, **{f"{h}_positives": 0 for h in HEADS}}
+        counts = {"traces": 0, "positions": 0, **{f"{h}_{k}": 0 for h in HEADS for k in ("positives", "positions")}}
         for plan in plans:
             shard = read_shard(plan.path, with_hidden=False)
             offsets = shard["capture_offsets"]
@@ -359,7 +366,9 @@ class TraceDataModule(L.LightningDataModule):
                 counts["traces"] += 1
                 counts["positions"] += positions.numel()
                 for index, head in enumerate(HEADS):
-                    counts[f"{head}_positives"] += int(targets[:, index].sum())
+                    defined = ~targets[:, index].isnan()
+                    counts[f"{head}_positives"] += int(targets[defined, index].sum())
+                    counts[f"{head}_positions"] += int(defined.sum())
         return counts
 
     # -- loaders --------------------------------------------------------------------------------

@@ -12,10 +12,16 @@ Per trace (`TraceLabels`):
   none was, the final answer);
 - `delayed_commitment`: the trace went on for more than D tokens after that token;
 - `correct`: the final answer equals the gold answer (as `rescue evaluate` grades it);
-- `fails_to_commit`: not `committed`.
+- `fails_to_commit`: not `committed`;
+- `candidates`: every answer stated while thinking, as `[token, correct]` pairs: the token that
+  completes the stated value and whether that value equals the gold answer (graded as `correct`).
 
 Per position (`position_targets`), for the probe: `loop_within_h` (inside a loop, or its onset
-within the next H tokens) and the trace-level `fails_to_commit`.
+within the next H tokens), the trace-level `fails_to_commit`, the trace-level `ends_wrong` (the
+trace will not end with a correct final answer: `not correct`), and `answer_correct`, defined only at
+the capture position that first follows a candidate's completing token (will this stated answer be
+correct?) and undefined (NaN) elsewhere. These last two need gold answers; they are what the learned
+trigger uses to choose between committing to a candidate and falling back to FP16.
 
 `label_report` summarizes a list of labels as a markdown table and PNG plots; `label_records` labels
 the traces of an evaluation record and `label_shares` gives the share of traces per label.
@@ -31,7 +37,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.answers import THINK_CLOSE, extract_final_answer, find_candidate_answers, split_thinking
+from inference.answers import (  # noqa: F401  (token_char_ends: re-exported, it was defined here first)
+    THINK_CLOSE, extract_final_answer, find_candidate_answers, split_thinking, token_char_ends,
+)
 from inference.config import LabelsConfig
 from inference.generate import FINISH_BUDGET
 from inference.grading import is_correct
@@ -68,13 +76,20 @@ class TraceLabels:
     grades: an answer given before the budget ran out counts even though the trace failed to commit."""
     fails_to_commit: bool
     """Not committed: the budget ran out, `</think>` never came, or no final answer parses."""
+    candidates: tuple[tuple[int, bool], ...] = ()
+    """Every candidate answer stated while thinking: (token completing its value, value is correct)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> TraceLabels:
-        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+        """Labels written before a field existed read with its default (older labels.json files)."""
+        fields = cls.__dataclass_fields__
+        values = {name: record[name] for name in fields if name in record}
+        if "candidates" in values:
+            values["candidates"] = tuple((int(pos), bool(ok)) for pos, ok in values["candidates"])
+        return cls(**values)
 
 
 def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | None:
@@ -172,66 +187,6 @@ def _first_chained_loop(stretches: list[tuple[int, int, int]], params: LabelsCon
     return best
 
 
-def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """For each generated token, the character offset where it ends in the decoded text.
-
-    The text is `tokenizer.decode(ids, skip_special_tokens=True)`, as collection decodes it, so
-    special tokens (EOS) end where the token before them ends. `text[:ends[i]]` is the text of
-    `ids[:i + 1]` wherever that prefix decodes to a prefix of the text; a token holding part of a
-    multi-byte character ends where the character ends. Offsets never decrease.
-
-    Three ways, the first that reproduces the text wins: one decode per token (character and most
-    BPE tokenizers), incremental decoding with a few tokens of context (byte-level pieces, leading
-    space rules), decoding every prefix (slow, exact).
-    """
-    ids = list(ids)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    distinct = sorted(set(ids))
-    piece_of = dict(zip(distinct, tokenizer.batch_decode([[token] for token in distinct], skip_special_tokens=True)))
-    pieces = [piece_of[token] for token in ids]
-    if "".join(pieces) != text:
-        pieces = _incremental_pieces(tokenizer, ids)
-    if "".join(pieces) == text:
-        ends, offset = [], 0
-        for piece in pieces:
-            offset += len(piece)
-            ends.append(offset)
-        return ends
-    return _prefix_ends(tokenizer, ids, text)
-
-
-def _incremental_pieces(tokenizer, ids: list[int], context: int = 6) -> list[str]:
-    """Text added by each token, decoding it together with the tokens before it (as streaming
-    detokenizers do): a token that leaves an incomplete character adds nothing until the token
-    completing it."""
-    pieces = []
-    prefix_start = read_start = 0
-    for index in range(len(ids)):
-        before = tokenizer.decode(ids[prefix_start:read_start], skip_special_tokens=True)
-        after = tokenizer.decode(ids[prefix_start : index + 1], skip_special_tokens=True)
-        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
-            pieces.append(after[len(before) :])
-            prefix_start = max(0, index + 1 - context)
-            read_start = index + 1
-        else:
-            pieces.append("")
-    return pieces
-
-
-def _prefix_ends(tokenizer, ids: list[int], text: str, chunk: int = 256) -> list[int]:
-    ends = []
-    for start in range(0, len(ids), chunk):
-        prefixes = [ids[: index + 1] for index in range(start, min(len(ids), start + chunk))]
-        for decoded in tokenizer.batch_decode(prefixes, skip_special_tokens=True):
-            # An incomplete character decodes to U+FFFD; it only counts once completed.
-            while decoded.endswith("\ufffd") and not text.startswith(decoded):
-                decoded = decoded[:-1]
-            ends.append(min(len(decoded), len(text)))
-    for index in range(len(ends) - 2, -1, -1):  # never decreasing
-        ends[index] = min(ends[index], ends[index + 1])
-    return ends
-
-
 def _token_at(token_ends: Sequence[int], char_end: int) -> int:
     """Index of the token whose text completes the characters before `char_end`."""
     return min(bisect.bisect_left(token_ends, char_end), len(token_ends) - 1)
@@ -272,6 +227,7 @@ def label_trace(
         first_candidate_pos = _token_at(token_ends, answer_end)
 
     delayed = first_candidate_pos is not None and length - 1 - first_candidate_pos > params.commit_delay
+    stated = tuple((_token_at(token_ends, c.end), is_correct(c.text, gold)) for c in candidates) if length else ()
     return TraceLabels(
         length=length,
         loop_onset=None if loop is None else loop[0],
@@ -283,6 +239,7 @@ def label_trace(
         delayed_commitment=delayed,
         correct=is_correct(final_answer, gold),
         fails_to_commit=not committed,
+        candidates=stated,
     )
 
 
@@ -298,6 +255,19 @@ def position_targets(labels: TraceLabels, horizon: int) -> tuple[np.ndarray, boo
     return loop_within_h, labels.fails_to_commit
 
 
+def candidate_targets(labels: TraceLabels, positions: np.ndarray) -> np.ndarray:
+    """`answer_correct` at captured `positions` (sorted generated indices): at the first captured
+    position at or after each candidate's completing token, 1.0 if that candidate is correct and 0.0
+    if not; NaN at every other position (no target there). Where two candidates share a position,
+    the later one counts, as the trigger scores what was stated last."""
+    targets = np.full(len(positions), np.nan, dtype=np.float32)
+    for token, correct in labels.candidates:
+        index = int(np.searchsorted(positions, token))
+        if index < len(positions):
+            targets[index] = float(correct)
+    return targets
+
+
 # Rates reported for each label, in table order.
 _FLAGS = {
     "loop": lambda t: t.loop_onset is not None,
@@ -308,6 +278,7 @@ _FLAGS = {
     "has_candidate": lambda t: t.first_candidate_pos is not None,
     "delayed_commitment": lambda t: t.delayed_commitment,
     "correct": lambda t: t.correct,
+    "correct_candidate": lambda t: any(ok for _, ok in t.candidates),
 }
 
 

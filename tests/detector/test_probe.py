@@ -19,7 +19,7 @@ def test_linear_and_mlp_probes_give_one_logit_per_head():
 
 def test_flops_per_step_counts_every_multiply_add():
     probe = Probe(40, hidden_width=8, hidden_layers=2)
-    matmuls = 2 * (40 * 8 + 8 * 8 + 8 * 2)
+    matmuls = 2 * (40 * 8 + 8 * 8 + 8 * len(HEADS))
     assert probe_flops_per_step(probe) == matmuls + 2 * 40
     assert probe_flops_per_step(probe, mean_window=16) == matmuls + 5 * 20
     record = flops_comparison(probe, 0, base_parameters=1_000_000)
@@ -35,10 +35,12 @@ def test_pos_weight_clipped_to_at_least_one_and_at_most_the_cap():
 def test_module_learns_planted_signal_and_logs_val_metrics():
     torch.manual_seed(0)
     features = torch.randn(2000, 10)
-    targets = torch.stack([(features[:, 0] > 1.0), (features[:, 1] > 0.5)], dim=1).float()
+    targets = torch.stack([(features[:, 0] > 1.0), (features[:, 1] > 0.5), (features[:, 2] > 0.0),
+                           (features[:, 3] > 0.0)], dim=1).float()
+    targets[features[:, 4] > 0.5, 3] = float("nan")  # answer_correct has targets at some positions only
     loader = DataLoader(TensorDataset(features, targets), batch_size=200, shuffle=True)
     val = DataLoader(TensorDataset(features[:500], targets[:500]), batch_size=250)
-    negatives = (1 - targets).sum(0) / targets.sum(0)
+    negatives = (1 - targets).nansum(0) / targets.nansum(0)
     module = ProbeModule(10, hidden_width=16, learning_rate=1e-2, pos_weight=negatives.tolist())
     trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")

@@ -2,7 +2,9 @@
 
 `write_planted_trace_set` (also used by test_fit.py) writes a labeled synthetic trace set whose hidden
 states carry a planted signal: a direction in layer 1 while `loop_within_h` holds, another in layer 0
-along every trace that fails to commit; its top-token probabilities dip to 0.3 every 8 tokens until
+along every trace that fails to commit, a third in layer 0 along every trace that ends wrong, and a
+fourth in layer 1, signed by the candidate's correctness, at the captured position after each trace's
+one stated candidate answer; its top-token probabilities dip to 0.3 every 8 tokens until
 4 tokens after a loop's onset, and stay >= 0.97 from there. `downgrade_to_schema_1` rewrites one as a schema-1 trace set (no `top_prob`).
 """
 
@@ -37,30 +39,38 @@ def synthetic_config(tmp_path: Path, **overrides):
 
 def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, seed: int = 0,
                             hidden_size: int = HIDDEN, signal: float = 2.0, loops: bool = True,
-                            name: str = "synthetic", labels: bool = True, fails: bool = True) -> Path:
-    """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit."""
+                            name: str = "synthetic", labels: bool = True, fails: bool = True,
+                            wrong: bool = True) -> Path:
+    """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit, and
+    (with `wrong`) ~40% of those that commit end wrong; each states one candidate, correct iff the trace is."""
     rng = np.random.default_rng(seed)
     fails_allowed = fails
     # A second generator for top_prob, so the rest of the planted data does not depend on it.
     confidence_rng = np.random.default_rng(seed + 10_000)
     folder.mkdir(parents=True, exist_ok=True)
     # The same "model" for every seed: the planted directions do not depend on it.
-    directions = np.random.default_rng(1234).standard_normal((2, hidden_size)).astype(np.float32)
-    loop_direction, commit_direction = directions
+    directions = np.random.default_rng(1234).standard_normal((4, hidden_size)).astype(np.float32)
+    loop_direction, commit_direction, wrong_direction, answer_direction = directions
+    # The correctness heads' data from a generator of their own, so the rest does not depend on it.
+    answer_rng = np.random.default_rng(seed + 20_000)
     traces, records = [], {}
     for index in range(problems * samples):
         length = int(rng.integers(100, 200))
         loop_onset = int(rng.integers(20, length - 20)) if loops and rng.random() < 0.3 else None
         fails = bool(rng.random() < 0.2) and fails_allowed
+        correct = not fails and (bool(answer_rng.random() < 0.6) or not wrong)
+        candidate = int(answer_rng.integers(10, length - 10))
         trace_labels = TraceLabels(length=length, loop_onset=loop_onset, loop_period=None if loop_onset is None else 10,
                                    budget_exhausted=fails, unclosed_think=fails, committed=not fails,
-                                   first_candidate_pos=None, delayed_commitment=False, correct=not fails,
-                                   fails_to_commit=fails)
+                                   first_candidate_pos=None, delayed_commitment=False, correct=correct,
+                                   fails_to_commit=fails, candidates=((candidate, correct),))
         positions = np.arange(0, length, STRIDE)
         hidden = rng.standard_normal((len(positions), len(LAYERS), hidden_size)).astype(np.float32)
         looping, _ = position_targets(trace_labels, HORIZON)
         hidden[:, 1] += signal * looping[positions, None] * loop_direction
         hidden[:, 0] += signal * fails * commit_direction
+        hidden[:, 0] += signal * (not correct) * wrong_direction
+        hidden[np.searchsorted(positions, candidate), 1] += signal * (1 if correct else -1) * answer_direction
         # Confident text with an uncertain token every 8 (a computed digit), until a loop sets in.
         top_prob = confidence_rng.uniform(0.5, 1.0, length)
         top_prob[::8] = 0.3
@@ -70,7 +80,7 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
         traces.append(Trace(id=trace_id, problem_id=f"p{index // samples}", sample=index % samples,
                             prompt_ids=[1, 2, 3], generated_ids=rng.integers(3, 50, length).tolist(),
                             finish_reason="budget" if fails else "eos", answer=None if fails else "1", gold="1",
-                            correct=not fails, wall_seconds=0.0, text="", positions=torch.from_numpy(positions),
+                            correct=correct, wall_seconds=0.0, text="", positions=torch.from_numpy(positions),
                             hidden=torch.from_numpy(hidden), top_prob=torch.from_numpy(top_prob).float()))
         records[trace_id] = trace_labels.to_dict()
     entries = [write_shard(folder, shard, traces[start : start + 16], torch.float16)
@@ -129,7 +139,10 @@ def test_batches_cover_every_position_once_with_position_targets(planted, tmp_pa
         targets = torch.cat([t for _, t in batches])
         assert targets.shape == (data.counts[split]["positions"], len(HEADS))
         for index, head in enumerate(HEADS):
-            assert int(targets[:, index].sum()) == data.counts[split][f"{head}_positives"]
+            defined = ~targets[:, index].isnan()  # answer_correct: only where a candidate was just stated
+            assert int(defined.sum()) == data.counts[split][f"{head}_positions"]
+            assert int(targets[defined, index].sum()) == data.counts[split][f"{head}_positives"]
+        assert data.counts[split]["answer_correct_positions"] == data.counts[split]["traces"]
     example = next(data.traces("val"))
     looping, fails = position_targets(example.labels, HORIZON)
     assert torch.equal(example.targets[:, 0].bool(), torch.from_numpy(looping[example.positions.numpy()]))
@@ -180,7 +193,7 @@ def test_other_model_or_layers_refused(planted, tmp_path):
 
 
 def test_no_positive_labels_refused(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False)
     with pytest.raises(TraceSetError, match="no positive labels for loop_within_h"):
         TraceDataModule(synthetic_config(tmp_path), traces).setup()
 

@@ -361,3 +361,23 @@ def test_label_records_labels_evaluation_rows_as_their_generated_ids(tokenizer):
     assert shares["loop"] == pytest.approx(1 / 3) and shares["fails_to_commit"] == pytest.approx(1 / 3)
     assert shares["loop_or_fails_to_commit"] == pytest.approx(2 / 3) and shares["correct"] == pytest.approx(2 / 3)
     assert label_shares([])["loop"] == 0.0
+
+
+def test_candidates_are_graded_and_targeted_at_the_next_captured_position():
+    from training.labels import TraceLabels, candidate_targets
+
+    tokenizer = build_tokenizer()
+    text = "<think>\nSo the result is 12.\nSo the result is 13.\n</think>\n\nThe answer is \\boxed{13}."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    labels = label_trace(ids, tokenizer.decode(ids), token_char_ends(tokenizer, ids), "eos", "13", LabelsConfig())
+    assert [ok for _, ok in labels.candidates] == [False, True]
+    first, second = (token for token, _ in labels.candidates)
+    assert tokenizer.decode(ids[: first + 1]).endswith("12") and tokenizer.decode(ids[: second + 1]).endswith("13")
+    positions = np.arange(0, len(ids), 8)
+    targets = candidate_targets(labels, positions)
+    assert np.isnan(targets).sum() == len(positions) - 2
+    assert targets[np.searchsorted(positions, first)] == 0.0 and targets[np.searchsorted(positions, second)] == 1.0
+    # labels.json written before candidates existed still reads, with none.
+    old = {k: v for k, v in labels.to_dict().items() if k != "candidates"}
+    assert TraceLabels.from_dict(old).candidates == ()
+    assert TraceLabels.from_dict(labels.to_dict()) == labels
