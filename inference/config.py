@@ -193,6 +193,12 @@ class DetectorConfig:
         default=256,
         metadata=_help("offline comparison: the n-gram rule counts the newest n-gram within this many tokens", min=2),
     )
+    fallback_success: float = field(
+        default=0.9,
+        metadata=_help("learned action policy: modeled chance that an FP16 continuation ends correct, used only to "
+                       "choose its thresholds on validation traces (FP16's own accuracy is the natural value)",
+                       min=0.0, max=1.0),
+    )
     rule_confidence_window: int = field(
         default=32,
         metadata=_help("offline comparison: W of the confidence rule, which alarms once the top-token probability "
@@ -258,6 +264,17 @@ class ControlConfig:
     )
     max_interventions: int = field(
         default=2, metadata=_help("alarms acted on per trace; later alarms are ignored", min=1)
+    )
+    fp16_budget: float = field(
+        default=0.2,
+        metadata=_help("learned trigger: FP16 tokens allowed, as a share of all tokens of a trace, when its detector "
+                       "card has a calibrated action policy (thresholds chosen for the largest calibrated budget "
+                       "not above this)", min=0.0, max=1.0),
+    )
+    curve_budgets: list[float] = field(
+        default_factory=lambda: [0.05, 0.4],
+        metadata=_help("rescue compare: further FP16 budgets the learned trigger runs at (methods learned@B), "
+                       "drawing its accuracy-against-cost curve; [] for none", min=0.0, max=1.0),
     )
     run_train_problems: int = field(default=300, metadata=_help("rescue run: training problems collected", min=1))
     run_val_problems: int = field(default=150, metadata=_help("rescue run: validation problems collected", min=1))
@@ -442,12 +459,15 @@ def _check_value(value: Any, kind: Any, f: dataclasses.Field, source: str, dotte
     if "choices" in meta and value not in meta["choices"]:
         options = ", ".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{source}: field '{dotted}' must be one of {options}, got {value!r}")
-    if value is not None and "min" in meta and value < meta["min"]:
-        bound = meta["min"]
-        expected = "a positive integer" if bound == 1 and isinstance(value, int) else f">= {bound}"
-        raise ConfigError(f"{source}: field '{dotted}' must be {expected}, got {value!r}")
-    if value is not None and "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{source}: field '{dotted}' must be <= {meta['max']}, got {value!r}")
+    # Bounds hold for a number and for every item of a list of numbers.
+    items = [(f"{dotted}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(dotted, value)]
+    for name, item in items if "min" in meta or "max" in meta else ():
+        if item is not None and "min" in meta and item < meta["min"]:
+            bound = meta["min"]
+            expected = "a positive integer" if bound == 1 and isinstance(item, int) else f">= {bound}"
+            raise ConfigError(f"{source}: field '{name}' must be {expected}, got {item!r}")
+        if item is not None and "max" in meta and item > meta["max"]:
+            raise ConfigError(f"{source}: field '{name}' must be <= {meta['max']}, got {item!r}")
     for i, pattern in enumerate(value if meta.get("regex") else ()):
         try:
             re.compile(pattern)

@@ -13,8 +13,9 @@ Every trace is a small state machine; the controller moves a batch of them forwa
   2-bit model reasons after it. With the learned trigger, the 2-bit model first writes
   `plan_probe_tokens` tokens whose states give the early risk; if the trigger plans, those tokens
   are dropped (and still counted as spent).
-- **commit**: the thinking is closed with `commit_template` filled with the earliest candidate answer
-  stated before the estimated onset, and the trace ends (finish reason `forced`); with no candidate,
+- **commit**: the thinking is closed with `commit_template` filled with the candidate answer the
+  trigger selects among those stated before the estimated onset (the earliest, or the learned action
+  policy's best-scored one), and the trace ends (finish reason `forced`); with no candidate,
   `commit_open` closes the thinking and the model writes its answer in at most `answer_tokens` tokens.
 - **fallback**: the trace is cut back to the alarm's onset estimate and the FP16 model continues from
   the kept prefix (one prefill), to the end or for `fallback_span` tokens before handing back.
@@ -31,6 +32,7 @@ each sequence gets its share of every batch's wall time.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,12 +41,12 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from inference.answers import find_candidate_answers
+from inference.answers import find_candidate_answers, token_char_ends
 from inference.config import ControlConfig, SamplingConfig
 from inference.evaluate import eos_token_ids
 from inference.generate import FINISH_EOS, Sampler, generate
 from inference.prompts import Problem, render_prompt
-from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger, decide
+from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
 
 PROBE, REASON, FP16_SPAN, ANSWER, DONE = "probe", "reason", "fp16", "answer", "done"
 
@@ -164,15 +166,20 @@ class Controller:
 
     def _act(self, state: TraceState, alarm: Alarm) -> None:
         onset = max(0, min(alarm.onset, len(state.generated)))
-        candidates = find_candidate_answers(self.tokenizer.decode(state.generated[:onset], skip_special_tokens=True))
-        action = decide(alarm, bool(candidates), self.control.on_alarm, "fp16" in self.models)
+        kept = state.generated[:onset]
+        candidates = find_candidate_answers(self.tokenizer.decode(kept, skip_special_tokens=True))
+        ends = token_char_ends(self.tokenizer, kept) if candidates else []
+        candidate_tokens = [min(bisect.bisect_left(ends, c.end), len(ends) - 1) for c in candidates]
+        action, chosen = self.trigger.select(state.index, alarm, candidate_tokens, self.control.on_alarm,
+                                             "fp16" in self.models)
         state.interventions += 1
-        record = {"kind": action, "reason": alarm.reason, "position": alarm.position, "onset": onset}
+        record = {"kind": action, "reason": alarm.reason, "position": alarm.position, "onset": onset,
+                  "policy": self.trigger.policy_name}
         state.actions.append(record)
         if action == COMMIT:
-            if candidates:
-                record["answer"] = candidates[0].text
-                forced = self._encode(self.control.commit_template.format(answer=candidates[0].text))
+            if chosen is not None:
+                record["answer"] = candidates[chosen].text
+                forced = self._encode(self.control.commit_template.format(answer=candidates[chosen].text))
                 state.generated.extend(forced + [self.tokenizer.eos_token_id])
                 state.tokens["forced"] += len(forced) + 1
                 self._finish(state, "forced")

@@ -12,11 +12,20 @@ fire), and asks the trigger before reasoning starts whether to `plan`.
   Its onset estimate, where a fallback cuts back to, is the start of the n-gram's second occurrence in
   the window: one period of the repeated block is kept.
 - `LearnedTrigger`, a detector artifact's probe: at every position on the detector's capture grid
-  (generated position % stride == 0, what calibration scored) each head's probability is compared with
-  its calibrated threshold, and an alarm goes off after `patience` consecutive grid steps at or above
-  it. Its onset estimate is the first step of that run (`loop_within_h` predicts a loop *ahead*, so the
-  tokens before the run are kept). Planning is decided from the `fails_to_commit` risk of the first
-  `plan_probe_tokens` states against the card's planning threshold.
+  (generated position % stride == 0, what calibration scored) each alarm head's probability is compared
+  with its threshold, and an alarm goes off after `patience` consecutive grid steps at or above it. Its
+  onset estimate is the first step of that run (`loop_within_h` predicts a loop *ahead*, and
+  `ends_wrong` rises where the trace starts to go wrong, so the tokens before the run are kept).
+  Planning is decided from the `fails_to_commit` risk of the first `plan_probe_tokens` states against
+  the card's planning threshold.
+
+What an alarm does is the trigger's `select`: by default `decide` (commit to the earliest candidate
+when one exists before the onset, else fall back). A detector whose card holds a calibrated action
+policy (`detector.policy`: the `ends_wrong` and `answer_correct` heads) selects instead: the
+`ends_wrong` threshold is the one chosen for the user's FP16 budget, every candidate answer stated
+before the onset is scored by `answer_correct` (its score at the first grid step after it), and the
+trace commits to the best one if that score reaches the policy's commit threshold, else falls back to
+FP16 from the onset. Older two-head detectors keep the default (`policy_name` says which ran).
 """
 
 from __future__ import annotations
@@ -55,6 +64,16 @@ class Trigger:
 
     name = "none"
     layers: tuple[int, ...] = ()
+    policy_name = "earliest-candidate"
+    """How `select` chooses an action (recorded with each evaluation)."""
+
+    def select(self, seq: int, alarm: Alarm, candidate_tokens: Sequence[int], on_alarm: str,
+               fallback_available: bool) -> tuple[str, int | None]:
+        """The action for an alarm and, for a commit, the index of the candidate to commit to (None: let
+        the model answer). `candidate_tokens` are the generated positions completing each candidate answer
+        stated before the onset, in order."""
+        action = decide(alarm, bool(candidate_tokens), on_alarm, fallback_available)
+        return action, (0 if action == COMMIT and candidate_tokens else None)
 
     def wants_plan(self, seq: int) -> bool:
         """Whether the FP16 model should plan this trace (asked once, before reasoning)."""
@@ -148,6 +167,9 @@ class _ProbeState:
     runs: list[int] = field(default_factory=list)
     run_starts: list[int] = field(default_factory=list)
     early_risk: float = 0.0
+    grid_positions: list[int] = field(default_factory=list)
+    """Generated positions scored so far, with their `answer_correct` scores (learned action policy)."""
+    answer_scores: list[float] = field(default_factory=list)
 
 
 class LearnedTrigger(Trigger):
@@ -155,16 +177,27 @@ class LearnedTrigger(Trigger):
 
     name = "learned"
 
-    def __init__(self, detector, plan_probe_tokens: int = 1):
-        from detector.probe import HEADS
+    def __init__(self, detector, plan_probe_tokens: int = 1, fp16_budget: float | None = None):
+        from detector.calibration import NEVER
+        from detector.policy import policy_for_budget
+        from detector.probe import ALARM_HEADS
 
         self.detector = detector
-        self.heads = list(HEADS)
+        self.heads = list(detector.heads)
         self.layers = tuple(detector.recipe.layers)
         calibration = detector.card["calibration"]
         self.stride = int(calibration["stride"])
         self.patience = detector.patience
-        self.thresholds = torch.tensor([detector.thresholds[h] for h in self.heads])
+        thresholds = {h: (detector.thresholds[h] if h in ALARM_HEADS else NEVER) for h in self.heads}
+        self.policy = None
+        if fp16_budget is not None and detector.has_decision_heads and "budgets" in calibration["policy"]:
+            self.policy = policy_for_budget(calibration["policy"], fp16_budget)
+            self.policy_name = f"learned-selection@{self.policy['fp16_budget']:g}"
+            thresholds["ends_wrong"] = self.policy["wrong_threshold"]
+        elif "ends_wrong" in thresholds:
+            thresholds["ends_wrong"] = NEVER  # without the action policy, the old policy's alarms only
+        self.answer_head = self.heads.index("answer_correct") if "answer_correct" in self.heads else None
+        self.thresholds = torch.tensor([thresholds[h] for h in self.heads])
         plan = calibration.get("plan") or {}
         # Older cards have no planning threshold: plan where the fails_to_commit head would alarm.
         self.plan_threshold = float(plan.get("threshold", detector.thresholds["fails_to_commit"]))
@@ -182,8 +215,12 @@ class LearnedTrigger(Trigger):
     def restart(self, seq: int, generated: Sequence[int]) -> None:
         # The probe reads states the controller no longer has after a cut or an FP16 span; it starts over
         # (the running mean refills within `mean_window` tokens), and the early risk is kept.
-        early = self.state[seq].early_risk if seq in self.state else 0.0
-        self.state[seq] = self._fresh_state(early)
+        # Candidate scores of the tokens the trace keeps stay, for the action policy.
+        old = self.state.get(seq)
+        self.state[seq] = fresh = self._fresh_state(old.early_risk if old else 0.0)
+        if old is not None:
+            kept = bisect.bisect_left(old.grid_positions, len(generated))
+            fresh.grid_positions, fresh.answer_scores = old.grid_positions[:kept], old.answer_scores[:kept]
 
     def _fresh_state(self, early_risk: float = 0.0) -> _ProbeState:
         return _ProbeState(features=self.detector.streaming(), runs=[0] * len(self.heads),
@@ -207,6 +244,9 @@ class LearnedTrigger(Trigger):
             state = self.state[seq]
             if position < self._plan_probe_tokens:
                 state.early_risk = max(state.early_risk, float(scores[j, self.heads.index("fails_to_commit")]))
+            if self.policy is not None:
+                state.grid_positions.append(position)
+                state.answer_scores.append(float(scores[j, self.answer_head]))
             for h, head in enumerate(self.heads):
                 if above[j, h]:
                     if state.runs[h] == 0:
@@ -216,6 +256,24 @@ class LearnedTrigger(Trigger):
                     state.runs[h] = 0
             for h, head in enumerate(self.heads):
                 if state.runs[h] >= self.patience and alarms[i] is None:
-                    onset = state.run_starts[h] if head == "loop_within_h" else position + 1
+                    onset = state.run_starts[h] if head in ("loop_within_h", "ends_wrong") else position + 1
                     alarms[i] = Alarm(head, position, onset)
         return alarms
+
+    def select(self, seq, alarm, candidate_tokens, on_alarm, fallback_available):
+        if self.policy is None or on_alarm != "auto":
+            return super().select(seq, alarm, candidate_tokens, on_alarm, fallback_available)
+        state = self.state.get(seq)
+        best, best_score = None, None
+        for index, token in enumerate(candidate_tokens):
+            step = bisect.bisect_left(state.grid_positions, token) if state else 0
+            if state is None or step >= len(state.grid_positions):
+                continue  # stated after the last scored step: no score for it
+            score = state.answer_scores[step]
+            if best_score is None or score >= best_score:
+                best, best_score = index, score
+        if best is not None and best_score >= self.policy["commit_threshold"]:
+            return COMMIT, best
+        if fallback_available:
+            return FALLBACK, None
+        return COMMIT, (best if best is not None else (0 if candidate_tokens else None))

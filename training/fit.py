@@ -29,8 +29,7 @@ import torch
 from inference.config import RescueConfig
 from inference.errors import RescueError
 
-NEVER = 2.0
-"""The threshold of an untrained head, above any probability: it never alarms and never plans."""
+from detector.calibration import NEVER  # noqa: E402  (an untrained head's threshold: it never alarms or plans)
 
 
 def _wandb_logger(config: RescueConfig, run_dir: Path):
@@ -83,14 +82,17 @@ def position_metrics(scored: list[dict[str, Any]], budget: int | None) -> dict[s
     from detector.probe import HEADS
 
     scores = torch.from_numpy(np.concatenate([s["scores"] for s in scored]))
-    targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored])).long()
+    raw_targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored]))
+    targets = raw_targets.nan_to_num(0.0).long()
     positions = np.concatenate([s["positions"] for s in scored])
     metrics = {}
-    for index, head in enumerate(HEADS):
-        if not 0 < int(targets[:, index].sum()) < len(targets):
+    for index, head in enumerate(HEADS[: scores.shape[1]]):
+        defined = ~raw_targets[:, index].isnan()  # answer_correct has targets at candidate positions only
+        head_scores, head_targets = scores[defined, index], targets[defined, index]
+        if not 0 < int(head_targets.sum()) < len(head_targets):
             continue  # one class only: AUROC/AUPRC are undefined (an untrained head), so none is reported
-        metrics[f"{head}/auroc"] = float(binary_auroc(scores[:, index], targets[:, index]))
-        metrics[f"{head}/auprc"] = float(binary_average_precision(scores[:, index], targets[:, index]))
+        metrics[f"{head}/auroc"] = float(binary_auroc(head_scores, head_targets))
+        metrics[f"{head}/auprc"] = float(binary_average_precision(head_scores, head_targets))
     if budget:
         early = torch.from_numpy(positions < budget / 4)
         early_targets = targets[early, 1]
@@ -105,17 +107,28 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
     planning threshold on the early `fails_to_commit` risk (positions < `plan_positions`). An untrained
     head (`untrained`: head -> reason) gets a threshold above any probability: it never alarms."""
     from detector.calibration import calibrate_head, choose_plan_threshold, first_alarm
-    from detector.probe import HEADS
+    from detector.probe import ALARM_HEADS, HEADS
 
     grids = [s["positions"] % stride == 0 for s in scored]
-    healthy = [s["healthy"] for s in scored]
+    healthy = {"loop_within_h": [s["healthy"] for s in scored], "fails_to_commit": [s["healthy"] for s in scored],
+               # a wrong-answer alarm is false on a trace that ends correct
+               "ends_wrong": [s["labels"].correct for s in scored]}
     positive = {"loop_within_h": [s["labels"].loop_onset is not None for s in scored],
-                "fails_to_commit": [s["labels"].fails_to_commit for s in scored]}
+                "fails_to_commit": [s["labels"].fails_to_commit for s in scored],
+                "ends_wrong": [not s["labels"].correct for s in scored]}
     heads = {}
     for index, head in enumerate(HEADS):
+        if head not in ALARM_HEADS:
+            heads[head] = {"head": head, "threshold": NEVER, "patience": patience,
+                           "note": "ranks candidate answers (calibration.policy); never alarms"}
+            continue
         sequences = [s["scores"][grid, index] for s, grid in zip(scored, grids)]
+        if head == "ends_wrong" and not any(healthy[head]):
+            heads[head] = {"head": head, "threshold": NEVER, "patience": patience,
+                           "note": "no validation trace ends correct: no false-alarm rate to set"}
+            continue
         try:
-            heads[head] = calibrate_head(head, sequences, healthy, positive[head], patience, target).to_dict()
+            heads[head] = calibrate_head(head, sequences, healthy[head], positive[head], patience, target).to_dict()
         except ValueError as error:
             raise RescueError(f"calibration: {error}") from None
         if head in (untrained or {}):
@@ -145,8 +158,33 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
                 "note": "first alarm position minus labeled loop onset, caught loops only; negative = before onset"}}
 
 
+def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], fallback_success: float,
+                     untrained: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The learned action policy per FP16 budget (`detector.policy.choose_policy`) on the stride-grid
+    scores of the validation traces; None (the trigger keeps the old commit-the-earliest policy) when a
+    decision head is untrained, with the reason in the card instead."""
+    from detector.policy import PolicyTrace, candidate_scores, choose_policy
+    from detector.probe import DECISION_HEADS, HEADS
+
+    missing = [head for head in DECISION_HEADS if head in (untrained or {})]
+    if missing:
+        return {"skipped": f"decision head {missing[0]} is untrained: {untrained[missing[0]]}"}
+    stride = calibration["stride"]
+    loop, wrong, candidate = (HEADS.index(h) for h in ("loop_within_h", "ends_wrong", "answer_correct"))
+    traces = []
+    for s in scored:
+        grid = s["positions"] % stride == 0
+        positions = s["positions"][grid]
+        traces.append(PolicyTrace(
+            positions=positions, loop=s["scores"][grid, loop], wrong=s["scores"][grid, wrong],
+            candidates=candidate_scores(positions, s["scores"][grid, candidate], s["labels"].candidates),
+            length=s["labels"].length, correct=s["labels"].correct))
+    return choose_policy(traces, calibration["heads"]["loop_within_h"]["threshold"], calibration["patience"],
+                         fallback_success)
+
+
 def plot_pr_curves(scored: list[dict[str, Any]], path: Path) -> Path:
-    """Precision-recall curves of both heads over the validation positions, one PNG."""
+    """Precision-recall curves of every head over the validation positions (where it has targets), one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,13 +193,19 @@ def plot_pr_curves(scored: list[dict[str, Any]], path: Path) -> Path:
 
     from detector.probe import HEADS
 
-    scores = torch.from_numpy(np.concatenate([s["scores"] for s in scored]))
-    targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored])).long()
-    figure, axes = plt.subplots(1, len(HEADS), figsize=(10, 4))
-    for index, head in enumerate(HEADS):
-        precision, recall, _ = binary_precision_recall_curve(scores[:, index], targets[:, index])
-        auprc = float(binary_average_precision(scores[:, index], targets[:, index]))
-        base = float(targets[:, index].float().mean())
+    all_scores = torch.from_numpy(np.concatenate([s["scores"] for s in scored]))
+    raw_targets = torch.from_numpy(np.concatenate([s["targets"] for s in scored]))
+    heads = HEADS[: all_scores.shape[1]]  # a two-head detector's scores: its heads come first in HEADS
+    figure, axes = plt.subplots(1, len(heads), figsize=(5 * len(heads), 4))
+    for index, head in enumerate(heads):
+        defined = ~raw_targets[:, index].isnan()
+        scores, targets = all_scores[defined, index], raw_targets[defined, index].long()
+        if not 0 < int(targets.sum()) < len(targets):
+            axes[index].set_title(f"{head}: one class only")
+            continue
+        precision, recall, _ = binary_precision_recall_curve(scores, targets)
+        auprc = float(binary_average_precision(scores, targets))
+        base = float(targets.float().mean())
         axes[index].plot(recall.numpy(), precision.numpy(), label=f"probe (AUPRC {auprc:.3f})")
         axes[index].axhline(base, color="grey", linestyle="--", label=f"chance ({base:.3f})")
         axes[index].set_xlabel("recall")
@@ -236,6 +280,7 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     metrics = position_metrics(scored, data.identity.get("sampling", {}).get("budget"))
     calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate,
                             config.rescue.plan_probe_tokens, data.untrained_heads)
+    calibration["policy"] = calibrate_policy(scored, calibration, spec.fallback_success, data.untrained_heads)
     calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
                                                      spec.target_false_alarm_rate),
                             "confidence": tune_confidence_rule(scored, spec.rule_confidence_window,
@@ -304,11 +349,22 @@ def format_summary(summary: dict) -> str:
         if "untrained" in entry:
             parts.append(f"{head}: untrained, alarm disabled ({entry['untrained']})")
             continue
+        if "note" in entry:
+            auroc = summary["val"].get(f"{head}/auroc")
+            parts.append(f"{head}: {'AUROC ' + format(auroc, '.3f') + ', ' if auroc is not None else ''}{entry['note']}")
+            continue
         detection = "n/a" if entry["detection_rate"] is None else f"{entry['detection_rate']:.1%}"
         parts.append(f"{head}: AUROC {summary['val'][f'{head}/auroc']:.3f} AUPRC {summary['val'][f'{head}/auprc']:.3f}, "
                      f"threshold {entry['threshold']:.3f} x{entry['patience']} steps -> false alarms "
                      f"{entry['false_alarm_rate']:.1%} of {entry['healthy_traces']} healthy traces, caught "
                      f"{detection} of {entry['positive_traces']}")
+    policy = summary["calibration"].get("policy") or {}
+    if policy.get("budgets"):
+        parts.append("action policy (modeled on validation traces): " + ", ".join(
+            f"FP16 budget {b['fp16_budget']:g} -> {b['modeled_accuracy']:.1%}" for b in policy["budgets"]
+            if b["fp16_budget"] in (0.0, 0.1, 0.2, 0.4, 1.0)))
+    elif policy.get("skipped"):
+        parts.append(f"action policy: none ({policy['skipped']})")
     rules = summary["calibration"].get("rules", {})
     if "ngram" in rules:
         rule = rules["ngram"]
@@ -426,8 +482,8 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
     from detector.artifact import load_detector
     from detector.calibration import first_alarm
     from detector.probe import HEADS
+    from training.datamodule import _targets as position_head_targets
     from training.datamodule import load_labels, model_hidden_size
-    from training.labels import position_targets
     from training.traces import TraceSet, TraceSetError
 
     folder = Path(detector or Path(config.output_dir) / config.model.name / "detector")
@@ -461,13 +517,12 @@ def detect_report(config: RescueConfig, test: str, detector: str | None = None, 
         label = labels[trace.id]
         scores = loaded.score_trace(trace.hidden, trace.positions).numpy()
         positions = trace.positions.numpy()
-        looping, fails = position_targets(label, int(loaded.card.get("horizon", config.labels.horizon)))
-        scored.append({"scores": scores, "positions": positions,
-                       "targets": np.stack([looping[positions], np.full(len(positions), fails)], axis=1).astype(np.float32)})
+        targets = position_head_targets(label, trace.positions, int(loaded.card.get("horizon", config.labels.horizon)))
+        scored.append({"scores": scores, "positions": positions, "targets": targets[:, : scores.shape[1]].numpy()})
         grid = positions % stride == 0
         head_alarms = []
-        for index, head in enumerate(HEADS):
-            step = first_alarm(scores[grid, index], thresholds[head], patience)
+        for head in ("loop_within_h", "fails_to_commit"):  # the loop and non-commitment alarms replayed here
+            step = first_alarm(scores[grid, HEADS.index(head)], thresholds[head], patience)
             head_alarms.append(None if step is None else int(positions[grid][step]))
             alarms[f"learned {head}"].append(head_alarms[-1])
         present = [a for a in head_alarms if a is not None]

@@ -2,7 +2,7 @@ import torch
 
 from detector.artifact import Detector
 from detector.features import FeatureRecipe, NormalisationStats
-from detector.probe import Probe
+from detector.probe import HEADS, Probe
 from inference.triggers import COMMIT, FALLBACK, Alarm, LearnedTrigger, RuleTrigger, decide
 
 
@@ -70,7 +70,7 @@ def _detector(hidden_size=4, stride=2, patience=2):
     """A linear probe whose loop logit is 10 * (first channel) and fails logit is -10: loop alarms
     exactly where the first channel of the state is positive."""
     recipe = FeatureRecipe(layers=(0,), hidden_size=hidden_size, mean_window=0, stride=stride)
-    probe = Probe(recipe.feature_dim, hidden_width=0)
+    probe = Probe(recipe.feature_dim, hidden_width=0, heads=HEADS[:2])
     with torch.no_grad():
         for parameter in probe.parameters():
             parameter.zero_()
@@ -104,3 +104,56 @@ def test_learned_trigger_scores_rows_at_their_own_positions():
     # Row 0 is on the grid (position 4), row 1 is not (position 5): only row 0 can alarm.
     alarms = trigger.observe([0, 1], [4, 5], torch.tensor([1, 1]), {0: hot}, None)
     assert alarms[0] is not None and alarms[1] is None
+
+
+def _decision_detector(commit_threshold=0.6, wrong_threshold=0.5):
+    """A four-head linear probe: ends_wrong logit 10 * (channel 1), answer_correct logit 10 * (channel 2),
+    loop and fails_to_commit silent; its card holds an action policy at one budget."""
+    recipe = FeatureRecipe(layers=(0,), hidden_size=4, mean_window=0, stride=1)
+    probe = Probe(recipe.feature_dim, hidden_width=0)
+    with torch.no_grad():
+        for parameter in probe.parameters():
+            parameter.zero_()
+        probe.heads.bias[:2] = -10.0
+        probe.heads.weight[HEADS.index("ends_wrong"), 1] = 10.0
+        probe.heads.weight[HEADS.index("answer_correct"), 2] = 10.0
+    stats = NormalisationStats(mean=torch.zeros(1, 4), std=torch.ones(1, 4))
+    heads = {h: {"threshold": 0.5} for h in HEADS}
+    policy = {"budgets": [{"fp16_budget": 0.2, "wrong_threshold": wrong_threshold,
+                           "commit_threshold": commit_threshold}]}
+    card = {"calibration": {"stride": 1, "patience": 1, "heads": heads, "plan": {"threshold": 0.9},
+                            "policy": policy}}
+    return Detector(probe=probe, recipe=recipe, stats=stats, card=card)
+
+
+def _feed_states(trigger, states):
+    """Observe one sequence (index 0) through `states` ([positions, 4]); the alarms, one per position."""
+    trigger.restart(0, [])
+    return [trigger.observe([0], [p], torch.tensor([5]), {0: states[p : p + 1]}, None)[0] for p in range(len(states))]
+
+
+def test_learned_selection_commits_to_the_best_scored_candidate_or_falls_back():
+    states = torch.full((6, 4), -1.0)
+    states[1, 2] = 1.0   # a candidate completed at token 1 scores high (answer_correct ~1)
+    states[3, 2] = -0.2  # one at token 3 scores low
+    states[5, 1] = 1.0   # the wrong-answer risk rises at 5
+    trigger = LearnedTrigger(_decision_detector(), fp16_budget=0.3)
+    alarms = _feed_states(trigger, states)
+    assert [i for i, a in enumerate(alarms) if a] == [5] and alarms[5].reason == "ends_wrong"
+    assert trigger.policy_name == "learned-selection@0.2"
+    assert trigger.select(0, alarms[5], [1, 3], "auto", True) == (COMMIT, 0)
+    # Only the low-scored candidate before the onset: no commit clears the threshold, so FP16 takes over.
+    assert trigger.select(0, alarms[5], [3], "auto", True) == (FALLBACK, None)
+    # Without an FP16 model it still commits, to the best candidate it has.
+    assert trigger.select(0, alarms[5], [3], "auto", False) == (COMMIT, 0)
+
+
+def test_learned_trigger_without_a_budget_or_policy_keeps_the_earliest_candidate_policy():
+    states = torch.full((6, 4), -1.0)
+    states[5, 1] = 1.0
+    trigger = LearnedTrigger(_decision_detector())  # no FP16 budget given: the old policy, no ends_wrong alarms
+    assert trigger.policy_name == "earliest-candidate"
+    assert all(a is None for a in _feed_states(trigger, states))
+    assert trigger.select(0, Alarm("loop_within_h", 5, 4), [1, 3], "auto", True) == (COMMIT, 0)
+    two_heads = LearnedTrigger(_detector(stride=1, patience=1), fp16_budget=0.3)
+    assert two_heads.policy_name == "earliest-candidate" and two_heads.policy is None

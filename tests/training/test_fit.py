@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from detector.artifact import CARD, load_detector
-from detector.probe import HEADS
+from detector.probe import ALARM_HEADS, HEADS
 from inference.errors import RescueError
 from test_datamodule import (  # same folder, on sys.path under pytest
     downgrade_to_schema_1,
@@ -33,7 +33,15 @@ def test_training_learns_planted_signal_and_writes_calibrated_artifact(planted, 
     summary = train_detector(config, str(planted), progress=False)
     for head in HEADS:
         assert summary["val"][f"{head}/auroc"] > 0.9, summary["val"]
+    for head in ALARM_HEADS:
         assert summary["calibration"]["heads"][head]["false_alarm_rate"] <= 0.05
+    # The action policy, per FP16 budget: more budget never models a lower accuracy, and spends within it.
+    budgets = summary["calibration"]["policy"]["budgets"]
+    accuracies = [b["modeled_accuracy"] for b in budgets]
+    assert accuracies == sorted(accuracies) and accuracies[-1] > accuracies[0]
+    # (Loop alarms alone may spend FP16 tokens: a smaller budget gets the cheapest choice.)
+    floor = budgets[0]["modeled_fp16_share"]
+    assert all(b["modeled_fp16_share"] <= max(b["fp16_budget"], floor) + 1e-9 for b in budgets)
     assert summary["calibration"]["heads"]["loop_within_h"]["detection_rate"] > 0.8
     folder = tmp_path / "runs" / "synthetic" / "detector"
     assert summary["artifact"] == str(folder)
@@ -45,7 +53,7 @@ def test_training_learns_planted_signal_and_writes_calibrated_artifact(planted, 
     assert card["calibration"]["stride"] == 4
     assert card["metrics"]["val"] == summary["val"]
     assert card["probe"]["probe_flops_per_step"] > 0
-    assert detector.thresholds.keys() == set(HEADS)
+    assert detector.thresholds.keys() == set(HEADS) and detector.has_decision_heads
     assert (tmp_path / "runs" / "synthetic" / "train" / "pr-curves.png").is_file()
     assert card["calibration"]["rules"]["ngram"]["false_alarm_rate"] <= 0.05
     confidence = card["calibration"]["rules"]["confidence"]
@@ -84,7 +92,7 @@ def test_training_logs_to_offline_wandb(planted, tmp_path, monkeypatch):
 
 
 def test_no_positive_labels_is_one_clear_error(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False)
     with pytest.raises(RescueError, match="no positive labels for loop_within_h"):
         train_detector(synthetic_config(tmp_path), str(traces), progress=False)
 

@@ -1,0 +1,176 @@
+"""Learned action selection, calibrated for an FP16 budget on validation traces.
+
+The learned trigger acts on two kinds of alarm: a loop (`loop_within_h`, thresholded for a false-alarm
+rate as before) and a rising wrong-answer risk (`ends_wrong`, held at or above a threshold for
+`patience` grid steps), whether or not anything loops. At an alarm it scores every candidate answer
+stated before it with `answer_correct` (the score at the first capture-grid step after the candidate)
+and commits to the best one if that score reaches `commit_threshold`; otherwise it falls back to FP16
+from where the risk rose, and FP16 finishes the trace.
+
+The two thresholds are chosen on validation traces to maximise *modeled* accuracy under an FP16 budget
+(FP16 tokens over all tokens, in the mean over traces). The model of one validation trace:
+- no alarm: the trace's own outcome, no FP16 tokens;
+- commit to candidate c: correct iff c is, no FP16 tokens, the 2-bit tokens up to the alarm;
+- fallback at position a: correct with probability `fallback_success` (FP16's own accuracy is the
+  natural value), FP16 tokens `max(reference - a, reference / 4)`, where `reference` is the mean
+  length of the correct validation traces (a healthy trace's length), and the 2-bit tokens up to a.
+Validation traces hold no FP16 continuations, so the fallback's outcome and length are modeled, not
+replayed; `rescue compare` measures what the chosen thresholds really cost and reach.
+
+A grid of budgets (`BUDGETS`) is calibrated at training time and kept in the detector card; at
+inference the entry with the largest budget not above the user's `rescue.fp16_budget` is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from detector.calibration import NEVER, first_alarm, sustained_peak
+
+BUDGETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class PolicyTrace:
+    """What the policy needs of one validation trace (scores on the capture grid)."""
+
+    positions: np.ndarray
+    """[grid] generated positions of the grid steps."""
+    loop: np.ndarray
+    """[grid] `loop_within_h` probabilities."""
+    wrong: np.ndarray
+    """[grid] `ends_wrong` probabilities."""
+    candidates: list[tuple[int, float, bool]]
+    """(token completing the candidate, its `answer_correct` score, whether it is correct)."""
+    length: int
+    correct: bool
+
+
+@dataclass
+class PolicyChoice:
+    """The thresholds chosen for one FP16 budget and what they achieve on the validation traces (modeled)."""
+
+    fp16_budget: float
+    wrong_threshold: float
+    commit_threshold: float
+    modeled_accuracy: float
+    modeled_fp16_share: float
+    acted: float
+    """Share of validation traces with an alarm acted on."""
+    committed: float
+    fell_back: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidate_scores(positions: np.ndarray, scores: np.ndarray, candidates: Sequence[tuple[int, bool]]
+                     ) -> list[tuple[int, float, bool]]:
+    """Each candidate's `answer_correct` score: the score at the first grid step at or after its token
+    (candidates after the last grid step get none and are left out)."""
+    scored = []
+    for token, correct in candidates:
+        index = int(np.searchsorted(positions, token))
+        if index < len(positions):
+            scored.append((int(token), float(scores[index]), bool(correct)))
+    return scored
+
+
+def best_candidate(candidates: Sequence[tuple[int, float, bool]], before: int) -> tuple[int, float, bool] | None:
+    """The highest-scored candidate completed before generated position `before` (the latest on ties)."""
+    eligible = [c for c in candidates if c[0] < before]
+    return max(eligible, key=lambda c: (c[1], c[0])) if eligible else None
+
+
+def alarm_position(trace: PolicyTrace, loop_threshold: float, wrong_threshold: float, patience: int) -> int | None:
+    """Generated position of the first alarm (loop or wrong-answer risk), or None."""
+    found = []
+    for scores, threshold in ((trace.loop, loop_threshold), (trace.wrong, wrong_threshold)):
+        index = first_alarm(scores, threshold, patience)
+        if index is not None:
+            found.append(int(trace.positions[index]))
+    return min(found) if found else None
+
+
+def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_threshold: float, commit_threshold: float,
+             patience: int, fallback_success: float, reference: float,
+             alarms: Sequence[int | None] | None = None) -> dict:
+    """Modeled outcome of the policy over validation traces (module docstring): accuracy, FP16 share and
+    the shares of traces that committed or fell back. `alarms` (per trace) saves recomputing them."""
+    if alarms is None:
+        alarms = [alarm_position(t, loop_threshold, wrong_threshold, patience) for t in traces]
+    correct = fp16 = total = 0.0
+    committed = fell_back = 0
+    for trace, alarm in zip(traces, alarms):
+        if alarm is None:
+            correct += trace.correct
+            total += trace.length
+            continue
+        best = best_candidate(trace.candidates, alarm + 1)
+        if best is not None and best[1] >= commit_threshold:
+            committed += 1
+            correct += best[2]
+            total += alarm + 1
+        else:
+            fell_back += 1
+            tokens = max(reference - alarm, reference / 4)
+            correct += fallback_success
+            fp16 += tokens
+            total += alarm + tokens
+    count = max(len(traces), 1)
+    return {"accuracy": correct / count, "fp16_share": fp16 / total if total else 0.0,
+            "committed": committed / count, "fell_back": fell_back / count}
+
+
+def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return [NEVER]
+    quantiles = np.unique(np.quantile(values, np.linspace(0.0, 1.0, steps)))
+    return sorted({NEVER, *[float(q) for q in quantiles]})
+
+
+def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience: int, fallback_success: float,
+                  budgets: Sequence[float] = BUDGETS, steps: int = 24) -> dict:
+    """Thresholds per FP16 budget maximising modeled accuracy within it (ties: the cheaper choice).
+
+    Returns the card's `calibration.policy`: the reference length, the fallback model, and one
+    `PolicyChoice` per budget, budgets ascending."""
+    if not traces:
+        raise ValueError("no validation traces to choose the action policy on")
+    correct_lengths = [t.length for t in traces if t.correct]
+    reference = float(np.mean(correct_lengths)) if correct_lengths else float(np.mean([t.length for t in traces]))
+    wrong_grid = _threshold_grid(np.array([sustained_peak(t.wrong, patience) for t in traces]), steps)
+    commit_grid = _threshold_grid(np.array([score for t in traces for _, score, _ in t.candidates]), steps)
+    outcomes = []
+    for w in wrong_grid:
+        alarms = [alarm_position(t, loop_threshold, w, patience) for t in traces]
+        outcomes += [(w, c, simulate(traces, loop_threshold, w, c, patience, fallback_success, reference, alarms))
+                     for c in commit_grid]
+    cheapest = min(o[2]["fp16_share"] for o in outcomes)
+    choices = []
+    for budget in sorted(budgets):
+        # Loop alarms alone may spend FP16 tokens; a budget below that gets the cheapest choice.
+        within = [o for o in outcomes if o[2]["fp16_share"] <= max(budget, cheapest) + 1e-12]
+        w, c, best = max(within, key=lambda o: (round(o[2]["accuracy"], 9), -o[2]["fp16_share"], o[0]))
+        choices.append(PolicyChoice(budget, w, c, best["accuracy"], best["fp16_share"],
+                                    best["committed"] + best["fell_back"], best["committed"],
+                                    best["fell_back"]).to_dict())
+    return {"reference_length": reference, "fallback_success": fallback_success, "patience": patience,
+            "loop_threshold": loop_threshold, "traces": len(traces),
+            "model": "detector/policy.py: no alarm keeps the trace's outcome; commit is graded; fallback "
+                     "succeeds with fallback_success and costs max(reference - alarm, reference / 4) FP16 tokens",
+            "budgets": choices}
+
+
+def policy_for_budget(policy: dict, budget: float) -> dict:
+    """The card's policy entry with the largest budget not above `budget` (the smallest if none is)."""
+    entries = sorted(policy["budgets"], key=lambda e: e["fp16_budget"])
+    chosen = entries[0]
+    for entry in entries:
+        if entry["fp16_budget"] <= budget + 1e-12:
+            chosen = entry
+    return chosen

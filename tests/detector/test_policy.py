@@ -1,0 +1,71 @@
+"""Learned action selection calibrated for an FP16 budget (detector/policy.py)."""
+
+import numpy as np
+import pytest
+
+from detector.calibration import NEVER
+from detector.policy import (PolicyTrace, best_candidate, candidate_scores, choose_policy, policy_for_budget,
+                             simulate)
+
+
+def _trace(wrong_peak_at, correct, candidate=None, length=100):
+    """A trace on a grid of 10 steps (positions 0, 10, ..., 90); `ends_wrong` jumps to 0.9 at step
+    `wrong_peak_at` (None: stays at 0.1); `candidate`: (token, answer_correct score, correct)."""
+    positions = np.arange(0, length, 10)
+    wrong = np.full(len(positions), 0.1)
+    if wrong_peak_at is not None:
+        wrong[wrong_peak_at:] = 0.9
+    return PolicyTrace(positions=positions, loop=np.zeros(len(positions)), wrong=wrong,
+                       candidates=[candidate] if candidate else [], length=length, correct=correct)
+
+
+def _validation():
+    # Four healthy traces, two that go wrong with a correct candidate stated first (commit saves them),
+    # two that go wrong with a wrong candidate (only FP16 can save them).
+    return ([_trace(None, True) for _ in range(4)]
+            + [_trace(3, False, (15, 0.95, True)) for _ in range(2)]
+            + [_trace(3, False, (15, 0.2, False)) for _ in range(2)])
+
+
+def test_simulate_commits_good_candidates_and_falls_back_on_the_rest():
+    outcome = simulate(_validation(), NEVER, 0.5, 0.5, patience=1, fallback_success=1.0, reference=100)
+    assert outcome["committed"] == pytest.approx(0.25) and outcome["fell_back"] == pytest.approx(0.25)
+    assert outcome["accuracy"] == pytest.approx(1.0)
+    # Fallbacks at position 30 cost 100 - 30 FP16 tokens each, out of every token of every trace.
+    total = 4 * 100 + 2 * 31 + 2 * (30 + 70)
+    assert outcome["fp16_share"] == pytest.approx(2 * 70 / total)
+
+
+def test_a_zero_budget_only_commits_and_a_larger_one_also_falls_back():
+    policy = choose_policy(_validation(), loop_threshold=NEVER, patience=1, fallback_success=1.0,
+                           budgets=(0.0, 0.5))
+    free, paid = policy["budgets"]
+    assert free["modeled_fp16_share"] == 0.0 and free["modeled_accuracy"] == pytest.approx(0.75)
+    assert free["committed"] >= 0.25 and free["fell_back"] == 0.0
+    assert paid["modeled_accuracy"] == pytest.approx(1.0) and 0 < paid["modeled_fp16_share"] <= 0.5
+    assert policy["reference_length"] == pytest.approx(100.0)
+
+
+def test_accuracy_never_drops_as_the_budget_grows():
+    rng = np.random.default_rng(0)
+    traces = [_trace(int(rng.integers(1, 9)) if not ok else None, ok,
+                     (5, float(rng.random()), bool(rng.random() < 0.5)))
+              for ok in rng.random(40) < 0.4]
+    accuracies = [b["modeled_accuracy"] for b in choose_policy(traces, NEVER, 1, 0.9)["budgets"]]
+    assert accuracies == sorted(accuracies)
+
+
+def test_policy_for_budget_takes_the_largest_calibrated_budget_not_above_it():
+    policy = {"budgets": [{"fp16_budget": b} for b in (0.0, 0.1, 0.3)]}
+    assert policy_for_budget(policy, 0.25)["fp16_budget"] == 0.1
+    assert policy_for_budget(policy, 1.0)["fp16_budget"] == 0.3
+    assert policy_for_budget(policy, 0.0)["fp16_budget"] == 0.0
+
+
+def test_candidates_are_scored_at_the_next_grid_step_and_the_best_before_an_alarm_wins():
+    positions = np.array([0, 8, 16, 24])
+    scores = np.array([0.1, 0.7, 0.3, 0.9])
+    scored = candidate_scores(positions, scores, [(3, True), (9, False), (30, True)])
+    assert scored == [(3, 0.7, True), (9, 0.3, False)]  # the last is after the final grid step
+    assert best_candidate(scored, before=9) == (3, 0.7, True)
+    assert best_candidate(scored, before=3) is None
