@@ -88,3 +88,13 @@ def test_shipped_qwen3_configs_name_real_ids_and_thinking_sampling(name):
 def test_shipped_family_configs_validate(name):
     config = load_config(name)
     assert config.model.name == name and config.benchmark.name == "arith"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"rescue.fp16_budget": 1.5}, "field 'rescue.fp16_budget' must be <= 1.0, got 1.5"),
+    ({"rescue.fp16_budget": -0.1}, "field 'rescue.fp16_budget' must be >= 0.0, got -0.1"),
+    ({"rescue.curve_budgets": [0.1, 2.0]}, "field 'rescue.curve_budgets[1]' must be <= 1.0, got 2.0"),
+])
+def test_an_fp16_budget_outside_zero_to_one_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("tiny-s", overrides)
