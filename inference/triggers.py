@@ -189,19 +189,22 @@ class LearnedTrigger(Trigger):
         self.stride = int(calibration["stride"])
         self.patience = detector.patience
         thresholds = {h: (detector.thresholds[h] if h in ALARM_HEADS else NEVER) for h in self.heads}
+        plan = calibration.get("plan") or {}
+        # Older cards have no planning threshold: plan where the fails_to_commit head would alarm.
+        self.plan_threshold = float(plan.get("threshold", detector.thresholds["fails_to_commit"]))
         self.policy = None
         if fp16_budget is not None and detector.has_decision_heads and "budgets" in calibration["policy"]:
             self.policy = policy_for_budget(calibration["policy"], fp16_budget)
             self.policy_name = f"learned-selection@{self.policy['fp16_budget']:g}"
             thresholds["ends_wrong"] = self.policy["wrong_threshold"]
+            # A plan spends FP16 tokens on every trace it fires on, and validation traces (all 2-bit, none
+            # planned) hold no evidence that it helps: under the action policy the trigger never plans.
+            self.plan_threshold = NEVER
         elif "ends_wrong" in thresholds:
             thresholds["ends_wrong"] = NEVER  # without the action policy, the old policy's alarms only
         self.answer_head = self.heads.index("answer_correct") if "answer_correct" in self.heads else None
         self.thresholds = torch.tensor([thresholds[h] for h in self.heads])
-        plan = calibration.get("plan") or {}
-        # Older cards have no planning threshold: plan where the fails_to_commit head would alarm.
-        self.plan_threshold = float(plan.get("threshold", detector.thresholds["fails_to_commit"]))
-        self._plan_probe_tokens = plan_probe_tokens
+        self._plan_probe_tokens = 0 if self.policy is not None else plan_probe_tokens  # nothing to decide
         self.state: dict[int, _ProbeState] = {}
 
     @property

@@ -141,6 +141,7 @@ def test_learned_selection_commits_to_the_best_scored_candidate_or_falls_back():
     alarms = _feed_states(trigger, states)
     assert [i for i, a in enumerate(alarms) if a] == [5] and alarms[5].reason == "ends_wrong"
     assert trigger.policy_name == "learned-selection@0.2"
+    assert trigger.plan_probe_tokens == 0 and not trigger.wants_plan(0)  # no evidence a plan helps: never plans
     assert trigger.select(0, alarms[5], [1, 3], "auto", True) == (COMMIT, 0)
     # Only the low-scored candidate before the onset: no commit clears the threshold, so FP16 takes over.
     assert trigger.select(0, alarms[5], [3], "auto", True) == (FALLBACK, None)
