@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "problems with the same seeds; measure each precision's per-token "
                                               "costs; write per-method records, comparison.md/json and plots.")
     add_config_flags(compare)
-    compare.add_argument("--methods", default=",".join(METHODS),
-                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    compare.add_argument("--methods", default=None,
+                         help=f"comma-separated list of {','.join(METHODS)}, learned@B (the learned trigger at FP16 "
+                              "budget B) and the oracle ceilings ceiling-loop, ceiling-step (default: every method, "
+                              "learned at each of rescue.curve_budgets, and the ceilings)")
     compare.add_argument("--limit", type=int, default=None, help="only the first N problems")
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/compare-...)")
     compare.add_argument("--costs", default=None, metavar="DECODE_JSON",
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             commands.evaluate(config, method=args.method, limit=args.limit, out=args.out)
         elif args.command == "compare":
-            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
             commands.compare(config, limit=args.limit, methods=methods, out=args.out, costs_file=args.costs,
                              shape=args.shape)
         elif args.command == "run":

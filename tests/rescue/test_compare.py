@@ -8,7 +8,7 @@ import yaml
 
 from detector.artifact import save_detector
 from detector.features import FeatureRecipe, NormalisationStats
-from detector.probe import Probe
+from detector.probe import HEADS, Probe
 from inference.config import load_config
 from rescue.cli import main
 from rescue.commands import _quantized_matches
@@ -37,7 +37,7 @@ def setup(tmp_path_factory, tiny_model_dir, arith_jsonl):
 def _detector(folder, name="tiny", hidden_size=64, layers=(-1,)):
     recipe = FeatureRecipe(layers=tuple(layers), hidden_size=hidden_size, mean_window=0, stride=2)
     torch.manual_seed(0)
-    probe = Probe(recipe.feature_dim, hidden_width=8)
+    probe = Probe(recipe.feature_dim, hidden_width=8, heads=HEADS[:2])
     stats = NormalisationStats(mean=torch.zeros(len(layers), hidden_size), std=torch.ones(len(layers), hidden_size))
     heads = {head: {"threshold": 0.5} for head in ("loop_within_h", "fails_to_commit")}
     card = {"base_model": {"name": name, "hidden_size": hidden_size},
@@ -103,7 +103,10 @@ def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
                  "--costs", str(costs), "--shape", "qwen3-8b"]) == 0
     comparison = json.loads((out / "comparison.json").read_text())
     methods = comparison["methods"]
-    assert list(methods) == ["fp16", "2bit", "rule", "learned", "plan-only", "rescue-only"]
+    # A two-head detector: no budget curve; no step ceiling off generated arithmetic.
+    assert list(methods) == ["fp16", "2bit", "rule", "learned", "plan-only", "rescue-only", "ceiling-loop"]
+    assert methods["learned"]["policy"] == "earliest-candidate"
+    assert [c["ceiling"] for c in comparison["ceilings"]] == ["commit-oracle", "ceiling-loop", "fp16"]
     ids = {m: [json.loads(line)["problem_id"] for line in (out / m / "records.jsonl").read_text().splitlines()]
            for m in methods}
     assert all(v == ids["fp16"] for v in ids.values()) and len(ids["fp16"]) == 4

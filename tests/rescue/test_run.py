@@ -2,8 +2,9 @@
 
 import json
 
-from inference.config import METHODS
+from inference.config import load_config
 from rescue.cli import main
+from rescue.commands import default_methods
 
 
 def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, capsys):
@@ -14,13 +15,17 @@ def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, caps
     report = tmp_path / "runs" / "tiny-s" / "report"
     assert f"report: {report}" in out
     summary = json.loads((report / "report.json").read_text())
-    assert list(summary["comparison"]) == list(METHODS)
+    # Every method, the learned budget curve and the oracle ceilings, on the same problems.
+    assert list(summary["comparison"]) == list(default_methods(load_config("tiny-s")))
+    assert {"learned@0.05", "learned@0.4", "ceiling-loop", "ceiling-step"} <= set(summary["comparison"])
+    assert [c["ceiling"] for c in summary["ceilings"]] == ["commit-oracle", "ceiling-loop", "ceiling-step", "fp16"]
     assert all(s["problems"] == 6 for s in summary["comparison"].values())
     assert not any(stage["skipped"] for stage in summary["stages"])
     for name in ("summary.md", "accuracy-vs-cost.png", "tokens.png"):
         assert (report / name).stat().st_size > 0
     text = (report / "summary.md").read_text()
-    assert "| learned |" in text and "## Goals" in text
+    assert "| learned |" in text and "## Goals" in text and "## Ceilings" in text
+    assert "learned beats the rule by at least 10 points" in text
     card = json.loads((tmp_path / "runs" / "tiny-s" / "detector" / "card.json").read_text())
     assert card["base_model"]["name"] == "tiny-s"
 
