@@ -37,8 +37,24 @@ from inference.config import METHODS  # noqa: F401  (re-exported: the methods co
 CONTROLLED = ("rule", "learned", "plan-only", "rescue-only")
 
 
+def learned_budget(method: str, config) -> float | None:
+    """The FP16 budget a learned method runs at: `learned@B` names it, `learned` takes `rescue.fp16_budget`;
+    None for any other method."""
+    if method == "learned":
+        return config.rescue.fp16_budget
+    if method.startswith("learned@"):
+        try:
+            budget = float(method.split("@", 1)[1])
+        except ValueError:
+            budget = -1.0
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"method {method!r}: the FP16 budget after '@' must be a number in [0, 1]")
+        return budget
+    return None
+
+
 def build_trigger(method: str, config, tokenizer, detector=None):
-    """The trigger of a controlled method (the learned one needs a loaded detector)."""
+    """The trigger of a controlled method (the learned ones need a loaded detector)."""
     from inference.triggers import AlwaysPlan, LearnedTrigger, RuleTrigger
 
     control = config.rescue
@@ -48,8 +64,8 @@ def build_trigger(method: str, config, tokenizer, detector=None):
                            think_close_id=tokenizer.convert_tokens_to_ids("</think>"))
     if method == "plan-only":
         return AlwaysPlan()
-    if method == "learned":
-        return LearnedTrigger(detector, control.plan_probe_tokens)
+    if learned_budget(method, config) is not None:
+        return LearnedTrigger(detector, control.plan_probe_tokens, learned_budget(method, config))
     raise ValueError(f"method {method!r} has no trigger")
 
 
@@ -226,8 +242,10 @@ def comparison_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_dir: Path) -> list[Path]:
-    """accuracy-vs-cost.png (one point per method, both cost models) and tokens.png (token distributions)."""
+def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_dir: Path,
+                    ceilings: Sequence[dict] = ()) -> list[Path]:
+    """accuracy-vs-cost.png (one point per method, both cost models; the learned trigger's budgets joined
+    as its curve; the ceilings as dotted reference lines) and tokens.png (token distributions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,12 +256,26 @@ def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_di
     base = summaries.get("fp16")
     for axis, key, label in ((axes[0], "modeled_seconds", "modeled time (measured per-token costs)"),
                              (axes[1], "weight_bytes_read", "memory-bound cost (weight bytes read)")):
+        position = lambda s: s[key] / base[key] if base and base[key] else s[key]  # noqa: E731
         for method, s in summaries.items():
-            x = s[key] / base[key] if base and base[key] else s[key]
+            if method.startswith("ceiling-"):
+                continue
+            x = position(s)
             low, high = s["accuracy_ci95"]
             axis.errorbar([x], [s["accuracy"]], yerr=[[s["accuracy"] - low], [high - s["accuracy"]]], fmt="o",
                           capsize=3)
             axis.annotate(method, (x, s["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        curve = sorted((position(s), s["accuracy"]) for m, s in summaries.items()
+                       if m == "learned" or m.startswith("learned@"))
+        if len(curve) > 1:
+            axis.plot(*zip(*curve), color="tab:green", alpha=0.6, label="learned, by FP16 budget")
+        for row in ceilings:
+            if row["ceiling"] != "fp16":
+                axis.axhline(row["accuracy"], linestyle=":", color="grey", alpha=0.8)
+                axis.annotate(f"ceiling: {row['ceiling']}", (axis.get_xlim()[0], row["accuracy"]),
+                              textcoords="offset points", xytext=(2, 2), fontsize=7, color="grey")
+        if len(curve) > 1:
+            axis.legend(loc="lower right", fontsize=8)
         axis.set_xlabel(f"{label}{', relative to FP16' if base else ''}")
         axis.set_ylabel("accuracy")
         axis.grid(alpha=0.3)
@@ -268,11 +300,22 @@ def plot_comparison(summaries: dict[str, dict], records: dict[str, list], out_di
     return paths
 
 
+def ceilings_table(ceilings: Sequence[dict]) -> str:
+    """Markdown table of the oracle ceilings (`training.ceilings`)."""
+    lines = ["| ceiling | oracle policy | accuracy | 2-bit tokens mean | FP16 tokens mean | memory-bound cost (x FP16) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in ceilings:
+        cost = row.get("memory_bound_x_fp16")
+        lines.append(f"| {row['ceiling']} | {row['what']} | {row['accuracy']:.1%} | {row['mean_tokens_2bit']:.0f} "
+                     f"| {row['mean_tokens_fp16']:.0f} | {'-' if cost is None else f'{cost:.2f}x'} |")
+    return "\n".join(lines)
+
+
 def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict, meta: dict,
-                     projection: ProjectedCosts | None = None) -> Path:
+                     projection: ProjectedCosts | None = None, ceilings: Sequence[dict] = ()) -> Path:
     """comparison.json and comparison.md in `out_dir` (next to the per-method records and plots)."""
     (out_dir / "comparison.json").write_text(json.dumps(
-        {**meta, "costs": costs, "weight_bytes": weights, "methods": summaries,
+        {**meta, "costs": costs, "weight_bytes": weights, "methods": summaries, "ceilings": list(ceilings),
          "projection": projection.describe() if projection else None}, indent=2) + "\n")
     cost_lines = "\n".join(
         f"- {p}: prefill {c['prefill_seconds_per_token'] * 1e6:.1f} us/token, decode "
@@ -282,6 +325,11 @@ def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict,
             f"{comparison_table(summaries)}\n\nMeasured per-token costs (inputs of the modeled time):\n{cost_lines}\n"
             f"\nWeights read per decoded token (memory-bound model): FP16 {(weights['fp16'] or 0) / 1e6:.2f} MB, "
             f"2-bit {(weights['2bit'] or 0) / 1e6:.2f} MB.\n")
+    policies = {m: s["policy"] for m, s in summaries.items() if s.get("policy") and m.startswith("learned")}
+    if policies:
+        text += "\nLearned action policy that ran: " + ", ".join(f"{m}: {p}" for m, p in policies.items()) + ".\n"
+    if ceilings:
+        text += f"\n## Ceilings (oracle policies on the same problems)\n\n{ceilings_table(ceilings)}\n"
     if projection is not None:
         d = projection.describe()["decode_seconds_per_token"]
         text += (f"\nProjected s: these traces' tokens at the per-token costs `benchmarks/decode.py` measured for "

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from inference.config import RescueConfig
 from inference.errors import ConfigError, RescueError
@@ -116,7 +117,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     is written straight into `out`. `costs_file` (a `benchmarks/decode.py` JSON) adds projected seconds
     at the Qwen3 `shape` (default: the config's model name) on the machine that measured them.
     """
-    from inference.compare import (CONTROLLED, METHODS as ALL_METHODS, build_trigger, measure_costs,
+    from inference.compare import (CONTROLLED, METHODS as ALL_METHODS, build_trigger, learned_budget, measure_costs,
                                    modeled_costs, plot_comparison, weight_bytes, write_comparison)
     from inference.evaluate import run_controlled, run_method, summarize, write_evaluation
     from inference.models import load_full_precision, load_quantized
@@ -124,10 +125,19 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     from inference.tracking import start_run
     from training.benchmarks import load_benchmark
 
-    methods = tuple(methods or ALL_METHODS)
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise RescueError(f"unknown method {unknown[0]!r} (expected one of {', '.join(ALL_METHODS)})")
+    from training.ceilings import CEILINGS, ceiling_rows, ceiling_trigger
+
+    methods = tuple(methods or default_methods(config))
+    for method in methods:
+        if method in ALL_METHODS or method in CEILINGS:
+            continue
+        if not method.startswith("learned@"):
+            raise RescueError(f"unknown method {method!r} (expected one of {', '.join(ALL_METHODS + CEILINGS)}, "
+                              "or learned@B with an FP16 budget B in [0, 1])")
+        try:
+            learned_budget(method, config)
+        except ValueError as error:
+            raise RescueError(str(error)) from None
     if limit is not None and limit < 1:
         raise RescueError(f"--limit must be a positive integer, got {limit}")
     _check_methods(config, methods)
@@ -155,12 +165,22 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     if need_fp16:
         models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
     detector = None
-    if "learned" in methods:
+    if any(learned_budget(m, config) is not None for m in methods):
         from detector.artifact import load_detector
 
         folder = config.rescue.detector or str(Path(config.output_dir) / config.model.name / "detector")
         detector = load_detector(folder, config.model.name, models["2bit"].config.hidden_size, config.probe.layers)
-    triggers = {m: build_trigger(m, config, tokenizer, detector) for m in methods if m in CONTROLLED}
+        if not detector.has_decision_heads:
+            policy = (detector.card["calibration"].get("policy") or {}).get("skipped", "a two-head detector")
+            print(f"note: {folder} has no learned action policy ({policy}); the learned trigger commits to the "
+                  "earliest candidate, and the budget curve (learned@B) is left out")
+            methods = tuple(m for m in methods if not m.startswith("learned@"))
+    triggers = {m: build_trigger(m, config, tokenizer, detector) for m in methods
+                if m in CONTROLLED or learned_budget(m, config) is not None}
+    controls = {m: config.rescue for m in triggers}
+    for method in methods:
+        if method in CEILINGS:
+            triggers[method], controls[method] = ceiling_trigger(method, config, tokenizer, problems)
 
     out_dir = Path(out or Path(config.output_dir) / config.model.name / f"compare-{bench.name}-{bench.split}")
     name = f"{config.model.name}-{methods[0] if single else 'compare'}-{bench.name}"
@@ -173,7 +193,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
         from inference.models import resolve_model_source
 
         weights = weight_bytes(resolve_model_source(config.model.fp16, "model"), config.quantized_path)
-    summaries, all_records = {}, {}
+    summaries, all_records, ceilings = {}, {}, []
     for method in methods:
         started = time.perf_counter()
         if method in ("fp16", "2bit"):
@@ -181,8 +201,10 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
                                  progress=progress)
         else:
             records = run_controlled(models, tokenizer, problems, method=method, trigger=triggers[method],
-                                     sampling=config.sampling, control=config.rescue, progress=progress)
+                                     sampling=config.sampling, control=controls[method], progress=progress)
         summary = summarize(records)
+        if method in triggers:
+            summary["policy"] = triggers[method].policy_name
         summary.update(model=config.model.name, benchmark=bench.name, split=bench.split,
                        total_wall_seconds=round(time.perf_counter() - started, 2))
         if costs is not None:
@@ -202,9 +224,10 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
         with folder_written_atomically(out_dir) as staging:
             for method, records in all_records.items():
                 write_evaluation(staging / method, records, summaries[method])
+            ceilings = ceiling_rows(summaries, all_records, weights)
             if costs is not None:
-                write_comparison(staging, summaries, costs, weights, meta, projection)
-                plot_comparison(summaries, all_records, staging)
+                write_comparison(staging, summaries, costs, weights, meta, projection, ceilings)
+                plot_comparison(summaries, all_records, staging, ceilings)
         if progress and costs is not None:
             print((out_dir / "comparison.md").read_text())
     if run is not None:
@@ -216,7 +239,20 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             run.log({png.stem: wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))})
         run.finish()
     print(f"evaluation record: {out_dir}")
-    return summaries[methods[0]] if single else {"out": str(out_dir), "methods": summaries, "costs": costs}
+    return summaries[methods[0]] if single else {"out": str(out_dir), "methods": summaries, "costs": costs,
+                                                  "ceilings": ceilings}
+
+
+def default_methods(config: RescueConfig) -> tuple[str, ...]:
+    """What `rescue compare` runs by default: every method, the learned trigger at each of
+    `rescue.curve_budgets`, and the oracle ceilings (the step oracle on generated arithmetic only)."""
+    from inference.compare import METHODS as ALL_METHODS
+    from training.ceilings import CEILINGS
+
+    curve = tuple(f"learned@{budget:g}" for budget in config.rescue.curve_budgets
+                  if abs(budget - config.rescue.fp16_budget) > 1e-9)
+    ceilings = tuple(c for c in CEILINGS if c != "ceiling-step" or config.benchmark.name.startswith("arith"))
+    return ALL_METHODS + curve + ceilings
 
 
 def log_evaluation(run, records, summary, prefix: str = "") -> None:
@@ -685,7 +721,8 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
                    "labels": labels, "detector": {"artifact": str(detector_dir), "metrics": card.get("metrics"),
                                                   "calibration": card.get("calibration")},
                    "comparison": comparison["methods"], "costs": comparison["costs"],
-                   "goals": rescue_goals(comparison["methods"])}
+                   "ceilings": comparison["ceilings"],
+                   "goals": rescue_goals(comparison["methods"], comparison["ceilings"], config.model.name)}
         (staging / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / "summary.md").write_text(_report_markdown(summary, compare_dir))
     print((report_dir / "summary.md").read_text())
@@ -693,38 +730,50 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
     return summary
 
 
-def rescue_goals(methods: dict) -> list[dict]:
-    """The rescue issue's goals, checked on a comparison (each with the figures it was judged on)."""
+def rescue_goals(methods: dict, ceilings: Sequence[dict] = (), model: str = "") -> list[dict]:
+    """The rescue issue's goals, checked on a comparison (each with the figures it was judged on).
+
+    Recovery target: 40% of the FP16 - 2-bit gap on tiny-s (its 2-bit failures are mostly arithmetic),
+    60% elsewhere. Where a target lies above every ceiling that fits the same cost, the goal says so."""
     goals = []
-    fp16, naive = methods.get("fp16"), methods.get("2bit")
+    fp16, naive, learned, rule = (methods.get(m) for m in ("fp16", "2bit", "learned", "rule"))
     if not (fp16 and naive):
         return goals
     gap = fp16["accuracy"] - naive["accuracy"]
-    for name in ("rule", "learned"):
-        s = methods.get(name)
-        if s and gap > 0:
-            recovered = (s["accuracy"] - naive["accuracy"]) / gap
-            goals.append({"goal": f"{name} rescue recovers most of the 2-bit gap", "value": f"{recovered:.0%} of the gap",
-                          "met": recovered > 0.5})
-    learned, rule = methods.get("learned"), methods.get("rule")
+    cost = lambda s: s["weight_bytes_read"] / fp16["weight_bytes_read"] if fp16.get("weight_bytes_read") else None  # noqa: E731
+    target = 0.4 if model == "tiny-s" else 0.6
+    if learned and gap > 0:
+        recovered = (learned["accuracy"] - naive["accuracy"]) / gap
+        needed = naive["accuracy"] + target * gap
+        goal = {"goal": f"learned rescue recovers at least {target:.0%} of the FP16 - 2-bit gap",
+                "value": f"{recovered:.0%} of the gap ({learned['accuracy']:.1%}; needs {needed:.1%})",
+                "met": recovered >= target}
+        cheap = [c for c in ceilings if c["ceiling"] != "fp16" and (c.get("memory_bound_x_fp16") or 9) <= 0.4]
+        if cheap and all(c["accuracy"] < needed for c in cheap):
+            goal["value"] += ("; above every ceiling within 0.4x FP16 cost: "
+                              + ", ".join(f"{c['ceiling']} {c['accuracy']:.1%}" for c in cheap))
+        goals.append(goal)
     if learned and rule:
-        goals.append({"goal": "learned matches or beats the rule's accuracy",
-                      "value": f"{learned['accuracy']:.1%} vs {rule['accuracy']:.1%}",
-                      "met": learned["accuracy"] >= rule["accuracy"]})
-        total = lambda s: s["mean_tokens_2bit"] + s["mean_tokens_fp16"]  # noqa: E731
-        goals.append({"goal": "learned spends fewer total tokens than the rule",
-                      "value": f"{total(learned):.0f} vs {total(rule):.0f}", "met": total(learned) < total(rule)})
-        goals.append({"goal": "learned spends fewer FP16 tokens than the rule",
-                      "value": f"{learned['mean_tokens_fp16']:.0f} vs {rule['mean_tokens_fp16']:.0f}",
-                      "met": learned["mean_tokens_fp16"] < rule["mean_tokens_fp16"]})
-    if learned:
-        share = learned["accuracy"] / fp16["accuracy"] if fp16["accuracy"] else 0.0
-        goals.append({"goal": "learned reaches >= 95% of FP16 accuracy", "value": f"{share:.0%}", "met": share >= 0.95})
-        for key, label in (("modeled_seconds", "modeled time"), ("weight_bytes_read", "memory-bound cost")):
-            if fp16.get(key):
-                ratio = learned[key] / fp16[key]
-                goals.append({"goal": f"learned costs <= half of FP16 ({label})", "value": f"{ratio:.2f}x",
-                              "met": ratio <= 0.5})
+        separated = learned["accuracy_ci95"][0] > rule["accuracy_ci95"][1]
+        margin = learned["accuracy"] - rule["accuracy"]
+        goals.append({"goal": "learned beats the rule by at least 10 points, 95% intervals apart, "
+                              "with no more FP16 tokens",
+                      "value": f"{margin * 100:+.1f} points ({learned['accuracy']:.1%} vs {rule['accuracy']:.1%}; "
+                               f"intervals {'apart' if separated else 'overlap'}); FP16 tokens "
+                               f"{learned['mean_tokens_fp16']:.0f} vs {rule['mean_tokens_fp16']:.0f}",
+                      "met": margin >= 0.10 and separated and learned["mean_tokens_fp16"] <= rule["mean_tokens_fp16"]})
+    if learned and cost(learned) is not None:
+        goals.append({"goal": "learned at no more than 0.4x FP16's memory-bound cost",
+                      "value": f"{cost(learned):.2f}x", "met": cost(learned) <= 0.4})
+    curve = [s for m, s in methods.items() if m == "learned" or m.startswith("learned@")]
+    if curve and rule and cost(rule) is not None:
+        affordable = [s for s in curve if cost(s) <= cost(rule) + 1e-9]
+        best = max(affordable, key=lambda s: s["accuracy"]) if affordable else None
+        goals.append({"goal": "at the rule's FP16 cost, the learned curve is more accurate than the rule",
+                      "value": (f"best learned point within {cost(rule):.2f}x: {best['accuracy']:.1%} "
+                                f"vs rule {rule['accuracy']:.1%}") if best else
+                               f"no learned point within the rule's {cost(rule):.2f}x",
+                      "met": bool(best) and best["accuracy"] > rule["accuracy"]})
     return goals
 
 
@@ -738,6 +787,20 @@ def _report_markdown(summary: dict, compare_dir: Path) -> str:
     comparison = (compare_dir / "comparison.md").read_text().split("\n", 2)[2] if (compare_dir / "comparison.md").is_file() else ""
     lines += ["", "## Methods on the test split", "", comparison.strip(), "", "## Goals", ""]
     lines += [f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['value']})" for g in summary["goals"]]
+    policy = (summary["detector"].get("calibration") or {}).get("policy") or {}
+    if policy.get("budgets"):
+        lines += ["", "## Learned action policy (chosen on the validation traces; modeled, not run)", "",
+                  f"Fallback modeled to succeed {policy['fallback_success']:.0%} of the time and to cost "
+                  f"max({policy['reference_length']:.0f} - alarm, {policy['reference_length'] / 4:.0f}) FP16 tokens "
+                  "(`detector/policy.py`).", "",
+                  "| FP16 budget | ends_wrong threshold | commit threshold | modeled accuracy | modeled FP16 share "
+                  "| committed | fell back |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {b['fp16_budget']:g} | {b['wrong_threshold']:.3f} | {b['commit_threshold']:.3f} "
+                  f"| {b['modeled_accuracy']:.1%} | {b['modeled_fp16_share']:.1%} | {b['committed']:.1%} "
+                  f"| {b['fell_back']:.1%} |" for b in policy["budgets"]]
+    elif policy.get("skipped"):
+        lines += ["", f"Learned action policy: none ({policy['skipped']}); the learned trigger commits to the "
+                  "earliest candidate."]
     val = (summary["detector"].get("metrics") or {}).get("val", {})
     if val:
         lines += ["", "## Detector (validation traces)", ""]
