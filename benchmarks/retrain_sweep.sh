@@ -13,7 +13,7 @@
 # swept after the regime run, into OUT/sweep-NAME; its quantized models are large, so bring back only
 # the *.json and *.md files of OUT).
 # RESUME=1: a variant whose training was stopped (LIMIT_S) continues from its newest epoch checkpoint;
-# on the lent machine, rerun the same command in a later call while the machine is still warm. A variant whose
+# rerun the same command with the same OUT (the checkpoints stay there). A variant whose
 # model folder is already written is not trained again (its pretrain.json, with the training time, stays).
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/,
 # OUT/sweep-NAME/ (with SWEEP), OUT/pretrain-runs/NAME/ (Lightning logs and one checkpoint per epoch:
