@@ -154,7 +154,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
                                                    config.model.dtype)
     if need_fp16:
         models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
-    detector = None
+    detector = folder = None
     if "learned" in methods:
         from detector.artifact import load_detector
 
@@ -210,7 +210,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             print((out_dir / "comparison.md").read_text())
     if run is not None:
         log_comparison(run, config.model.name, all_records, summaries, None if single else out_dir,
-                       detector=config.rescue.detector if detector is not None else None)
+                       detector=folder)
     print(f"evaluation record: {out_dir}")
     return summaries[methods[0]] if single else {"out": str(out_dir), "methods": summaries, "costs": costs}
 
