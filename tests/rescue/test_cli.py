@@ -302,8 +302,8 @@ def test_a_2bit_twin_of_another_model_is_warned_about(tiny_config, quantized_dir
 def test_library_logs_go_to_the_run_folder_and_the_console_keeps_the_stage_lines(tiny_config, quantized_dir,
                                                                                  tmp_path, capsys):
     logs = tiny_config.parent / "runs" / "tiny" / "logs"
-    made = sorted(logs.glob("quantize-*.log"))
-    assert made and "INFO gptqmodel: " in made[-1].read_text()  # the quantize fixture's GPTQModel lines
+    # The quantize fixture's GPTQModel lines (later quantize tests that fail early log less).
+    assert any("INFO gptqmodel: " in log.read_text() for log in logs.glob("quantize-*.log"))
     assert main(["evaluate", "--config", str(tiny_config), "--method", "2bit", "--limit", "1",
                  "--out", str(tmp_path / "e")]) == 0
     out, err = capsys.readouterr()
