@@ -15,7 +15,7 @@ def routed(tmp_path):
     log_file = tmp_path / "logs" / "stage.log"
     route_library_logs(log_file, verbose=False)
     yield log_file
-    route_library_logs(None, verbose=True)  # leave the libraries as other tests expect them
+    route_library_logs(None, verbose=False)  # no log file left open; libraries quiet, as after a CLI call
 
 
 def test_library_info_goes_to_the_log_file_and_warnings_to_the_console(routed, capsys):
@@ -56,6 +56,6 @@ def test_verbose_leaves_library_output_on_the_console(tmp_path, capsys):
         with library_output():
             print("Files in directory:")
     finally:
-        route_library_logs(None, verbose=True)
+        route_library_logs(None, verbose=False)
     out, err = capsys.readouterr()
     assert "Files in directory:" in out and "loading weights file" in err
