@@ -329,7 +329,7 @@ def greedy_agreement(steps: int = 64, decodes=("dynamic", "static")) -> dict:
 
 
 def guarded(record: dict, key: str, work):
-    """Run one measurement; a failure is recorded (and printed) instead of ending the device call."""
+    """Run one measurement; a failure is recorded (and printed) instead of ending the run."""
     try:
         record[key] = work()
     except Exception as error:  # noqa: BLE001 - a benchmark reports every failure and goes on

@@ -2,8 +2,8 @@
 # The learned detector on larger trace sets, on the GPU: `rescue run` with more train/val traces and more
 # test problems, then 2-bit test traces collected, labeled and replayed by `rescue detect-report` (the
 # learned trigger against the n-gram and confidence rules). Everything a person reads is packed into
-# OUT/detector-scale-SIZE.tar.gz (the device returns only a few files per call).
-# Usage (on the device, after `source benchmarks/device_setup.sh`):
+# OUT/detector-scale-SIZE.tar.gz (one file to copy back from the GPU machine).
+# Usage (on the GPU machine, after `source benchmarks/device_setup.sh`):
 #   benchmarks/detector_scale.sh OUT SIZE[=FP16_DIR]      e.g. benchmarks/detector_scale.sh $OUT tiny-m=.models/tiny-m
 # Env: TRAIN (2000), VAL (500), TEST (500 compared problems), TEST_TRACES (1000 replayed test traces),
 #      BATCH (250), LIMIT_S (for the whole script, 560), EXTRA (more flags for every command).

@@ -1,4 +1,4 @@
-# Source on a lent GPU machine (Python 3.12, torch/transformers/lightning preinstalled, no network):
+# Source on a GPU machine without network (Python 3.12, torch/transformers/lightning preinstalled):
 # installs the carried wheels (.whl, see README "GPU runs") into /tmp/site and the project from the tree.
 # .whl-tf (optional): a newer transformers than the image's, the one this machine's CI runs (carry it for benchmarks/decode.py).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train one embedded size on the GPU, then evaluate FP16 and its 2-bit GPTQ twin on the test split.
-# Usage (on the device, after `source benchmarks/device_setup.sh`): benchmarks/family_pipeline.sh tiny-s OUTDIR [extra flags]
+# Usage (on the GPU machine, after `source benchmarks/device_setup.sh`): benchmarks/family_pipeline.sh tiny-s OUTDIR [extra flags]
 set -euo pipefail
 size=$1; out=$2; shift 2
 rescue() { python3 -m rescue.cli "$@"; }

@@ -136,7 +136,7 @@ def labeled_columns(row: dict) -> str:
 
 
 def target_check(regime: dict) -> list[str]:
-    """Which parts of the issue's target regime this run meets (needs FP16 and 2-bit rows)."""
+    """Which parts of the target regime (MODEL_CARD.md) this run meets (needs FP16 and 2-bit rows)."""
     rows = {r["precision"]: r for r in regime["precisions"]}
     if "fp16" not in rows or "2bit" not in rows:
         return []

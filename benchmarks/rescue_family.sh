@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `rescue run` (quantize, collect + label, train the detector, compare every method) for embedded sizes
-# on the GPU, keeping each size's report. Usage (on the device, after `source benchmarks/device_setup.sh`):
+# on the GPU, keeping each size's report. Usage (on the GPU machine, after `source benchmarks/device_setup.sh`):
 #   benchmarks/rescue_family.sh OUT SIZE[=FP16_DIR] ...   e.g. benchmarks/rescue_family.sh $OUT tiny-s tiny-m=.models/tiny-m
 # Env: TRAIN (default 300), VAL (150), TEST (200), BATCH (sampling.batch_size and capture.shard_size, default 200),
 #      LIMIT_S (per size, 290), EXTRA (more flags for rescue run), PARALLEL=1 (all sizes at once on the one GPU:

@@ -3,7 +3,7 @@
 # every variant runs `rescue pretrain`, then `benchmarks/family_regime.py` (FP16 and the BITS twins on
 # LIMIT test problems). All variants run at once; on a machine with several GPUs they are spread
 # over them (variant i on GPU i mod the GPU count); variants that share a GPU share its wall time.
-# Usage (on the device, after `source benchmarks/device_setup.sh`):
+# Usage (on the GPU machine, after `source benchmarks/device_setup.sh`):
 #   benchmarks/retrain_sweep.sh OUT NAME:SIZE[:--pretrain.field=VALUE,...] ...
 #   e.g. benchmarks/retrain_sweep.sh $OUT s-v9:tiny-s:--pretrain.verify_rate=0.9,--pretrain.epochs=2
 # The same flags go to the regime run, so its record holds the recipe. Env: BITS (default 2), LIMIT (500),
@@ -13,7 +13,7 @@
 # swept after the regime run, into OUT/sweep-NAME; its quantized models are large, so bring back only
 # the *.json and *.md files of OUT).
 # RESUME=1: a variant whose training was stopped (LIMIT_S) continues from its newest epoch checkpoint;
-# on the lent machine, rerun the same command in a later call while the machine is still warm. A variant whose
+# rerun the same command with the same OUT (the checkpoints stay there). A variant whose
 # model folder is already written is not trained again (its pretrain.json, with the training time, stays).
 # Writes OUT/NAME.log, OUT/models/NAME (FP16 weights, tokenizer, pretrain.json), OUT/regime-NAME/,
 # OUT/sweep-NAME/ (with SWEEP), OUT/pretrain-runs/NAME/ (Lightning logs and one checkpoint per epoch:

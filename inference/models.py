@@ -136,14 +136,18 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
             f"2-bit model folder {source} has no GPTQ quantization config; make it with `rescue quantize`"
         )
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-    from gptqmodel import BACKEND, GPTQModel
+    from inference.console import library_output
+
+    with library_output():
+        from gptqmodel import BACKEND, GPTQModel
 
     target = pick_device(device)
     if kernel == "fused" and target.type != "cuda":
         raise ModelUnavailableError(f"model.kernel fused runs on a CUDA GPU only, not on {target}; "
                                     "use dequantized or gptq here")
     backend = BACKEND.TORCH if target.type == "cpu" or kernel in ("dequantized", "fused") else BACKEND.AUTO
-    wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
+    with library_output():
+        wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
     model = wrapped.model.eval()
     if kernel == "dequantized":
         model = dequantize_linears(model).to(device=target, dtype=pick_dtype(dtype, target))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from inference.config import QuantizationConfig
+from inference.console import library_output
 from inference.errors import RescueError
 from inference.models import pick_device, resolve_model_source
 from inference.storage import folder_written_atomically
@@ -35,7 +36,8 @@ def quantize_model(
     source = resolve_model_source(fp16_ref, "model")
     out_dir = Path(out_dir).resolve()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-    from gptqmodel import GPTQModel, QuantizeConfig
+    with library_output():
+        from gptqmodel import GPTQModel, QuantizeConfig
 
     target = pick_device(device)
     quantize_config = QuantizeConfig(
@@ -52,10 +54,11 @@ def quantize_model(
     started = time.perf_counter()
     with folder_written_atomically(out_dir) as staging:
         # GPTQModel writes its per-layer logs to ./logs; keep them inside the model folder instead.
-        with contextlib.chdir(staging):
+        with contextlib.chdir(staging), library_output():
             model = GPTQModel.load(str(source.resolve()), quantize_config, device=str(target))
             kept = kept_linears(model.model, settings.keep_fp16, fp16_ref)
-            model.quantize(list(calibration_texts), batch_size=batch_size)
+            with LayerProgress(model.model.config.num_hidden_layers) as model.layer_callback:
+                model.quantize(list(calibration_texts), batch_size=batch_size)
             model.save(str(staging))
         summary = {
             "fp16": fp16_ref,
@@ -71,6 +74,27 @@ def quantize_model(
         }
         (staging / "rescue_quantize.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class LayerProgress:
+    """The quantize stage's progress bar: one tick per decoder layer, from GPTQModel's layer callback
+    (`layer_complete`, called once with `submodule_finalized=False` when a layer is quantized)."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def __enter__(self) -> "LayerProgress":
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.layers, desc="quantize", unit="layer", dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def layer_complete(self, layer_idx: int, submodule_finalized: bool) -> None:
+        if not submodule_finalized and self.bar.n < self.layers:
+            self.bar.update(1)
 
 
 def skip_rules(keep_fp16: Sequence[str]) -> dict[str, dict] | None:

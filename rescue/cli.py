@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--init", default=None, metavar="MODEL_DIR",
                           help="start from the weights of this saved model folder (same architecture), with a "
                                "fresh optimizer and schedule: continued training on the traces of pretrain.seed")
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show the libraries' own logs and progress bars on the console (they always go "
+                                  "to <output_dir>/<model>/logs/<command>-<time>.log)")
     return parser
 
 
@@ -176,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config, config_overrides(args))
+        from inference.console import log_file_for, route_library_logs
+        from inference.tracking import check_wandb_mode
+
+        route_library_logs(log_file_for(config.output_dir, config.model.name, args.command), verbose=args.verbose)
+        check_wandb_mode(config.wandb)
         if args.command == "quantize":
             commands.quantize(config, out=args.out)
         elif args.command == "evaluate":

@@ -109,7 +109,7 @@ def _check_methods(config: RescueConfig, methods) -> None:
 
 def compare(config: RescueConfig, limit: int | None = None, methods=None, out: str | None = None,
             single: bool = False, progress: bool = True, costs_file: str | None = None,
-            shape: str | None = None) -> dict:
+            shape: str | None = None, echo_table: bool = True) -> dict:
     """Every method on the same problems with the same seeds: records, table, plots, W&B.
 
     Writes `<out>/<method>/records.jsonl|summary.json`, `comparison.md|json` and the plots (default
@@ -122,7 +122,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     from inference.evaluate import run_controlled, run_method, summarize, write_evaluation
     from inference.models import load_full_precision, load_quantized
     from inference.storage import folder_written_atomically
-    from inference.tracking import start_run
+    from inference.tracking import stage_config, start_run
     from training.benchmarks import load_benchmark
 
     from training.ceilings import CEILINGS, ceiling_rows, ceiling_trigger
@@ -164,7 +164,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
                                                    config.model.dtype)
     if need_fp16:
         models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
-    detector = None
+    detector = folder = None
     if any(learned_budget(m, config) is not None for m in methods):
         from detector.artifact import load_detector
 
@@ -184,8 +184,9 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
 
     out_dir = Path(out or Path(config.output_dir) / config.model.name / f"compare-{bench.name}-{bench.split}")
     name = f"{config.model.name}-{methods[0] if single else 'compare'}-{bench.name}"
-    run = start_run(config.wandb.mode, config.wandb.project, name, "evaluate" if single else "compare",
-                    {**config.to_dict(), "methods": list(methods), "limit": limit}, out_dir.parent)
+    job_type = "evaluate" if single else "compare"
+    run = start_run(config.wandb.mode, config.wandb.project, name, job_type,
+                    stage_config(config, job_type, methods=list(methods), limit=limit), out_dir.parent)
     began = time.perf_counter()
     costs = weights = None
     if not single and {"2bit", "fp16"} <= set(models):
@@ -228,16 +229,11 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             if costs is not None:
                 write_comparison(staging, summaries, costs, weights, meta, projection, ceilings)
                 plot_comparison(summaries, all_records, staging, ceilings)
-        if progress and costs is not None:
+        if progress and echo_table and costs is not None:
             print((out_dir / "comparison.md").read_text())
     if run is not None:
-        for method, records in all_records.items():
-            log_evaluation(run, records, summaries[method], prefix="" if single else f"{method}/")
-        if not single:
-            import wandb
-
-            run.log({png.stem: wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))})
-        run.finish()
+        log_comparison(run, config.model.name, all_records, summaries, None if single else out_dir,
+                       detector=folder)
     print(f"evaluation record: {out_dir}")
     return summaries[methods[0]] if single else {"out": str(out_dir), "methods": summaries, "costs": costs,
                                                   "ceilings": ceilings}
@@ -255,20 +251,32 @@ def default_methods(config: RescueConfig) -> tuple[str, ...]:
     return ALL_METHODS + curve + ceilings
 
 
-def log_evaluation(run, records, summary, prefix: str = "") -> None:
+def log_comparison(run, model_name: str, all_records: dict, summaries: dict, out_dir: Path | None,
+                   detector: str | None = None) -> None:
+    """W&B: per-method records and `<method>/<metric>` summaries, the comparison as one table plus its plots
+    and artifact (with `out_dir`), and the detector it used as an input; then the run is finished."""
     import wandb
 
+    from inference.tracking import comparison_artifact, comparison_table, detector_artifact, method_metrics
+    from inference.tracking import use_artifacts
+
+    if detector is not None and (Path(detector) / "card.json").is_file():
+        use_artifacts(run, [detector_artifact(detector, model_name)])
     columns = ["problem_id", "generated_tokens", "tokens_2bit", "tokens_fp16", "actions", "finish_reason", "answer",
                "gold", "correct"]
-    table = wandb.Table(columns=columns)
-    for r in records:
-        table.add_data(r.problem_id, r.generated_tokens, r.tokens_2bit, r.tokens_fp16,
-                       ",".join(a["kind"] for a in r.actions), r.finish_reason, r.answer, r.gold, r.correct)
-    run.log({f"{prefix}records": table})
-    run.summary.update({f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    for group in ("finish_reasons", "actions"):
-        for key, count in summary[group].items():
-            run.summary[f"{prefix}{group}/{key}"] = count
+    for method, records in all_records.items():
+        table = wandb.Table(columns=columns)
+        for r in records:
+            table.add_data(r.problem_id, r.generated_tokens, r.tokens_2bit, r.tokens_fp16,
+                           ",".join(a["kind"] for a in r.actions), r.finish_reason, r.answer, r.gold, r.correct)
+        run.log({f"{method}/records": table})
+        run.summary.update(method_metrics(method, summaries[method]))
+    run.log({"comparison": comparison_table(model_name, summaries)})
+    if out_dir is not None:
+        run.log({png.stem: wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))})
+        if (out_dir / "comparison.json").is_file():
+            run.log_artifact(comparison_artifact(out_dir, model_name))
+    run.finish()
 
 
 def format_summary(summary: dict) -> str:
@@ -497,19 +505,34 @@ def collect(
           f"tokens, {captured} captured positions; stored {stored / 1e6:.2f} MB = "
           f"{summary['bytes_per_generated_token']:.0f} bytes per generated token "
           f"(stride {config.capture.stride}, window {config.capture.window}, {config.capture.dtype})")
+    _track_trace_set(config, out_dir, summary, split=split, precision=precision, samples=samples, limit=limit)
     return summary
 
 
-def label(config: RescueConfig, traces: str, report: str | None = None) -> dict:
+def _track_trace_set(config: RescueConfig, out_dir: Path, summary: dict, **options) -> None:
+    """W&B: a `collect` run whose output is the trace set artifact (versioned by its manifest)."""
+    from inference.tracking import stage_config, start_run, trace_set_artifact
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-collect-{options['split']}",
+                    "collect", stage_config(config, "collect", **options), out_dir.parent)
+    if run is None:
+        return
+    run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_artifact(trace_set_artifact(out_dir, config.model.name))
+    run.finish()
+
+
+def label(config: RescueConfig, traces: str, report: str | None = None, echo: bool = True) -> dict:
     """Label every trace of a trace set (from token ids and text alone) and write the label report.
 
     Labels go to `<traces>/labels.json` together with the parameters used, so relabeling with other
-    parameters rewrites that file and never needs a new collection.
+    parameters rewrites that file and never needs a new collection. Without `echo` (inside `rescue
+    run`) the report is not printed, only where it went.
     """
     from dataclasses import asdict
 
     from inference.models import load_tokenizer, resolve_model_source
-    from inference.tracking import start_run
+    from inference.tracking import labels_artifact, stage_config, start_run, trace_set_artifact, use_artifacts
     from training.collect import tokenizer_hash
     from training.labels import label_report, label_trace, token_char_ends
     from inference.storage import write_atomically
@@ -530,15 +553,19 @@ def label(config: RescueConfig, traces: str, report: str | None = None) -> dict:
     write_atomically(Path(traces) / LABELS, json.dumps(record).encode())
     report_dir = Path(report or Path(traces) / "label-report")
     summary = label_report(list(labels.values()), report_dir)
-    run = start_run(config.wandb.mode, config.wandb.project, f"{identity['model']['name']}-label", "label",
-                    {"labels": asdict(config.labels), "traces": str(traces)}, Path(traces).parent)
+    model_name = identity["model"]["name"]
+    run = start_run(config.wandb.mode, config.wandb.project, f"{model_name}-label", "label",
+                    stage_config(config, "label", traces=str(traces)), Path(traces).parent)
     if run is not None:
         import wandb
 
+        use_artifacts(run, [trace_set_artifact(traces, model_name)])
         run.summary.update({k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float, str))})
         run.log({png.stem: wandb.Image(str(png)) for png in sorted(report_dir.glob("*.png"))})
+        run.log_artifact(labels_artifact(traces, model_name))
         run.finish()
-    print((report_dir / "label-report.md").read_text())
+    if echo:
+        print((report_dir / "label-report.md").read_text())
     print(f"labels: {Path(traces) / LABELS}; report: {report_dir}")
     return summary
 
@@ -652,11 +679,10 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
 
     Stages whose outputs exist and match the config are skipped: the 2-bit model (its
     rescue_quantize.json), trace sets (a complete set with the same identity; a partial one resumes),
-    the detector (trained on the same trace-set manifests with the same labels and recipe).
+    the detector (trained on the same trace-set manifests with the same labels and recipe). One W&B
+    group holds the stages' runs and the report run.
     """
-    import shutil
-
-    from inference.storage import folder_written_atomically
+    from inference.tracking import experiment
 
     limits = {"train": train_limit or config.rescue.run_train_problems,
               "val": val_limit or config.rescue.run_val_problems,
@@ -665,7 +691,15 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
         if value < 1:
             raise RescueError(f"--{split}-limit must be a positive integer, got {value}")
     root = Path(config.output_dir) / config.model.name
-    report_dir = Path(out or root / "report")
+    with experiment(f"{config.model.name}-run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"):
+        return _run_stages(config, limits, root, Path(out or root / "report"))
+
+
+def _run_stages(config: RescueConfig, limits: dict, root: Path, report_dir: Path) -> dict:
+    import shutil
+
+    from inference.storage import folder_written_atomically
+
     stages: list[dict] = []
     started = time.perf_counter()
 
@@ -687,7 +721,7 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
         folder = root / f"run-traces-{split}-{limits[split]}"
         stage(number, f"collect 2-bit traces of {limits[split]} {config.benchmark.name}/{split} problems and label them")
         collect(config, split=split, limit=limits[split], out=str(folder))
-        labels[split] = label(config, str(folder))
+        labels[split] = label(config, str(folder), echo=False)
         trace_sets[split] = folder
         done()
 
@@ -703,7 +737,7 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
     config.benchmark.split = "test"
 
     stage(5, f"compare every method on {limits['test']} {config.benchmark.name}/test problems")
-    comparison = compare(config, limit=limits["test"], out=str(root / "run-compare"))
+    comparison = compare(config, limit=limits["test"], out=str(root / "run-compare"), echo_table=False)
     done()
 
     stage(6, "write the report")
@@ -725,9 +759,34 @@ def run(config: RescueConfig, train_limit: int | None = None, val_limit: int | N
                    "goals": rescue_goals(comparison["methods"], comparison["ceilings"], config.model.name)}
         (staging / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / "summary.md").write_text(_report_markdown(summary, compare_dir))
-    print((report_dir / "summary.md").read_text())
-    print(f"report: {report_dir}")
+    _track_report(config, summary, compare_dir, report_dir)
+    comparison_md = compare_dir / "comparison.md"
+    if comparison_md.is_file():
+        print("\n" + comparison_md.read_text().split("\n", 2)[2].strip())
+    print("\n" + "\n".join(f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['value']})" for g in summary["goals"]))
+    print(f"\nreport: {report_dir / 'summary.md'}")
+    print(f"plot: {report_dir / 'accuracy-vs-cost.png'}")
     return summary
+
+
+def _track_report(config: RescueConfig, summary: dict, compare_dir: Path, report_dir: Path) -> None:
+    """W&B: the group's report run, holding the whole config (logged once per `rescue run`), the comparison
+    (as input artifact, one table, the plots) and the goals."""
+    from inference.tracking import comparison_artifact, comparison_table, start_run, use_artifacts
+
+    run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-report", "report",
+                    config.to_dict(), report_dir.parent)
+    if run is None:
+        return
+    import wandb
+
+    if (compare_dir / "comparison.json").is_file():
+        use_artifacts(run, [comparison_artifact(compare_dir, config.model.name)])
+    run.log({"comparison": comparison_table(config.model.name, summary["comparison"]),
+             **{png.stem: wandb.Image(str(png)) for png in sorted(report_dir.glob("*.png"))}})
+    run.summary.update({f"goals/{g['goal']}": g["met"] for g in summary["goals"]})
+    run.summary["total_seconds"] = summary["total_seconds"]
+    run.finish()
 
 
 def rescue_goals(methods: dict, ceilings: Sequence[dict] = (), model: str = "") -> list[dict]:

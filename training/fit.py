@@ -7,7 +7,7 @@ false-alarm rate (`detector.calibration`) -> `detector.artifact.save_detector`. 
 Lightning's WandbLogger (offline by default, none when `wandb.mode` is disabled): losses, AUROC/AUPRC
 per epoch, PR curves, the card as config, and the artifact folder.
 
-`detect_report` is the offline comparison of issue 5 (item 6): held-out traces replayed with the
+`detect_report` is the offline comparison: held-out traces replayed with the
 learned trigger and two rules (the repeated-n-gram loop check and the confidence rule: top-token
 probability at or above a threshold for W consecutive tokens), all set for the same false-alarm rate
 on validation.
@@ -38,10 +38,10 @@ def _wandb_logger(config: RescueConfig, run_dir: Path):
         return False
     from lightning.pytorch.loggers import WandbLogger
 
-    from inference.tracking import start_run
+    from inference.tracking import stage_config, start_run
 
     run = start_run(config.wandb.mode, config.wandb.project, f"{config.model.name}-train", "train",
-                    config.to_dict(), run_dir)
+                    stage_config(config, "train"), run_dir)
     return WandbLogger(experiment=run)
 
 
@@ -314,14 +314,14 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     save_detector(out_dir, probe, data.recipe, data.stats, card)
     summary["total_seconds"] = round(time.perf_counter() - began, 1)
     if logger:
-        _log_to_wandb(logger, summary, plot, out_dir, config.model.name)
+        _log_to_wandb(logger, summary, plot, out_dir, config.model.name, trace_sets=[traces, val])
     if progress:
         print(format_summary(summary))
     return summary
 
 
-def _log_to_wandb(logger, summary: dict, plot: Path, out_dir: Path, model_name: str) -> None:
-    import wandb
+def _log_to_wandb(logger, summary: dict, plot: Path, out_dir: Path, model_name: str, trace_sets=()) -> None:
+    from inference.tracking import detector_artifact, labels_artifact, use_artifacts
 
     def flatten(tree: dict, prefix: str = "") -> dict:
         flat = {}
@@ -334,10 +334,8 @@ def _log_to_wandb(logger, summary: dict, plot: Path, out_dir: Path, model_name: 
 
     logger.experiment.summary.update(flatten(summary))
     logger.log_image("val/pr_curves", images=[str(plot)])
-    artifact = wandb.Artifact(f"{model_name}-detector", type="detector",
-                              metadata=json.loads((out_dir / "card.json").read_text()))
-    artifact.add_dir(str(out_dir))
-    logger.experiment.log_artifact(artifact)
+    use_artifacts(logger.experiment, [labels_artifact(path, model_name) for path in trace_sets if path])
+    logger.experiment.log_artifact(detector_artifact(out_dir, model_name, json.loads((out_dir / "card.json").read_text())))
     logger.experiment.finish()
 
 
@@ -385,7 +383,7 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-# -- offline comparison with the rule (issue 5, item 6) ---------------------------------------------
+# -- offline comparison with the rule ---------------------------------------------------------------
 
 
 def ngram_repeats(ids: Sequence[int], n: int, window: int) -> np.ndarray:

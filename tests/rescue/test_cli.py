@@ -297,3 +297,18 @@ def test_a_2bit_twin_of_another_model_is_warned_about(tiny_config, quantized_dir
     record = json.loads((unrecorded / "rescue_quantize.json").read_text())
     (unrecorded / "rescue_quantize.json").write_text(json.dumps({**record, "fp16": "/no/such/machine/folder"}))
     assert twin_mismatch(load_config(str(tiny_config), {"model.quantized": str(unrecorded)})) is None
+
+
+def test_library_logs_go_to_the_run_folder_and_the_console_keeps_the_stage_lines(tiny_config, quantized_dir,
+                                                                                 tmp_path, capsys):
+    logs = tiny_config.parent / "runs" / "tiny" / "logs"
+    # The quantize fixture's GPTQModel lines (later quantize tests that fail early log less).
+    assert any("INFO gptqmodel: " in log.read_text() for log in logs.glob("quantize-*.log"))
+    assert main(["evaluate", "--config", str(tiny_config), "--method", "2bit", "--limit", "1",
+                 "--out", str(tmp_path / "e")]) == 0
+    out, err = capsys.readouterr()
+    printed = (out + err).splitlines()
+    assert not [line for line in printed if line.startswith(("INFO", "Kernel", "Loader", "GPT-QModel"))]
+    assert any(line.startswith("2bit on gsm8k/test (1 problems)") for line in printed)
+    newest = max(logs.glob("evaluate-*.log"), key=lambda path: path.stat().st_mtime)
+    assert "INFO gptqmodel: Kernel: " in newest.read_text()
