@@ -84,16 +84,21 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     token i equals token i + p, except for *small edits*:
     - substitutions: in every p consecutive positions of the stretch at most floor(p / 8) tokens
       differ from the token p later. So blocks shorter than 8 tokens must repeat exactly, and a
-      block of 8 or more carries at least 7 unchanged tokens per edited one: "Let me check step 3
-      again." / "... step 4 again." is a loop, an enumeration "1, 2, 3, ..., 20" (a counter and
-      a separator) or "2^1 + 2^2 + ..." is not;
+      block of 8 or more carries at least 7 unchanged tokens per edited one;
     - a token added or removed (a counter going from 9 to 10, a result one digit longer): for
       blocks of 8 or more, a stretch of period p followed at once by one of period p + 1 or
       p - 1 (starting at most floor(p / 8) + 2 tokens after the first one's last agreeing
       token) continue the same loop. A stretch shorter than half a block does not start such a
       chain, so an added or removed token may make the onset up to half a block late.
     A stretch starts and ends on agreeing tokens; the loop must cover at least R blocks (R * p
-    tokens, with p its longest period: the block occurs R times in a row) and at least L tokens.
+    tokens, with p its longest period: the block occurs R times in a row) and at least L tokens,
+    and it must *repeat*: somewhere in it one block is followed by an exact copy of itself (p
+    agreeing tokens in a row). That is what tells a loop from an enumeration or a symmetric
+    derivation, where an index, a sign or a variable name changes in step and every item differs
+    from the one before: "1. For (3, 3, 0): (a -3)^2 ..." / "2. For (3, -3, 0): (a -3)^2 + (b +3)^2
+    ...", "d/dx ... so x = 1" / "d/dy ... so y = 1", "Let me check step 3 again." / "... step 4
+    again." (a counter alone), "1, 2, 3, ..., 20" or "2^1 + 2^2 + ..." are not loops; "Thus, 2:3:3
+    is 200:240:300." twice, then "Therefore, 2:3:3 is ..." is one, from its first occurrence on.
     `onset` is the first token of the earliest loop; `period` is its block length at the onset,
     the shortest one among loops with the same onset.
 
@@ -107,14 +112,15 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     """
     tokens = np.asarray(ids, dtype=np.int64)
     best: tuple[int, int] | None = None
-    edited: list[tuple[int, int, int]] = []  # (first, last, period) of stretches that may chain
+    edited: list[tuple[int, int, int, bool]] = []  # (first, last, period, verbatim) of stretches that may chain
     for period in range(1, min(params.max_period, len(tokens) // params.min_repeats) + 1):
-        firsts, lasts = _stretches(tokens, period)
+        firsts, lasts, verbatim = _stretches(tokens, period)
         if period >= TOKENS_PER_EDIT:
             # Stretches shorter than half a block are left out of chains: they would be many in
             # repetitive text, and a chain starting after one begins at most half a block late.
             piece = lasts - firsts + 1 >= max(TOKENS_PER_EDIT, period // 2)
-            edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum())))
+            edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum()),
+                              verbatim[piece].tolist()))
             continue
         need = max(params.min_repeats * period, params.min_span)
         long_enough = np.flatnonzero(lasts + period - firsts + 1 >= need)
@@ -126,11 +132,13 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     return best
 
 
-def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]:
+def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximal stretches that agree with themselves shifted by `period` within the substitution
     budget of `find_loop` (no `period` consecutive comparisons hold more than floor(period / 8)
     disagreements), as (first, last) comparison positions, both agreeing: token `first` equals
-    token `first + period`. Such a stretch covers tokens first .. last + period."""
+    token `first + period`. Such a stretch covers tokens first .. last + period. The third array
+    says whether the stretch holds a verbatim repeat: `period` agreeing comparisons in a row (one
+    block followed by an exact copy of itself)."""
     differs = tokens[:-period] != tokens[period:]  # differs[i]: token i vs token i + period
     edits = period // TOKENS_PER_EDIT
     mismatches = np.flatnonzero(differs)
@@ -144,30 +152,41 @@ def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]
     first_index = np.searchsorted(agree, starts)
     last_index = np.searchsorted(agree, stops) - 1
     keep = last_index >= first_index
-    return agree[first_index[keep]], agree[last_index[keep]]
+    firsts, lasts = agree[first_index[keep]], agree[last_index[keep]]
+    # Runs of agreeing comparisons never cross a disagreement, so a run of `period` lies inside
+    # one stretch: the stretch holding its first comparison.
+    bounds = np.concatenate(([-1], mismatches, [len(differs)]))
+    long_run = np.flatnonzero(np.diff(bounds) - 1 >= period)
+    run_starts = bounds[long_run] + 1
+    holder = np.searchsorted(firsts, run_starts, side="right") - 1
+    verbatim = np.zeros(len(firsts), dtype=bool)
+    inside = (holder >= 0) & (run_starts <= lasts[np.maximum(holder, 0)])
+    verbatim[holder[inside]] = True
+    return firsts, lasts, verbatim
 
 
-def _first_chained_loop(stretches: list[tuple[int, int, int]], params: LabelsConfig) -> tuple[int, int] | None:
+def _first_chained_loop(stretches: list[tuple[int, int, int, bool]], params: LabelsConfig) -> tuple[int, int] | None:
     """Earliest (onset, period) of a loop made of one stretch or of stretches whose periods
-    differ by one token and that follow each other (`find_loop`, added or removed tokens)."""
+    differ by one token and that follow each other (`find_loop`, added or removed tokens); the
+    loop must hold a verbatim repeat somewhere (`find_loop`, enumerations)."""
     stretches.sort()
-    # Per stretch, the loop it ends: (onset, period at onset, longest period so far).
-    chains: list[tuple[int, int, int]] = []
+    # Per stretch, the loop it ends: (onset, period at onset, longest period so far, verbatim so far).
+    chains: list[tuple[int, int, int, bool]] = []
     by_period: dict[int, list[int]] = {}
     best = None
-    for index, (first, last, period) in enumerate(stretches):
-        chain = (first, period, period)
+    for index, (first, last, period, verbatim) in enumerate(stretches):
+        chain = (first, period, period, verbatim)
         for neighbour in (period - 1, period + 1):
             gap = max(period, neighbour) // TOKENS_PER_EDIT + 2
             for before in by_period.get(neighbour, ()):
-                b_first, b_last, _ = stretches[before]
+                b_first, b_last, _, _ = stretches[before]
                 if b_first < first <= b_last + gap and b_last < last and chains[before][0] < chain[0]:
-                    onset, onset_period, longest = chains[before]
-                    chain = (onset, onset_period, max(longest, period))
+                    onset, onset_period, longest, seen = chains[before]
+                    chain = (onset, onset_period, max(longest, period), seen or verbatim)
         chains.append(chain)
         by_period.setdefault(period, []).append(index)
-        onset, onset_period, longest = chain
-        if last + period - onset + 1 >= max(params.min_repeats * longest, params.min_span):
+        onset, onset_period, longest, seen = chain
+        if seen and last + period - onset + 1 >= max(params.min_repeats * longest, params.min_span):
             best = min(best or (onset, onset_period), (onset, onset_period))
     return best
 
