@@ -24,6 +24,7 @@ the traces of an evaluation record and `label_shares` gives the share of traces 
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -374,11 +375,13 @@ def label_shares(labels: Sequence[TraceLabels]) -> dict[str, float]:
     return shares
 
 
-def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, Any]:
+def label_report(labels: list[TraceLabels], out_dir: str | Path, excerpts: Sequence[str] = (),
+                 notes: Sequence[str] = ()) -> dict[str, Any]:
     """Counts and rates per label, loop onset and period distributions, and trace lengths of
     healthy vs failing traces (failing: fails to commit or loops).
 
-    Writes `label-report.md` and the plots `loop-onsets.png`, `loop-periods.png` and
+    Writes `label-report.md` (with `notes`, lines under the title, and `excerpts`, a few loops as
+    `loop_excerpt` shows them) and the plots `loop-onsets.png`, `loop-periods.png` and
     `trace-lengths.png` into `out_dir`; returns the same numbers as a nested dict.
     """
     import matplotlib
@@ -419,7 +422,10 @@ def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, An
                          f"{dist['median']:.0f} | {dist['p90']:.0f} | {dist['max']:.0f} |")
         else:
             stats.append(f"| {name} | 0 | - | - | - | - | - |")
-    report = ["# Label report", "", f"{total} traces; failing = fails to commit or loops.", "", *rows, "", *stats, ""]
+    report = ["# Label report", "", f"{total} traces; failing = fails to commit or loops.", "", *notes,
+              *([""] if notes else []), *rows, "", *stats, ""]
+    if excerpts:
+        report += ["## What the loops look like", "", *excerpts]
     (out / "label-report.md").write_text("\n".join(report))
 
     def histogram(path: str, groups: dict[str, list[int]], xlabel: str, title: str) -> None:
@@ -448,3 +454,61 @@ def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, An
     histogram("trace-lengths.png", {"healthy": healthy, "failing": failing}, "generated tokens",
               "Trace lengths: healthy vs failing (fails to commit or loops)")
     return summary
+
+
+def loop_extent(ids: Sequence[int], onset: int, period: int) -> int:
+    """Tokens from `onset` over which the loop keeps repeating: its stretch at `period`, continued
+    (as `find_loop` chains them) by stretches of a period one or two tokens off that begin before
+    the covered part ends."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    if period <= 0 or onset + 2 * period > len(tokens):
+        return len(tokens) - onset
+    periods = [q for q in (period, period - 1, period + 1, period - 2, period + 2) if q >= 1]
+    stretches = {q: _stretches(tokens, q)[:2] for q in periods}
+    end = onset + period
+    while True:
+        grown = end
+        for q, (firsts, lasts) in stretches.items():
+            reach = firsts <= end + q // TOKENS_PER_EDIT + 2 - q
+            covering = reach & (lasts + q + 1 > end) & (lasts + q >= onset)
+            if covering.any():
+                grown = max(grown, int((lasts[covering] + q + 1).max()))
+        if grown == end:
+            return min(end, len(tokens)) - onset
+        end = grown
+
+
+def loop_excerpt(text: str, token_ends: Sequence[int], ids: Sequence[int], labels: TraceLabels, title: str,
+                 context_chars: int = 240, blocks_shown: int = 3) -> str:
+    """Markdown showing one labeled loop for checking by eye: the text before the onset, then the
+    first occurrences of the repeated block, each opened by a marker `⟦k⟧` (its k-th occurrence),
+    and how many occurrences the loop holds in all. Empty when the trace has no loop."""
+    if labels.loop_onset is None or not token_ends:
+        return ""
+    onset, period = labels.loop_onset, labels.loop_period
+    span = loop_extent(ids, onset, period)
+    occurrences = span / period
+    start_char = lambda token: 0 if token <= 0 else token_ends[min(token, len(token_ends)) - 1]  # noqa: E731
+    begin = start_char(onset)
+    pieces = [text[max(0, begin - context_chars) : begin]]
+    for k in range(min(blocks_shown, math.ceil(occurrences))):
+        first = start_char(onset + k * period)
+        last = start_char(min(onset + (k + 1) * period, onset + span))
+        pieces.append(f"⟦{k + 1}⟧{text[first:last]}")
+    shown_end = start_char(min(onset + blocks_shown * period, onset + span))
+    after = text[shown_end : shown_end + context_chars // 2]
+    body = "".join(pieces) + ("⟦…⟧" if occurrences > blocks_shown else "") + after
+    fence = "~~~~"
+    while fence in body:
+        fence += "~"
+    return "\n".join([
+        f"### {title}",
+        "",
+        f"Loop from token {onset} (character {begin}): a block of {period} tokens, about {occurrences:.1f} "
+        f"occurrences in a row ({span} tokens); `⟦k⟧` opens its k-th occurrence.",
+        "",
+        f"{fence}text",
+        body,
+        fence,
+        "",
+    ])
