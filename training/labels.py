@@ -146,7 +146,8 @@ def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray,
     # A stretch may not hold edits + 1 disagreements within fewer than `period` positions: every
     # such crowded group splits the stretches, the left one ends before its last member and the
     # right one starts after its first.
-    crowded = np.flatnonzero(mismatches[edits:] - mismatches[: len(mismatches) - edits] < period)
+    spread = mismatches[edits:] - mismatches[: max(len(mismatches) - edits, 0)]
+    crowded = np.flatnonzero(spread < period)
     starts = np.concatenate(([0], mismatches[crowded] + 1))
     stops = np.concatenate((mismatches[crowded + edits], [len(differs)]))  # exclusive
     agree = np.flatnonzero(~differs)

@@ -97,10 +97,10 @@ def _trace(row: dict[str, Any], where: str, number: int, fields: TextFields) -> 
     if gold is not None and not isinstance(gold, (str, int, float)):
         raise TextsError(f"{where}: field {fields.gold!r} must be a string or number, got {type(gold).__name__}")
     correct = None
-    if fields.correct:
+    if fields.correct and (gold is None or fields.correct in row):
         if fields.correct not in row or row[fields.correct] not in (True, False, None):
-            raise TextsError(f"{where}: field {fields.correct!r} must be true, false or null, got "
-                             f"{'nothing' if fields.correct not in row else repr(row[fields.correct])}")
+            raise TextsError(f"{where}: field {fields.correct!r} must be true, false or null (the row has no gold "
+                             f"answer), got {'nothing' if fields.correct not in row else repr(row[fields.correct])}")
         correct = row[fields.correct]
     elif gold is None:
         raise TextsError(f"{where}: field {fields.gold!r} (the gold answer) is missing; set --gold-field, or "
