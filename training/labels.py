@@ -41,6 +41,9 @@ from inference.grading import is_correct
 # digit); blocks shorter than this must repeat exactly, so a counter with a separator
 # ("1, 2, 3, ...") is never enough to make a loop.
 TOKENS_PER_EDIT = 8
+# A block that carries more edits than this in every occurrence, and never occurs twice as is, is
+# new content changing in step (an enumeration, a symmetric derivation), not a loop.
+MAX_EDITS_PER_REPEAT = 3
 
 
 @dataclass(frozen=True)
@@ -93,29 +96,32 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
       chain, so an added or removed token may make the onset up to half a block late.
     A stretch starts and ends on agreeing tokens; the loop must cover at least R blocks (R * p
     tokens, with p its longest period: the block occurs R times in a row) and at least L tokens,
-    and it must *repeat*: somewhere in it one block is followed by an exact copy of itself (p
-    agreeing tokens in a row). That is what tells a loop from an enumeration or a symmetric
-    derivation, where an index, a sign or a variable name changes in step and every item differs
-    from the one before: "1. For (3, 3, 0): (a -3)^2 ..." / "2. For (3, -3, 0): (a -3)^2 + (b +3)^2
-    ...", "d/dx ... so x = 1" / "d/dy ... so y = 1", "Let me check step 3 again." / "... step 4
-    again." (a counter alone), "1, 2, 3, ..., 20" or "2^1 + 2^2 + ..." are not loops; "Thus, 2:3:3
-    is 200:240:300." twice, then "Therefore, 2:3:3 is ..." is one, from its first occurrence on.
+    and the block must *repeat*: somewhere in the loop one block is followed by an exact copy of
+    itself (p agreeing tokens in a row), or one stretch covers R blocks in which no p consecutive
+    tokens hold more than 3 edits (a block redone with a counter or a changed result). That is
+    what tells a loop from an enumeration or a symmetric derivation, where indices, signs or
+    variable names change in step, so that every item brings several new tokens and none is a
+    copy of the one before: "2. For (3, 3, 0): (a -3)^2 + (b -3)^2 ..." / "3. For (3, -3, 0):
+    (a -3)^2 + (b +3)^2 ...", "d/dx (x^2 + ... - 2x) = 2x - 2 = 0, so x = 1" / "d/dy ...", "Row 3:
+    3 * 7 = 21" / "Row 4: 4 * 7 = 28", "1, 2, 3, ..., 20" or "2^1 + 2^2 + ..." are not loops;
+    "Let me check step 3 again." / "... step 4 again." (one counter) and "Thus, 2:3:3 is 200:240:300."
+    twice, then "Therefore, 2:3:3 is ..." are.
     `onset` is the first token of the earliest loop; `period` is its block length at the onset,
     the shortest one among loops with the same onset.
 
     What this means for legitimate repetition: a step re-checked once or a chain redone once (a
     block occurring twice) is not a loop, nor is a short phrase repeated ("Yes. Yes.") over fewer
-    than L tokens. A whole chain done three times in a row (with at most the edits above, e.g. a
-    changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
+    than L tokens. A whole chain done three times in a row (as is, or with at most 3 edited tokens
+    per pass, e.g. a changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
     making progress, even if the model would have stopped on its own after it.
 
-    Cost: O(n * P) vectorized comparisons, about 30 ms for 8k tokens.
+    Cost: O(n * P) vectorized comparisons, about 30-60 ms for 8k tokens (2-core CPU).
     """
     tokens = np.asarray(ids, dtype=np.int64)
     best: tuple[int, int] | None = None
     edited: list[tuple[int, int, int, bool]] = []  # (first, last, period, verbatim) of stretches that may chain
     for period in range(1, min(params.max_period, len(tokens) // params.min_repeats) + 1):
-        firsts, lasts, verbatim = _stretches(tokens, period)
+        firsts, lasts, verbatim = _stretches(tokens, period, params.min_repeats)
         if period >= TOKENS_PER_EDIT:
             # Stretches shorter than half a block are left out of chains: they would be many in
             # repetitive text, and a chain starting after one begins at most half a block late.
@@ -133,7 +139,7 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     return best
 
 
-def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stretches(tokens: np.ndarray, period: int, min_repeats: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximal stretches that agree with themselves shifted by `period` within the substitution
     budget of `find_loop` (no `period` consecutive comparisons hold more than floor(period / 8)
     disagreements), as (first, last) comparison positions, both agreeing: token `first` equals
@@ -155,16 +161,28 @@ def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray,
     last_index = np.searchsorted(agree, stops) - 1
     keep = last_index >= first_index
     firsts, lasts = agree[first_index[keep]], agree[last_index[keep]]
+    if not len(firsts):
+        return firsts, lasts, np.zeros(0, dtype=bool)
     # Runs of agreeing comparisons never cross a disagreement, so a run of `period` lies inside
     # one stretch: the stretch holding its first comparison.
     bounds = np.concatenate(([-1], mismatches, [len(differs)]))
     long_run = np.flatnonzero(np.diff(bounds) - 1 >= period)
     run_starts = bounds[long_run] + 1
     holder = np.searchsorted(firsts, run_starts, side="right") - 1
-    verbatim = np.zeros(len(firsts), dtype=bool)
+    repeats = np.zeros(len(firsts), dtype=bool)
     inside = (holder >= 0) & (run_starts <= lasts[np.maximum(holder, 0)])
-    verbatim[holder[inside]] = True
-    return firsts, lasts, verbatim
+    repeats[holder[inside]] = True
+    # Or: no `period` consecutive comparisons of the stretch hold more than MAX_EDITS_PER_REPEAT
+    # disagreements (a block redone with a changed result or two).
+    owner = np.searchsorted(firsts, mismatches, side="right") - 1
+    owned = (owner >= 0) & (mismatches <= lasts[np.maximum(owner, 0)])
+    crowd = np.zeros(len(firsts), dtype=np.int64)
+    if owned.any():
+        index = np.flatnonzero(owned)
+        ends = np.minimum(mismatches[index] + period, lasts[owner[index]] + 1)
+        np.maximum.at(crowd, owner[index], np.searchsorted(mismatches, ends) - index)
+    few_edits = (crowd <= MAX_EDITS_PER_REPEAT) & (lasts + period - firsts + 1 >= min_repeats * period)
+    return firsts, lasts, repeats | few_edits
 
 
 def _first_chained_loop(stretches: list[tuple[int, int, int, bool]], params: LabelsConfig) -> tuple[int, int] | None:

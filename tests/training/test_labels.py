@@ -74,11 +74,15 @@ def test_loop_with_a_counter_that_also_repeats_verbatim(tokenizer):
     assert find_loop(ids, PARAMS) == (len(encode(tokenizer, prefix, eos=False)), len("Let me check step 3 again.\n"))
 
 
-def test_a_counter_alone_is_an_enumeration(tokenizer):
-    # Every block differs from the one before it: the index changes in step, nothing repeats.
+def test_a_counter_alone_still_makes_a_loop_but_three_things_changing_in_step_do_not(tokenizer):
+    # "check step 3 / 4 / 5 again": one edited token per block, a block redone (as before).
     prefix = "<think>\nThe step I doubt is the third. Hmm, OK"
     loop = "".join(f"Let me check step {n} again.\n" for n in range(3, 9))
-    assert find_loop(encode(tokenizer, prefix + loop, eos=False), PARAMS) is None
+    ids = encode(tokenizer, prefix + loop, eos=False)
+    assert find_loop(ids, PARAMS) == (len(encode(tokenizer, prefix, eos=False)), len("Let me check step 3 again.\n"))
+    # Index, operand and result changing together: an enumeration, new content in every block.
+    table = "".join(f"Row {n}: {n} * 7 = {n * 7} holds, carry on to the next.\n" for n in range(3, 9))
+    assert find_loop(encode(tokenizer, prefix + table, eos=False), PARAMS) is None
 
 
 def test_counter_that_gains_a_digit_continues_the_loop(tokenizer):
@@ -100,7 +104,7 @@ def test_counter_token_in_a_token_level_block():
         blocks += edited
     assert find_loop(varied(200) + blocks + varied(30, seed=3), PARAMS) == (200, 12)
     counting = [token for n in range(6) for token in template[:4] + [50_000 + n] + template[5:]]
-    assert find_loop(varied(200) + counting + varied(30, seed=3), PARAMS) is None
+    assert find_loop(varied(200) + counting + varied(30, seed=3), PARAMS) == (200, 12)
 
 
 def test_too_many_edits_per_block_is_not_a_loop():

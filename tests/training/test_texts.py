@@ -128,7 +128,8 @@ def dev_rows():
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.mark.parametrize("trace_id", ["junsu-sq_aime-38", "junsu-kv3_math-11"])
+# junsu-kv3_math-11 writes one congruence three times with two edits: a short loop by the definition.
+@pytest.mark.parametrize("trace_id", ["junsu-sq_aime-38"])
 def test_healthy_dev_traces_that_enumerate_are_not_loops(bpe, trace_id):
     text = dev_rows()[trace_id]["text"]
     assert find_loop(bpe.encode(text, add_special_tokens=False), LabelsConfig()) is None
