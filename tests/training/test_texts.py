@@ -2,6 +2,7 @@
 text-only detect report, tokenized with a small byte-level BPE trained in the test."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from rescue.cli import main
 from training.labels import find_loop
 from training.texts import FINISH_REASONS, TextFields, TextsError, label_texts, read_texts
 
-from tests.conftest import SHARED_DATA
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 LOOP_BLOCK = "Wait, but in the code, the answer is 5.0. So the final answer should be $\\boxed{5}$.\n"
 HEALTHY = ("<think>\nOkay, so I need to find the remainder. Let me check that again.\n</think>\n\n"
