@@ -86,3 +86,21 @@ def test_rule_on_records_labels_and_replays_an_evaluation_record():
     # (3 verbatim blocks over >= 48 tokens), so only the second one is healthy.
     assert outcome["loops"] == 1 and outcome["healthy"] == 1 and outcome["false_alarms"] == 0
     assert outcome["setting"] == rule_setting(config.rescue).__dict__
+
+
+def test_text_only_detect_report_on_a_trace_set_needs_no_detector(tmp_path):
+    import json
+
+    from rescue import commands
+    from test_datamodule import synthetic_config, write_planted_trace_set  # same folder, on sys.path under pytest
+
+    traces = write_planted_trace_set(tmp_path / "traces", problems=10)
+    recorded = json.loads((traces / "labels.json").read_text())["traces"].values()
+    healthy = sum(row["loop_onset"] is None and not row["fails_to_commit"] for row in recorded)
+    config = synthetic_config(tmp_path)
+    summary = commands.detect_report(config, test=str(traces), text_only=True)
+    configured = summary["rules"]["configured rule (16-gram 3x within 256 tokens)"]
+    # Planted ids are random tokens: no 16-gram ever recurs, so the rule never fires.
+    assert configured["healthy"] == healthy > 0 and configured["false_alarms"] == 0
+    assert configured["loops_caught_count"] == 0 and configured["loops"] > 0
+    assert (tmp_path / "runs" / "synthetic" / "detect-report-text" / "report.md").is_file()
