@@ -12,9 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.config import RescueConfig
 from inference.errors import ConfigError, RescueError
+
+if TYPE_CHECKING:
+    from training.texts import TextFields
 
 PRECISIONS = ("fp16", "2bit")
 
@@ -465,7 +469,7 @@ def collect(
 
 
 def label(config: RescueConfig, traces: str | None = None, report: str | None = None, texts: str | None = None,
-          tokenizer: str | None = None, fields=None) -> dict:
+          tokenizer: str | None = None, fields: TextFields | None = None) -> dict:
     """Label every trace of a trace set (from token ids and text alone) and write the label report.
 
     Labels go to `<traces>/labels.json` together with the parameters used, so relabeling with other
@@ -578,7 +582,8 @@ def train(config: RescueConfig, traces: str, val: str | None = None, out: str | 
 
 
 def detect_report(config: RescueConfig, test: str | None = None, detector: str | None = None, out: str | None = None,
-                  texts: str | None = None, tokenizer: str | None = None, fields=None, text_only: bool = False,
+                  texts: str | None = None, tokenizer: str | None = None, fields: TextFields | None = None,
+                  text_only: bool = False,
                   target: float = 0.1) -> dict:
     """Replay held-out traces with the learned trigger and the rule, at the same false-alarm rate,
     and state the configured rule's false-alarm rate on the healthy ones.
@@ -591,6 +596,8 @@ def detect_report(config: RescueConfig, test: str | None = None, detector: str |
 
     if texts is None and test is None:
         raise RescueError("detect-report: give --test TRACE_SET or --texts FILE.jsonl")
+    if not 0.0 <= target < 1.0:
+        raise RescueError(f"detect-report: --target must be a false-alarm rate in [0, 1), got {target}")
     if texts is not None or text_only:
         from training.labels import loop_excerpt
 
