@@ -12,6 +12,7 @@ from typing import Any
 
 from inference.config import DEFAULT_CONFIG, METHODS, config_fields, load_config
 from inference.errors import RescueError
+from training.texts import add_text_flags, text_fields
 
 # Short spellings of the most used fields.
 ALIASES = {"benchmark": "benchmark.name", "wandb": "wandb.mode", "budget": "sampling.budget"}
@@ -121,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "first candidate answers and the probe's per-position targets from "
                                             "token ids and text; write labels.json beside the traces and a "
                                             "label report (table + PNG plots, logged to W&B).")
-    label.add_argument("traces", help="trace set folder (written by rescue collect)")
+    label.add_argument("traces", nargs="?", default=None, help="trace set folder (written by rescue collect)")
     add_config_flags(label)
     label.add_argument("--report", default=None, help="report folder (default: <traces>/label-report)")
+    add_text_flags(label)
 
     train = commands.add_parser("train", help="train the learned detector on labeled trace sets",
                                 description="Fit the two-head probe on the hidden states of a labeled trace set "
@@ -140,10 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Replay a labeled test trace set step by step with the detector's "
                                              "calibrated trigger and the repeated-n-gram rule tuned to the same "
                                              "false-alarm rate: loops caught, false alarms, lead times, plots.")
-    report.add_argument("--test", required=True, help="labeled test trace set")
+    report.add_argument("--test", default=None, help="labeled test trace set")
     add_config_flags(report)
     report.add_argument("--detector", default=None, help="detector folder (default: <output_dir>/<model>/detector)")
     report.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/detect-report)")
+    report.add_argument("--text-only", action="store_true", help="replay only the rule (no detector, no hidden states)")
+    report.add_argument("--target", type=float, default=0.1,
+                        help="text only: false-alarm rate per healthy trace the rule is calibrated for")
+    add_text_flags(report)
 
     pretrain = commands.add_parser("pretrain", help="train an embedded family model (tiny-s/m/l)",
                                    description="Train the config's embedded reasoning model on synthetic "
@@ -200,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             commands.collect(config, split=args.split, samples=args.samples, limit=args.limit, out=args.out,
                              precision=args.precision)
         elif args.command == "label":
-            commands.label(config, traces=args.traces, report=args.report)
+            commands.label(config, traces=args.traces, report=args.report, texts=args.texts,
+                           tokenizer=args.tokenizer, fields=text_fields(args))
         elif args.command == "train":
             commands.train(config, traces=args.traces, val=args.val, out=args.out, test=args.test)
         elif args.command == "detect-report":
-            commands.detect_report(config, test=args.test, detector=args.detector, out=args.out)
+            commands.detect_report(config, test=args.test, detector=args.detector, out=args.out, texts=args.texts,
+                                   tokenizer=args.tokenizer, fields=text_fields(args), text_only=args.text_only,
+                                   target=args.target)
         elif args.command == "pretrain":
             commands.pretrain(config, out=args.out, resume=args.resume, init=args.init)
     except RescueError as error:

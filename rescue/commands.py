@@ -12,10 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from inference.config import RescueConfig
 from inference.errors import ConfigError, RescueError
+
+if TYPE_CHECKING:
+    from training.texts import TextFields
 
 PRECISIONS = ("fp16", "2bit")
 
@@ -522,52 +525,98 @@ def _track_trace_set(config: RescueConfig, out_dir: Path, summary: dict, **optio
     run.finish()
 
 
-def label(config: RescueConfig, traces: str, report: str | None = None, echo: bool = True) -> dict:
+def label(config: RescueConfig, traces: str | None = None, report: str | None = None, texts: str | None = None,
+          tokenizer: str | None = None, fields: TextFields | None = None, echo: bool = True) -> dict:
     """Label every trace of a trace set (from token ids and text alone) and write the label report.
 
     Labels go to `<traces>/labels.json` together with the parameters used, so relabeling with other
-    parameters rewrites that file and never needs a new collection. Without `echo` (inside `rescue
-    run`) the report is not printed, only where it went.
+    parameters rewrites that file and never needs a new collection. With `texts` (a JSONL file that
+    another harness wrote, its fields named by `fields`, a `training.texts.TextFields`) the traces
+    are tokenized with `tokenizer` (a folder or id; default the config's FP16 model's) and get every
+    text-level label; labels.json and the report go to `report` (default
+    `<output_dir>/<file stem>-labels`). Without `echo` (inside `rescue run`) the report is not printed,
+    only where it went.
     """
     from dataclasses import asdict
 
-    from inference.models import load_tokenizer, resolve_model_source
-    from inference.tracking import labels_artifact, stage_config, start_run, trace_set_artifact, use_artifacts
-    from training.collect import tokenizer_hash
-    from training.labels import label_report, label_trace, token_char_ends
     from inference.storage import write_atomically
+    from inference.tracking import labels_artifact, stage_config, start_run, trace_set_artifact, use_artifacts
+    from training.labels import label_report, label_trace, loop_excerpt, token_char_ends
     from training.traces import LABELS, TraceSet, TraceSetError
 
-    trace_set = TraceSet(traces)
-    identity = trace_set.identity
-    tokenizer = load_tokenizer(resolve_model_source(identity["model"]["fp16"], "model"))
-    if tokenizer_hash(tokenizer) != identity["tokenizer_hash"]:
-        raise TraceSetError(f"{traces}: collected with another tokenizer than {identity['model']['fp16']}'s")
-    labels = {}
-    for trace in trace_set.traces(with_hidden=False):
-        labels[trace.id] = label_trace(trace.generated_ids, trace.text, token_char_ends(tokenizer, trace.generated_ids),
-                                       trace.finish_reason, trace.gold, config.labels)
-    if not labels:
-        raise TraceSetError(f"{traces}: the trace set holds no traces")
+    if (traces is None) == (texts is None):
+        raise RescueError("label: give either a trace set folder or --texts FILE.jsonl")
+    notes: list[str] = []
+    excerpts: list[str] = []
+    if texts is not None:
+        from training.texts import TextFields, label_texts, load_text_tokenizer, read_texts
+
+        fields = fields or TextFields()
+        foreign = read_texts(texts, fields)
+        text_tokenizer = load_text_tokenizer(tokenizer or config.model.fp16)
+        labeled = label_texts(foreign, text_tokenizer, config.labels)
+        labels = {item.trace.id: item.labels for item in labeled}
+        for item in labeled:
+            if item.labels.loop_onset is not None and len(excerpts) < EXCERPTS:
+                excerpts.append(loop_excerpt(item.text, item.token_ends, item.ids, item.labels, item.trace.id))
+        inferred = sum(item.trace.finish_inferred for item in labeled)
+        graded = sum(item.trace.gold is not None for item in labeled)
+        notes = [f"Traces: {texts}, tokenized with {tokenizer or config.model.fp16}.",
+                 f"Finish reason inferred for {inferred} of {len(labeled)} traces (no `{fields.finish_reason}` "
+                 "field: budget where `</think>` never came, else EOS)." if inferred else "",
+                 f"Correctness graded against `{fields.gold}` for {graded} traces"
+                 + (f", taken from `{fields.correct}` for {len(labeled) - graded} (null counts as not correct)."
+                    if graded < len(labeled) else ".")]
+        notes = [line for line in notes if line]
+        out = Path(report or Path(config.output_dir) / f"{Path(texts).stem}-labels")
+        labels_path, report_dir, name, source = out / LABELS, out, Path(texts).stem, str(texts)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        from inference.models import load_tokenizer, resolve_model_source
+        from training.collect import tokenizer_hash
+
+        trace_set = TraceSet(traces)
+        identity = trace_set.identity
+        trace_tokenizer = load_tokenizer(resolve_model_source(identity["model"]["fp16"], "model"))
+        if tokenizer_hash(trace_tokenizer) != identity["tokenizer_hash"]:
+            raise TraceSetError(f"{traces}: collected with another tokenizer than {identity['model']['fp16']}'s")
+        labels = {}
+        for trace in trace_set.traces(with_hidden=False):
+            ends = token_char_ends(trace_tokenizer, trace.generated_ids)
+            labels[trace.id] = label_trace(trace.generated_ids, trace.text, ends, trace.finish_reason, trace.gold,
+                                           config.labels)
+            if labels[trace.id].loop_onset is not None and len(excerpts) < EXCERPTS:
+                excerpts.append(loop_excerpt(trace.text, ends, trace.generated_ids, labels[trace.id], str(trace.id)))
+        if not labels:
+            raise TraceSetError(f"{traces}: the trace set holds no traces")
+        labels_path = Path(traces) / LABELS
+        report_dir = Path(report or Path(traces) / "label-report")
+        name, source = identity["model"]["name"], str(traces)
     record = {"params": asdict(config.labels), "traces": {k: v.to_dict() for k, v in labels.items()}}
-    write_atomically(Path(traces) / LABELS, json.dumps(record).encode())
-    report_dir = Path(report or Path(traces) / "label-report")
-    summary = label_report(list(labels.values()), report_dir)
-    model_name = identity["model"]["name"]
-    run = start_run(config.wandb.mode, config.wandb.project, f"{model_name}-label", "label",
-                    stage_config(config, "label", traces=str(traces)), Path(traces).parent)
+    if texts is not None:
+        record["texts"] = {"file": str(texts), "tokenizer": tokenizer or config.model.fp16, "fields": asdict(fields)}
+    write_atomically(labels_path, json.dumps(record).encode())
+    summary = label_report(list(labels.values()), report_dir, excerpts=excerpts, notes=notes)
+    run = start_run(config.wandb.mode, config.wandb.project, f"{name}-label", "label",
+                    stage_config(config, "label", traces=source), labels_path.parent.parent)
     if run is not None:
         import wandb
 
-        use_artifacts(run, [trace_set_artifact(traces, model_name)])
+        if traces is not None:  # a trace set's lineage; foreign texts have no trace set artifact
+            use_artifacts(run, [trace_set_artifact(traces, name)])
         run.summary.update({k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float, str))})
         run.log({png.stem: wandb.Image(str(png)) for png in sorted(report_dir.glob("*.png"))})
-        run.log_artifact(labels_artifact(traces, model_name))
+        if traces is not None:
+            run.log_artifact(labels_artifact(traces, name))
         run.finish()
     if echo:
         print((report_dir / "label-report.md").read_text())
-    print(f"labels: {Path(traces) / LABELS}; report: {report_dir}")
+    print(f"labels: {labels_path}; report: {report_dir}")
     return summary
+
+
+# Loops shown in a label report, the first ones in file order.
+EXCERPTS = 3
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -595,16 +644,74 @@ def train(config: RescueConfig, traces: str, val: str | None = None, out: str | 
     return summary
 
 
-def detect_report(config: RescueConfig, test: str, detector: str | None = None, out: str | None = None) -> dict:
-    """Replay held-out traces with the learned trigger and the rule, at the same false-alarm rate."""
-    from training.fit import detect_report as compare_offline
+def detect_report(config: RescueConfig, test: str | None = None, detector: str | None = None, out: str | None = None,
+                  texts: str | None = None, tokenizer: str | None = None, fields: TextFields | None = None,
+                  text_only: bool = False,
+                  target: float = 0.1) -> dict:
+    """Replay held-out traces with the learned trigger and the rule, at the same false-alarm rate,
+    and state the configured rule's false-alarm rate on the healthy ones.
 
-    summary = compare_offline(config, test, detector=detector, out=out)
+    Text only (`texts`, another harness's JSONL read with `fields` and `tokenizer`; or `text_only`
+    on a labeled trace set): no hidden states, so only the rule is replayed: as configured, as the
+    paper-like default, and calibrated on these traces for `target` false alarms per healthy trace.
+    """
+    from training.replay import replay_report, rule_false_alarm_line, rule_outcomes, rule_setting
+
+    if texts is None and test is None:
+        raise RescueError("detect-report: give --test TRACE_SET or --texts FILE.jsonl")
+    if not 0.0 <= target < 1.0:
+        raise RescueError(f"detect-report: --target must be a false-alarm rate in [0, 1), got {target}")
+    if texts is not None or text_only:
+        from training.labels import loop_excerpt
+
+        pairs, excerpts, notes = [], [], []
+        if texts is not None:
+            from training.texts import TextFields, label_texts, load_text_tokenizer, read_texts
+
+            labeled = label_texts(read_texts(texts, fields or TextFields()),
+                                  load_text_tokenizer(tokenizer or config.model.fp16), config.labels)
+            for item in labeled:
+                pairs.append((item.ids, item.labels))
+                if item.labels.loop_onset is not None and len(excerpts) < EXCERPTS:
+                    excerpts.append(loop_excerpt(item.text, item.token_ends, item.ids, item.labels, item.trace.id))
+            notes.append(f"Tokenized with {tokenizer or config.model.fp16}; labeled with the config's `labels`.")
+            source = str(texts)
+        else:
+            pairs = _labeled_ids(test)
+            source = str(test)
+        default = Path(config.output_dir) / config.model.name / "detect-report-text"
+        summary = replay_report(pairs, rule_setting(config.rescue), target, source, out or default,
+                                excerpts=excerpts, notes=notes)
+    else:
+        from training.fit import detect_report as compare_offline
+
+        summary = compare_offline(config, test, detector=detector, out=out)
+        configured = rule_outcomes(_labeled_ids(test), rule_setting(config.rescue))
+        summary["configured_rule"] = {k: v for k, v in configured.items() if k != "alarms"}
+        line = rule_false_alarm_line(configured)
+        report = Path(summary["out"]) / "report.md"
+        if report.is_file():
+            report.write_text(report.read_text().rstrip("\n") + f"\n\nAs configured (`rescue.rule_*`), the {line}.\n")
+        (Path(summary["out"]) / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = Path(summary["out"]) / "report.md"
     if report.is_file():
         print(report.read_text())
     print(f"detect report: {summary['out']}")
     return summary
+
+
+def _labeled_ids(test: str) -> list[tuple[list[int], object]]:
+    """(generated ids, labels) of every trace of a labeled trace set."""
+    from training.datamodule import load_labels
+    from training.traces import TraceSet, TraceSetError
+
+    labels, _ = load_labels(test)
+    pairs = []
+    for trace in TraceSet(test).traces(with_hidden=False):
+        if trace.id not in labels:
+            raise TraceSetError(f"{test}: labels.json has no labels for trace {trace.id!r}; rerun `rescue label {test}`")
+        pairs.append((list(trace.generated_ids), labels[trace.id]))
+    return pairs
 
 
 # -- the main job -------------------------------------------------------------------------------------

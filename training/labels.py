@@ -30,6 +30,7 @@ the traces of an evaluation record and `label_shares` gives the share of traces 
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ from inference.grading import is_correct
 # digit); blocks shorter than this must repeat exactly, so a counter with a separator
 # ("1, 2, 3, ...") is never enough to make a loop.
 TOKENS_PER_EDIT = 8
+# A block that carries more edits than this in every occurrence, and never occurs twice as is, is
+# new content changing in step (an enumeration, a symmetric derivation), not a loop.
+MAX_EDITS_PER_REPEAT = 3
 
 
 @dataclass(frozen=True)
@@ -99,37 +103,46 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     token i equals token i + p, except for *small edits*:
     - substitutions: in every p consecutive positions of the stretch at most floor(p / 8) tokens
       differ from the token p later. So blocks shorter than 8 tokens must repeat exactly, and a
-      block of 8 or more carries at least 7 unchanged tokens per edited one: "Let me check step 3
-      again." / "... step 4 again." is a loop, an enumeration "1, 2, 3, ..., 20" (a counter and
-      a separator) or "2^1 + 2^2 + ..." is not;
+      block of 8 or more carries at least 7 unchanged tokens per edited one;
     - a token added or removed (a counter going from 9 to 10, a result one digit longer): for
       blocks of 8 or more, a stretch of period p followed at once by one of period p + 1 or
       p - 1 (starting at most floor(p / 8) + 2 tokens after the first one's last agreeing
       token) continue the same loop. A stretch shorter than half a block does not start such a
       chain, so an added or removed token may make the onset up to half a block late.
     A stretch starts and ends on agreeing tokens; the loop must cover at least R blocks (R * p
-    tokens, with p its longest period: the block occurs R times in a row) and at least L tokens.
+    tokens, with p its longest period: the block occurs R times in a row) and at least L tokens,
+    and the block must *repeat*: somewhere in the loop one block is followed by an exact copy of
+    itself (p agreeing tokens in a row), or one stretch covers R blocks in which no p consecutive
+    tokens hold more than 3 edits (a block redone with a counter or a changed result). That is
+    what tells a loop from an enumeration or a symmetric derivation, where indices, signs or
+    variable names change in step, so that every item brings several new tokens and none is a
+    copy of the one before: "2. For (3, 3, 0): (a -3)^2 + (b -3)^2 ..." / "3. For (3, -3, 0):
+    (a -3)^2 + (b +3)^2 ...", "d/dx (x^2 + ... - 2x) = 2x - 2 = 0, so x = 1" / "d/dy ...", "Row 3:
+    3 * 7 = 21" / "Row 4: 4 * 7 = 28", "1, 2, 3, ..., 20" or "2^1 + 2^2 + ..." are not loops;
+    "Let me check step 3 again." / "... step 4 again." (one counter) and "Thus, 2:3:3 is 200:240:300."
+    twice, then "Therefore, 2:3:3 is ..." are.
     `onset` is the first token of the earliest loop; `period` is its block length at the onset,
     the shortest one among loops with the same onset.
 
     What this means for legitimate repetition: a step re-checked once or a chain redone once (a
     block occurring twice) is not a loop, nor is a short phrase repeated ("Yes. Yes.") over fewer
-    than L tokens. A whole chain done three times in a row (with at most the edits above, e.g. a
-    changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
+    than L tokens. A whole chain done three times in a row (as is, or with at most 3 edited tokens
+    per pass, e.g. a changed result) *is* a loop, by definition: with R = 3 that is where a trace has stopped
     making progress, even if the model would have stopped on its own after it.
 
-    Cost: O(n * P) vectorized comparisons, about 30 ms for 8k tokens.
+    Cost: O(n * P) vectorized comparisons, about 30-60 ms for 8k tokens (2-core CPU).
     """
     tokens = np.asarray(ids, dtype=np.int64)
     best: tuple[int, int] | None = None
-    edited: list[tuple[int, int, int]] = []  # (first, last, period) of stretches that may chain
+    edited: list[tuple[int, int, int, bool]] = []  # (first, last, period, verbatim) of stretches that may chain
     for period in range(1, min(params.max_period, len(tokens) // params.min_repeats) + 1):
-        firsts, lasts = _stretches(tokens, period)
+        firsts, lasts, verbatim = _stretches(tokens, period, params.min_repeats)
         if period >= TOKENS_PER_EDIT:
             # Stretches shorter than half a block are left out of chains: they would be many in
             # repetitive text, and a chain starting after one begins at most half a block late.
             piece = lasts - firsts + 1 >= max(TOKENS_PER_EDIT, period // 2)
-            edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum())))
+            edited.extend(zip(firsts[piece].tolist(), lasts[piece].tolist(), [period] * int(piece.sum()),
+                              verbatim[piece].tolist()))
             continue
         need = max(params.min_repeats * period, params.min_span)
         long_enough = np.flatnonzero(lasts + period - firsts + 1 >= need)
@@ -141,48 +154,74 @@ def find_loop(ids: Sequence[int], params: LabelsConfig) -> tuple[int, int] | Non
     return best
 
 
-def _stretches(tokens: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]:
+def _stretches(tokens: np.ndarray, period: int, min_repeats: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximal stretches that agree with themselves shifted by `period` within the substitution
     budget of `find_loop` (no `period` consecutive comparisons hold more than floor(period / 8)
     disagreements), as (first, last) comparison positions, both agreeing: token `first` equals
-    token `first + period`. Such a stretch covers tokens first .. last + period."""
+    token `first + period`. Such a stretch covers tokens first .. last + period. The third array
+    says whether the stretch holds a verbatim repeat: `period` agreeing comparisons in a row (one
+    block followed by an exact copy of itself)."""
     differs = tokens[:-period] != tokens[period:]  # differs[i]: token i vs token i + period
     edits = period // TOKENS_PER_EDIT
     mismatches = np.flatnonzero(differs)
     # A stretch may not hold edits + 1 disagreements within fewer than `period` positions: every
     # such crowded group splits the stretches, the left one ends before its last member and the
     # right one starts after its first.
-    crowded = np.flatnonzero(mismatches[edits:] - mismatches[: len(mismatches) - edits] < period)
+    spread = mismatches[edits:] - mismatches[: max(len(mismatches) - edits, 0)]
+    crowded = np.flatnonzero(spread < period)
     starts = np.concatenate(([0], mismatches[crowded] + 1))
     stops = np.concatenate((mismatches[crowded + edits], [len(differs)]))  # exclusive
     agree = np.flatnonzero(~differs)
     first_index = np.searchsorted(agree, starts)
     last_index = np.searchsorted(agree, stops) - 1
     keep = last_index >= first_index
-    return agree[first_index[keep]], agree[last_index[keep]]
+    firsts, lasts = agree[first_index[keep]], agree[last_index[keep]]
+    if not len(firsts):
+        return firsts, lasts, np.zeros(0, dtype=bool)
+    # Runs of agreeing comparisons never cross a disagreement, so a run of `period` lies inside
+    # one stretch: the stretch holding its first comparison.
+    bounds = np.concatenate(([-1], mismatches, [len(differs)]))
+    long_run = np.flatnonzero(np.diff(bounds) - 1 >= period)
+    run_starts = bounds[long_run] + 1
+    holder = np.searchsorted(firsts, run_starts, side="right") - 1
+    repeats = np.zeros(len(firsts), dtype=bool)
+    inside = (holder >= 0) & (run_starts <= lasts[np.maximum(holder, 0)])
+    repeats[holder[inside]] = True
+    # Or: no `period` consecutive comparisons of the stretch hold more than MAX_EDITS_PER_REPEAT
+    # disagreements (a block redone with a changed result or two).
+    owner = np.searchsorted(firsts, mismatches, side="right") - 1
+    owned = (owner >= 0) & (mismatches <= lasts[np.maximum(owner, 0)])
+    crowd = np.zeros(len(firsts), dtype=np.int64)
+    if owned.any():
+        index = np.flatnonzero(owned)
+        ends = np.minimum(mismatches[index] + period, lasts[owner[index]] + 1)
+        np.maximum.at(crowd, owner[index], np.searchsorted(mismatches, ends) - index)
+    few_edits = (crowd <= MAX_EDITS_PER_REPEAT) & (lasts + period - firsts + 1 >= min_repeats * period)
+    return firsts, lasts, repeats | few_edits
 
 
-def _first_chained_loop(stretches: list[tuple[int, int, int]], params: LabelsConfig) -> tuple[int, int] | None:
+def _first_chained_loop(stretches: list[tuple[int, int, int, bool]], params: LabelsConfig) -> tuple[int, int] | None:
     """Earliest (onset, period) of a loop made of one stretch or of stretches whose periods
-    differ by one token and that follow each other (`find_loop`, added or removed tokens)."""
+    differ by one token and that follow each other (`find_loop`, added or removed tokens); the
+    loop must hold a verbatim repeat somewhere (`find_loop`, enumerations)."""
     stretches.sort()
-    # Per stretch, the loop it ends: (onset, period at onset, longest period so far).
-    chains: list[tuple[int, int, int]] = []
+    # Per stretch, the loop it ends: (onset, period at onset, longest period so far, verbatim so far).
+    chains: list[tuple[int, int, int, bool]] = []
     by_period: dict[int, list[int]] = {}
     best = None
-    for index, (first, last, period) in enumerate(stretches):
-        chain = (first, period, period)
+    for index, (first, last, period, verbatim) in enumerate(stretches):
+        chain = (first, period, period, verbatim)
         for neighbour in (period - 1, period + 1):
             gap = max(period, neighbour) // TOKENS_PER_EDIT + 2
             for before in by_period.get(neighbour, ()):
-                b_first, b_last, _ = stretches[before]
+                b_first, b_last, _, _ = stretches[before]
                 if b_first < first <= b_last + gap and b_last < last and chains[before][0] < chain[0]:
-                    onset, onset_period, longest = chains[before]
-                    chain = (onset, onset_period, max(longest, period))
+                    onset, onset_period, longest, seen = chains[before]
+                    chain = (onset, onset_period, max(longest, period), seen or verbatim)
         chains.append(chain)
         by_period.setdefault(period, []).append(index)
-        onset, onset_period, longest = chain
-        if last + period - onset + 1 >= max(params.min_repeats * longest, params.min_span):
+        onset, onset_period, longest, seen = chain
+        if seen and last + period - onset + 1 >= max(params.min_repeats * longest, params.min_span):
             best = min(best or (onset, onset_period), (onset, onset_period))
     return best
 
@@ -326,11 +365,13 @@ def label_shares(labels: Sequence[TraceLabels]) -> dict[str, float]:
     return shares
 
 
-def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, Any]:
+def label_report(labels: list[TraceLabels], out_dir: str | Path, excerpts: Sequence[str] = (),
+                 notes: Sequence[str] = ()) -> dict[str, Any]:
     """Counts and rates per label, loop onset and period distributions, and trace lengths of
     healthy vs failing traces (failing: fails to commit or loops).
 
-    Writes `label-report.md` and the plots `loop-onsets.png`, `loop-periods.png` and
+    Writes `label-report.md` (with `notes`, lines under the title, and `excerpts`, a few loops as
+    `loop_excerpt` shows them) and the plots `loop-onsets.png`, `loop-periods.png` and
     `trace-lengths.png` into `out_dir`; returns the same numbers as a nested dict.
     """
     import matplotlib
@@ -371,7 +412,10 @@ def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, An
                          f"{dist['median']:.0f} | {dist['p90']:.0f} | {dist['max']:.0f} |")
         else:
             stats.append(f"| {name} | 0 | - | - | - | - | - |")
-    report = ["# Label report", "", f"{total} traces; failing = fails to commit or loops.", "", *rows, "", *stats, ""]
+    report = ["# Label report", "", f"{total} traces; failing = fails to commit or loops.", "", *notes,
+              *([""] if notes else []), *rows, "", *stats, ""]
+    if excerpts:
+        report += ["## What the loops look like", "", *excerpts]
     (out / "label-report.md").write_text("\n".join(report))
 
     def histogram(path: str, groups: dict[str, list[int]], xlabel: str, title: str) -> None:
@@ -400,3 +444,61 @@ def label_report(labels: list[TraceLabels], out_dir: str | Path) -> dict[str, An
     histogram("trace-lengths.png", {"healthy": healthy, "failing": failing}, "generated tokens",
               "Trace lengths: healthy vs failing (fails to commit or loops)")
     return summary
+
+
+def loop_extent(ids: Sequence[int], onset: int, period: int) -> int:
+    """Tokens from `onset` over which the loop keeps repeating: its stretch at `period`, continued
+    (as `find_loop` chains them) by stretches of a period one or two tokens off that begin before
+    the covered part ends."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    if period <= 0 or onset + 2 * period > len(tokens):
+        return len(tokens) - onset
+    periods = [q for q in (period, period - 1, period + 1, period - 2, period + 2) if q >= 1]
+    stretches = {q: _stretches(tokens, q)[:2] for q in periods}
+    end = onset + period
+    while True:
+        grown = end
+        for q, (firsts, lasts) in stretches.items():
+            reach = firsts <= end + q // TOKENS_PER_EDIT + 2 - q
+            covering = reach & (lasts + q + 1 > end) & (lasts + q >= onset)
+            if covering.any():
+                grown = max(grown, int((lasts[covering] + q + 1).max()))
+        if grown == end:
+            return min(end, len(tokens)) - onset
+        end = grown
+
+
+def loop_excerpt(text: str, token_ends: Sequence[int], ids: Sequence[int], labels: TraceLabels, title: str,
+                 context_chars: int = 240, blocks_shown: int = 3) -> str:
+    """Markdown showing one labeled loop for checking by eye: the text before the onset, then the
+    first occurrences of the repeated block, each opened by a marker `⟦k⟧` (its k-th occurrence),
+    and how many occurrences the loop holds in all. Empty when the trace has no loop."""
+    if labels.loop_onset is None or not token_ends:
+        return ""
+    onset, period = labels.loop_onset, labels.loop_period
+    span = loop_extent(ids, onset, period)
+    occurrences = span / period
+    start_char = lambda token: 0 if token <= 0 else token_ends[min(token, len(token_ends)) - 1]  # noqa: E731
+    begin = start_char(onset)
+    pieces = [text[max(0, begin - context_chars) : begin]]
+    for k in range(min(blocks_shown, math.ceil(occurrences))):
+        first = start_char(onset + k * period)
+        last = start_char(min(onset + (k + 1) * period, onset + span))
+        pieces.append(f"⟦{k + 1}⟧{text[first:last]}")
+    shown_end = start_char(min(onset + blocks_shown * period, onset + span))
+    after = text[shown_end : shown_end + context_chars // 2]
+    body = "".join(pieces) + ("⟦…⟧" if occurrences > blocks_shown else "") + after
+    fence = "~~~~"
+    while fence in body:
+        fence += "~"
+    return "\n".join([
+        f"### {title}",
+        "",
+        f"Loop from token {onset} (character {begin}): a block of {period} tokens, about {occurrences:.1f} "
+        f"occurrences in a row ({span} tokens); `⟦k⟧` opens its k-th occurrence.",
+        "",
+        f"{fence}text",
+        body,
+        fence,
+        "",
+    ])

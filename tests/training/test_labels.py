@@ -66,41 +66,58 @@ def test_exact_loop_running_to_the_end_of_the_trace():
     assert find_loop(ids, PARAMS) == (500, 7)
 
 
-def test_loop_with_an_incrementing_counter(tokenizer):
+def test_loop_with_a_counter_that_also_repeats_verbatim(tokenizer):
+    # One block occurs twice as is, then goes on with a counter: a block that repeats, edited.
     prefix = "<think>\nThe step I doubt is the third. Hmm, OK"
-    loop = "".join(f"Let me check step {n} again.\n" for n in range(3, 9))
+    loop = "".join(f"Let me check step {n} again.\n" for n in (3, 3, 4, 5, 6))
     ids = encode(tokenizer, prefix + loop, eos=False)
     assert find_loop(ids, PARAMS) == (len(encode(tokenizer, prefix, eos=False)), len("Let me check step 3 again.\n"))
 
 
+def test_a_counter_alone_still_makes_a_loop_but_three_things_changing_in_step_do_not(tokenizer):
+    # "check step 3 / 4 / 5 again": one edited token per block, a block redone (as before).
+    prefix = "<think>\nThe step I doubt is the third. Hmm, OK"
+    loop = "".join(f"Let me check step {n} again.\n" for n in range(3, 9))
+    ids = encode(tokenizer, prefix + loop, eos=False)
+    assert find_loop(ids, PARAMS) == (len(encode(tokenizer, prefix, eos=False)), len("Let me check step 3 again.\n"))
+    # Index, operand and result changing together: an enumeration, new content in every block.
+    table = "".join(f"Row {n}: {n} * 7 = {n * 7} holds, carry on to the next.\n" for n in range(3, 9))
+    assert find_loop(encode(tokenizer, prefix + table, eos=False), PARAMS) is None
+
+
 def test_counter_that_gains_a_digit_continues_the_loop(tokenizer):
-    # 8, 9 (27 characters per block), then 10, 11, ... (28): the period drifts by one token.
-    prefix = "<think>\nThe step I doubt is the eighth. Hmm, OK"
-    loop = "".join(f"Let me check step {n} again.\n" for n in range(8, 13))
+    # 9, 9 (27 characters per block, verbatim), then 10, 11, 12 (28): the period drifts by one token.
+    prefix = "<think>\nThe step I doubt is the ninth. Hmm, OK"
+    loop = "".join(f"Let me check step {n} again.\n" for n in (9, 9, 10, 11, 12))
     ids = encode(tokenizer, prefix + loop, eos=False)
     assert find_loop(ids, PARAMS) == (len(encode(tokenizer, prefix, eos=False)), 27)
 
 
 def test_counter_token_in_a_token_level_block():
-    # A 12-token block whose 5th token is a counter (as a BPE tokenizer would give a number).
+    # A 12-token block whose 5th token is a counter (as a BPE tokenizer would give a number),
+    # the first block occurring twice as is.
     template = block(12)
     blocks = []
-    for n in range(6):
+    for n in (0, 0, 1, 2, 3, 4):
         edited = list(template)
         edited[4] = 50_000 + n
         blocks += edited
     assert find_loop(varied(200) + blocks + varied(30, seed=3), PARAMS) == (200, 12)
+    counting = [token for n in range(6) for token in template[:4] + [50_000 + n] + template[5:]]
+    assert find_loop(varied(200) + counting + varied(30, seed=3), PARAMS) == (200, 12)
 
 
 def test_too_many_edits_per_block_is_not_a_loop():
-    # 12-token blocks allow one edited token; two changing tokens per block is new content.
+    # 12-token blocks allow one edited token; two changing tokens per block is new content, even
+    # where two blocks are the same.
     template = block(12)
     blocks = []
-    for n in range(6):
+    for n in (0, 0, 1, 2, 3, 4):
         edited = list(template)
         edited[4], edited[9] = 50_000 + n, 60_000 + n
         blocks += edited
-    assert find_loop(varied(200) + blocks + varied(30, seed=3), PARAMS) is None
+    assert find_loop(varied(200) + blocks[:24] + varied(30, seed=5) + blocks[24:] + varied(30, seed=3),
+                     PARAMS) is None
 
 
 def test_loop_starting_just_before_the_budget_is_found_once_it_covers_min_span():
@@ -134,6 +151,41 @@ def test_enumeration_is_not_a_loop(tokenizer):
 def test_enumeration_of_terms_is_not_a_loop(tokenizer):
     terms = " + ".join(f"2^{n}" for n in range(1, 21))
     assert find_loop(encode(tokenizer, f"<think>\nThe sum is {terms}.\n"), PARAMS) is None
+
+
+def test_enumeration_with_indices_and_signs_changing_in_step_is_not_a_loop(tokenizer, bpe):
+    # The healthy dev trace's sphere equations: index, coordinates and signs change in step.
+    corners = [(3, 3), (3, -3), (-3, 3), (-3, -3)]
+    sign = lambda v: "-" if v > 0 else "+"  # noqa: E731
+    lines = "".join(f"{n}. For ({x}, {y}, 0): (a {sign(x)}3)^2 + (b {sign(y)}3)^2 + c^2 = R^2\n"
+                    for n, (x, y) in enumerate(corners, start=2))
+    text = f"<think>\nSo, I have five equations:\n1. For apex: a^2 + b^2 + (c - 9/2)^2 = R^2\n{lines}So, since"
+    for tok in (tokenizer, bpe):
+        assert find_loop(tok.encode(text, add_special_tokens=False), PARAMS) is None
+        # The same equation written out three times is a loop.
+        same = f"<think>\nSo, I have:\n" + "For (3, 3, 0): (a -3)^2 + (b -3)^2 + c^2 = R^2\n" * 3 + "So"
+        assert find_loop(tok.encode(same, add_special_tokens=False), PARAMS) is not None
+
+
+def test_symmetric_derivation_with_variable_names_in_step_is_not_a_loop(tokenizer, bpe):
+    text = "<think>\n" + "".join(
+        f"Differentiating with respect to {v}: d/d{v} (x^2 + y^2 + z^2 - 2{v}) = 2{v} - 2 = 0, so {v} = 1.\n"
+        for v in "xyzw") + "So all are 1.\n"
+    for tok in (tokenizer, bpe):
+        assert find_loop(tok.encode(text, add_special_tokens=False), PARAMS) is None
+
+
+def test_repeated_block_with_small_edits_is_a_loop_on_bpe_text(bpe):
+    # The dev file's looping pattern: a paragraph repeated, its connective word changing.
+    prefix = "<think>\nSo the ratio of the hexagon sides is what we need.\n\n"
+    words = ["Thus", "Thus", "Therefore", "So", "Therefore", "Thus"]
+    text = prefix + "".join(f"{w}, 2:3:3.0 is 200:240:300.\n\n" for w in words)
+    ids = bpe.encode(text, add_special_tokens=False)
+    onset, period = find_loop(ids, PARAMS)
+    # The prefix ends as the block does (".\n\n"), so the periodic stretch starts a few tokens early.
+    start = len(bpe.encode(prefix, add_special_tokens=False))
+    assert start - 4 <= onset <= start
+    assert period == len(bpe.encode("Thus, 2:3:3.0 is 200:240:300.\n\n", add_special_tokens=False))
 
 
 def test_one_recheck_of_a_step_is_not_a_loop(tokenizer):
