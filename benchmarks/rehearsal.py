@@ -214,7 +214,11 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
         return {"prompts": args.collect_prompts, "budget": args.budget, **summary,
                 "trace_set_bytes": folder_bytes(traces), "manifest_shards": len(manifest["shards"])}
 
-    collected = stage("collect 2-bit", 150 if not large else 300, collect)
+    # Every row of a random model runs to the budget: the decode stage's step time says how long that takes.
+    step_ms = fused.get("step_ms") if fused.get("batch") else None
+    batches = -(-args.collect_prompts // fused["batch"]) if step_ms else 1
+    estimate = 1.2 * args.budget * step_ms / 1000 * batches if step_ms else (150 if not large else 300)
+    collected = stage("collect 2-bit", estimate, collect)
     if collected and "wall_s" in collected and "generated_tokens" in collected:
         collected["tokens_per_s"] = round(collected["generated_tokens"] / collected["wall_s"], 1)
         collected["bytes_per_trace"] = round(collected["stored_bytes"] / max(collected["traces"], 1))
