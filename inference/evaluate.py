@@ -83,10 +83,20 @@ def run_method(
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stop_ids = eos_token_ids(tokenizer, model)
     records: list[ProblemRecord] = []
-    bar = tqdm(total=len(problems), desc=method, unit="problem", disable=not progress, dynamic_ncols=True)
+    # The budget is checked against the model's context and the batch sized from free GPU memory before
+    # any generation (inference/memory.py); the bar shows the batch chosen.
+    from inference.memory import available_bytes, check_context, plan_batch
+
+    prompt_lengths = [len(ids) for ids in tokenizer([render_prompt(tokenizer, p.question) for p in problems]).input_ids]
+    longest = max(prompt_lengths, default=0)
+    check_context(model.config, longest, sampling.budget, getattr(model.config, "_name_or_path", None) or "the model")
+    plan = plan_batch(model.config, len(problems), sampling.batch_size, longest, sampling.budget,
+                      model.get_input_embeddings().weight.dtype, available_bytes(device))
+    bar = tqdm(total=len(problems), desc=method, unit="problem", disable=not progress, dynamic_ncols=True,
+               postfix={"batch": plan.describe()})
     generated_total = 0
-    for start in range(0, len(problems), sampling.batch_size):
-        batch = problems[start : start + sampling.batch_size]
+    for start in range(0, len(problems), plan.batch):
+        batch = problems[start : start + plan.batch]
         prompts = [render_prompt(tokenizer, p.question) for p in batch]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
         began = time.perf_counter()
@@ -127,7 +137,7 @@ def run_method(
         bar.update(len(batch))
         elapsed = bar.format_dict["elapsed"] or 1e-9
         accuracy = sum(r.correct for r in records) / len(records)
-        bar.set_postfix(tok_s=f"{generated_total / elapsed:.0f}", acc=f"{accuracy:.2f}")
+        bar.set_postfix(batch=plan.describe(), tok_s=f"{generated_total / elapsed:.0f}", acc=f"{accuracy:.2f}")
     bar.close()
     return records
 

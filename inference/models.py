@@ -118,23 +118,65 @@ def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
     return model, tokenizer
 
 
-def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", dtype: str = "auto"):
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+"""Checkpoint formats `load_quantized` reads: "gptq" (v1 zero points, stored minus one: published
+checkpoints and what GPTQModel saves) and "gptq_v2" (stored as used); GPTQModel converts v1 on load."""
+
+
+def quantization_settings(source: Path, bits: int | None = None) -> dict:
+    """The GPTQ settings of a quantized model folder (`quantize_config.json`, else config.json's
+    `quantization_config`), checked: GPTQ, a known checkpoint format, integer bits (== `bits` if given).
+    """
+    path = source / "quantize_config.json"
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ModelUnavailableError(f"{path}: not valid JSON") from None
+    else:
+        path = source / "config.json"
+        settings = json.loads(path.read_text()).get("quantization_config")
+        if settings is None:
+            raise ModelUnavailableError(
+                f"2-bit model folder {source} has no GPTQ quantization config (no quantize_config.json, no "
+                "quantization_config in config.json); make it with `rescue quantize`")
+        path = Path(f"{path} quantization_config")
+    if not isinstance(settings, dict):
+        raise ModelUnavailableError(f"{path}: expected a mapping of GPTQ settings, got {type(settings).__name__}")
+    method = str(settings.get("quant_method", settings.get("method", "gptq"))).lower()
+    if method != "gptq":
+        raise ModelUnavailableError(f"{path}: field 'quant_method' must be gptq (a GPTQ checkpoint), got {method!r}")
+    checkpoint_format = str(settings.get("checkpoint_format", settings.get("format", "gptq"))).lower()
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ModelUnavailableError(f"{path}: field 'checkpoint_format' must be one of {', '.join(GPTQ_FORMATS)}, "
+                                    f"got {checkpoint_format!r}")
+    found = settings.get("bits")
+    if not isinstance(found, int) or isinstance(found, bool) or found not in (2, 3, 4, 8):
+        raise ModelUnavailableError(f"{path}: field 'bits' must be 2, 3, 4 or 8, got {found!r}")
+    if bits is not None and found != bits:
+        raise ModelUnavailableError(f"{path}: field 'bits' is {found}, but a {bits}-bit GPTQ checkpoint was expected "
+                                    "(quantization.bits)")
+    return settings
+
+
+def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", dtype: str = "auto",
+                   bits: int | None = None):
     """The 2-bit GPTQ model and its tokenizer.
 
-    `kernel="gptq"` keeps GPTQModel's packed 2-bit linears (the real memory saving; speed depends on
-    the backend). `kernel="dequantized"` unpacks each quantized weight once into a plain linear in
-    `dtype`: the same 2-bit weight values, hence the same traces, but ordinary matmuls, which is
-    much faster for small models and on the CPU. `kernel="fused"` keeps the packed weights and runs
-    decoding steps through `inference.kernels.gptq2_matmul` (2-bit, CUDA only; prefill through
-    GPTQModel's torch kernel).
+    `ref` is a folder made by `rescue quantize` or a published GPTQ checkpoint (GPTQModel/AutoGPTQ
+    layout, v1 or v2 zero points); its settings are checked first (`quantization_settings`; `bits`, when
+    given, is the width it must have). `kernel="gptq"` keeps GPTQModel's packed 2-bit linears (the real
+    memory saving; speed depends on the backend). `kernel="dequantized"` unpacks each quantized weight
+    once into a plain linear in `dtype`: the same 2-bit weight values, hence the same traces, but
+    ordinary matmuls, which is much faster for small models and on the CPU. `kernel="fused"` keeps the
+    packed weights and runs decoding steps through `inference.kernels.gptq2_matmul` (2-bit, CUDA only;
+    prefill through GPTQModel's torch kernel).
     """
     source = resolve_model_source(ref, "2-bit model")
-    if not (source / "quantize_config.json").is_file() and "quantization_config" not in json.loads(
-        (source / "config.json").read_text()
-    ):
-        raise ModelUnavailableError(
-            f"2-bit model folder {source} has no GPTQ quantization config; make it with `rescue quantize`"
-        )
+    settings = quantization_settings(source, bits)
+    if kernel == "fused" and settings["bits"] != 2:
+        raise ModelUnavailableError(f"{source}: model.kernel fused runs 2-bit checkpoints only; this one has "
+                                    f"{settings['bits']} bits (use dequantized or gptq)")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from inference.console import library_output
 

@@ -28,6 +28,7 @@ from inference.answers import extract_final_answer
 from inference.config import RescueConfig
 from inference.evaluate import eos_token_ids
 from inference.generate import Sampler, StepView, generate, resolve_layers
+from inference.memory import BatchPlan, available_bytes, check_context, plan_batch
 from inference.grading import is_correct
 from inference.prompts import Problem, render_prompt
 from inference.storage import file_sha256, write_atomically
@@ -200,8 +201,30 @@ class TraceSetWriter:
         return Manifest.from_file(self.folder / MANIFEST)
 
 
-def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig, seed: int) -> list[tuple[Trace, TraceLabels]]:
-    """Generate one shard's traces (in batches) with captured hidden states and their labels."""
+def prompt_lengths(tokenizer, units: Sequence[Unit]) -> list[int]:
+    """Tokens of each unit's rendered prompt."""
+    prompts = [render_prompt(tokenizer, u.problem.question) for u in units]
+    return [len(ids) for ids in tokenizer(prompts).input_ids]
+
+
+def shard_batch_plan(model, tokenizer, units: Sequence[Unit], config: RescueConfig) -> BatchPlan:
+    """The batch a shard is generated in: sampling.batch_size rows, fewer where the GPU's free memory
+    cannot hold that many static caches of the longest prompt + budget (inference/memory.py)."""
+    device = next(model.parameters()).device
+    return plan_batch(model.config, len(units), config.sampling.batch_size, max(prompt_lengths(tokenizer, units)),
+                      config.sampling.budget, _compute_dtype(model), available_bytes(device),
+                      len(config.probe.layers), getattr(torch, config.capture.dtype))
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype activations and the KV cache are held in (the embedding's: packed 2-bit linears hold ints)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig, seed: int,
+                   plan: BatchPlan | None = None) -> list[tuple[Trace, TraceLabels]]:
+    """Generate one shard's traces (in batches of `plan.batch`, default `shard_batch_plan`) with
+    captured hidden states and their labels."""
     device = next(model.parameters()).device
     sampling = config.sampling
     sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p)
@@ -211,9 +234,10 @@ def generate_shard(model, tokenizer, units: Sequence[Unit], config: RescueConfig
     dtype = getattr(torch, config.capture.dtype)
     think_close_id = tokenizer.convert_tokens_to_ids("</think>")
     stop_ids = eos_token_ids(tokenizer, model)
+    batch_size = (plan or shard_batch_plan(model, tokenizer, units, config)).batch
     results = []
-    for start in range(0, len(units), sampling.batch_size):
-        batch = units[start : start + sampling.batch_size]
+    for start in range(0, len(units), batch_size):
+        batch = units[start : start + batch_size]
         prompts = [render_prompt(tokenizer, u.problem.question) for u in batch]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
         recorder = HiddenRecorder(layers, len(batch), sampling.budget, dtype)
@@ -258,6 +282,9 @@ def collect_traces(
 ) -> dict[str, Any]:
     """Collect (or resume) a trace set; returns counts, loop rate and storage per token."""
     units = plan_units(problems, samples)
+    # Refused before any generation and before the folder is made: a budget past the model's context.
+    check_context(model.config, max(prompt_lengths(tokenizer, units), default=0), config.sampling.budget,
+                  getattr(model.config, "_name_or_path", None) or "the model")
     size = config.capture.shard_size
     shards = [units[i : i + size] for i in range(0, len(units), size)]
     writer = TraceSetWriter(Path(out_dir), identity, len(shards), rank, world)
@@ -267,14 +294,17 @@ def collect_traces(
                if world > 1 else "collect", unit="trace", disable=not progress, dynamic_ncols=True)
     tokens = loops = traces = 0
     for index in todo:
-        results = generate_shard(model, tokenizer, shards[index], config, shard_seed(config.sampling.seed, index))
+        plan = shard_batch_plan(model, tokenizer, shards[index], config)
+        bar.set_postfix(batch=plan.describe(), refresh=True)
+        results = generate_shard(model, tokenizer, shards[index], config, shard_seed(config.sampling.seed, index),
+                                 plan=plan)
         writer.add(write_shard(Path(out_dir), index, [t for t, _ in results], getattr(torch, config.capture.dtype)))
         tokens += sum(len(t.generated_ids) for t, _ in results)
         loops += sum(labels.loop_onset is not None for _, labels in results)
         traces += len(results)
         bar.update(len(results))
         elapsed = bar.format_dict["elapsed"] or 1e-9
-        bar.set_postfix(tok_s=f"{tokens / elapsed:.0f}", loop_rate=f"{loops / traces:.1%}")
+        bar.set_postfix(batch=plan.describe(), tok_s=f"{tokens / elapsed:.0f}", loop_rate=f"{loops / traces:.1%}")
     bar.close()
     return {"rank": rank, "new_traces": traces, "new_tokens": tokens, "resumed_shards": len(writer.done) - len(todo),
             "writer": writer}

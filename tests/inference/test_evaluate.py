@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from inference.evaluate import ProblemRecord, summarize, wilson_interval
 
@@ -72,3 +73,30 @@ def test_wilson_interval_contains_the_share_at_the_extremes():
     assert high == 1.0 and 0.9 < low < 1.0
     low, high = wilson_interval(3, 10)
     assert low == pytest.approx(0.1078, abs=1e-4) and high == pytest.approx(0.6032, abs=1e-4)
+
+
+def test_run_method_sizes_its_batch_from_free_memory_and_refuses_a_budget_past_the_context(
+        tiny_model_dir, monkeypatch, capsys):
+    import inference.evaluate as evaluate
+    from inference.config import SamplingConfig
+    from inference.errors import ConfigError
+    from inference.memory import row_bytes
+    from inference.models import load_full_precision
+    from inference.prompts import Problem
+
+    model, tokenizer = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
+    problems = [Problem(f"p{i}", f"What is {i} + 1?", str(i + 1), "arith") for i in range(3)]
+    with pytest.raises(ConfigError, match="past the 1024-position context"):
+        evaluate.run_method(model, tokenizer, problems, method="fp16", sampling=SamplingConfig(budget=1000))
+
+    longest = max(len(tokenizer(evaluate.render_prompt(tokenizer, p.question)).input_ids) for p in problems)
+    one_row = row_bytes(model.config, longest, 8, torch.float32)
+    monkeypatch.setattr("inference.memory.available_bytes", lambda device: int(1.5 * one_row))
+    batches = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda model, ids, *a, **k: batches.append(len(ids)) or
+                        real_generate(model, ids, *a, **k))
+    records = evaluate.run_method(model, tokenizer, problems, method="fp16",
+                                  sampling=SamplingConfig(budget=8, batch_size=8, temperature=0.0))
+    assert len(records) == 3 and batches == [1, 1, 1]
+    assert "batch=1 (memory:" in capsys.readouterr().err

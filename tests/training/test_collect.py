@@ -203,3 +203,40 @@ def test_two_processes_write_the_union_of_a_single_process_run(reference, tmp_pa
     assert [d[:2] for d in shard_digests(out)] == [d[:2] for d in shard_digests(reference[0])]
     assert_same_trace_set(out, reference[0], exact=False)
     assert not list(out.glob("manifest.rank*.json"))
+
+
+def test_budget_past_the_model_context_is_refused_before_any_generation(tmp_path):
+    from inference.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampling.budget 1600 .* past the 1536-position context .* at most \d+"):
+        collect(tmp_path / "traces", **{"sampling.budget": 1600})
+    assert not (tmp_path / "traces").exists()
+
+
+def test_batch_is_sized_from_free_memory_and_shown_in_the_progress_bar(tmp_path, monkeypatch, capsys):
+    import training.collect as collect_module
+    from inference.memory import row_bytes
+
+    settings = config(**{"sampling.batch_size": 2})
+    model, tokenizer = commands._load_for_precision(settings, "fp16")
+    units = collect_module.plan_units(arith_problems("val", limit=3), 1)
+    one_row = row_bytes(model.config, max(collect_module.prompt_lengths(tokenizer, units)), 48, torch.float32, 2)
+    monkeypatch.setattr(collect_module, "available_bytes", lambda device: int(1.5 * one_row))
+    batches = []
+    real_generate = collect_module.generate
+
+    def counting_generate(model, input_ids, *args, **kwargs):
+        batches.append(input_ids.shape[0])
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "generate", counting_generate)
+    summary = commands.collect(settings, split="val", limit=3, out=str(tmp_path / "traces"), precision="fp16")
+    assert summary["traces"] == 3 and batches == [1, 1, 1]
+    assert "batch=1 (memory:" in capsys.readouterr().err
+
+    monkeypatch.setattr(collect_module, "available_bytes", lambda device: one_row // 4)
+    from inference.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sampling.budget 48: one row needs"):
+        commands.collect(settings, split="val", limit=3, out=str(tmp_path / "none"), precision="fp16")
+    assert not (tmp_path / "none" / "manifest.json").exists()

@@ -1,0 +1,338 @@
+"""Real-scale rehearsal on one GPU: the Qwen3-0.6B and 8B shapes (random weights, training.rehearsal)
+through the pipeline's stages at reasoning budgets, each stage measured.
+
+Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
+- build: the random-weight model and its tokenizer (trained on MATH-500), saved as a folder;
+- twin: the 2-bit twin, round to nearest in the published GPTQ layout (v1 zero points); with
+  `--gptq-seconds`, GPTQModel's own quantization of the 0.6B shape is timed as well (`quantize`);
+- decode: the batch `inference.memory` chooses at each budget, and tokens/s, peak GPU memory over a
+  fixed number of steps with the full static cache and capture buffers of that budget allocated, for
+  the bf16 model and the 2-bit twin through the fused kernel;
+- collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
+  tokens/s, peak memory, bytes per generated token and per trace set;
+- label and train: `rescue label` and the detector's fit on that trace set (positions per second).
+
+Random weights never close `</think>` or emit an end of turn, so every row runs to the budget: the
+worst case of a real run. Results are written to `<out>/rehearsal.json` after every stage.
+
+    python benchmarks/rehearsal.py --data ../shared/data/math500_test.jsonl --out /tmp/rehearsal
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+class Clock:
+    """The run's deadline: a stage starts only when its estimate fits in the time left."""
+
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def gpu_peak() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+            "card_gb": round(total / 1e9, 1),
+            "peak_share_of_card": round(torch.cuda.max_memory_reserved() / total, 3)}
+
+
+def reset_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_splits(math500: Path, work: Path, train: int) -> Path:
+    """The first `train` MATH-500 rows as a local benchmark file (MATH-500 has one split: test)."""
+    rows = [line for line in math500.read_text().splitlines() if line.strip()]
+    path = work / f"math500-first{train}.jsonl"
+    path.write_text("\n".join(rows[:train]) + "\n")
+    return path
+
+
+def time_decode(model, tokenizer, questions, budget: int, layers, steps: int, batch_size: int,
+                warm: int = 16) -> dict:
+    """Decode `steps` steps of the batch `plan_batch` allows at `budget` (static cache and capture buffers
+    of the full budget allocated) and time the steps after `warm`."""
+    from inference.generate import Sampler, generate
+    from inference.memory import available_bytes, check_context, plan_batch
+    from inference.prompts import render_prompt
+    from training.collect import HiddenRecorder
+
+    device = next(model.parameters()).device
+    prompts = [render_prompt(tokenizer, q) for q in questions[:batch_size]]
+    longest = max(len(ids) for ids in tokenizer(prompts).input_ids)
+    check_context(model.config, longest, budget)
+    dtype = model.get_input_embeddings().weight.dtype
+    reset_gpu()
+    plan = plan_batch(model.config, len(prompts), batch_size, longest, budget, dtype, available_bytes(device),
+                      len(layers), torch.float16)
+    encoded = tokenizer(prompts[: plan.batch], return_tensors="pt", padding=True, padding_side="left").to(device)
+    recorder = HiddenRecorder(layers, plan.batch, budget, torch.float16)
+    marks = {}
+
+    def hook(view):
+        recorder(view)
+        if view.step in (warm, steps - 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks[view.step] = time.perf_counter()
+        if view.step == steps - 1:
+            return torch.ones(len(view.rows), dtype=torch.bool, device=device)
+        return None
+
+    began = time.perf_counter()
+    generate(model, encoded.input_ids, encoded.attention_mask, max_new_tokens=budget, eos_token_ids=[],
+             pad_token_id=tokenizer.pad_token_id, sampler=Sampler(0.6, 20, 0.95),
+             generator=torch.Generator(device=device).manual_seed(0), layers=layers, hook=hook, top_prob=True,
+             stack_dtype=torch.float16, decode="static")
+    seconds = marks[steps - 1] - marks[warm]
+    result = {"budget": budget, "batch": plan.batch, "batch_limit": plan.limit, "chosen": plan.describe(),
+              "row_bytes_estimate": plan.row_bytes, "longest_prompt": longest, "steps_timed": steps - 1 - warm,
+              "step_ms": round(1000 * seconds / (steps - 1 - warm), 2),
+              "tokens_per_s": round(plan.batch * (steps - 1 - warm) / seconds, 1),
+              "wall_s_incl_prefill_and_capture": round(time.perf_counter() - began, 2), **gpu_peak()}
+    del recorder
+    return result
+
+
+def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
+    from inference.config import load_config
+    from inference.models import load_full_precision, load_quantized
+    from rescue import commands
+    from training.rehearsal import build_rehearsal_model, math500_texts, write_gptq_v1_checkpoint
+
+    work = Path(args.out) / shape
+    work.mkdir(parents=True, exist_ok=True)
+    record = results.setdefault(shape, {"stages": {}})
+    stages = record["stages"]
+
+    def stage(name, estimate, function):
+        if clock.left() < estimate:
+            stages[name] = {"skipped": f"{clock.left():.0f} s left, the stage needs about {estimate:.0f} s"}
+            save()
+            return None
+        reset_gpu()
+        began = time.perf_counter()
+        try:
+            value = function()
+            stages[name] = {"wall_s": round(time.perf_counter() - began, 2), **gpu_peak(), **(value or {})}
+        except Exception as error:  # a failed stage is a finding; the rest still runs
+            stages[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                            "wall_s": round(time.perf_counter() - began, 2),
+                            "traceback": traceback.format_exc()[-1500:]}
+        save()
+        print(json.dumps({shape: {name: stages[name]}}, default=str)[:2000], flush=True)
+        return stages[name]
+
+    fp16_dir, twin_dir = work / "model", work / "model-2bit"
+    large = shape == "qwen3-8b"
+    texts = math500_texts(args.data)
+    stage("build", 90 if large else 25, lambda: {**build_rehearsal_model(
+        shape, fp16_dir, texts, device="cuda" if torch.cuda.is_available() else "cpu", **args.overrides),
+        "folder_bytes": folder_bytes(fp16_dir)})
+    if not fp16_dir.is_dir():
+        return
+    stage("twin (round to nearest, published GPTQ layout)", 60 if large else 15, lambda: {
+        **write_gptq_v1_checkpoint(fp16_dir, twin_dir, 64, device="cuda" if torch.cuda.is_available() else "cpu"),
+        "folder_bytes": folder_bytes(twin_dir)})
+
+    layers = [13, 20, 27] if shape == "qwen3-0.6b" else [17, 26, 35]
+    layers = [min(layer, args.overrides.get("num_hidden_layers", 99) - 1) for layer in layers]
+    questions = [json.loads(line)["problem"] for line in Path(args.data).read_text().splitlines() if line.strip()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    for precision in ("bf16", "2bit-fused"):
+        def measure(precision=precision):
+            if precision == "bf16":
+                model, tokenizer = load_full_precision(str(fp16_dir), dtype="bfloat16", device=device)
+            else:
+                model, tokenizer = load_quantized(str(twin_dir), device, kernel="fused" if device == "cuda" else "gptq",
+                                                  bits=2)
+            rows = {}
+            try:
+                for budget in args.decode_budgets:
+                    if clock.left() < 20:
+                        break
+                    try:
+                        rows[str(budget)] = time_decode(model, tokenizer, questions, budget, layers, args.decode_steps,
+                                                        args.batch_size)
+                    except Exception as error:
+                        rows[str(budget)] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+                    print(json.dumps({shape: {precision: rows[str(budget)]}}), flush=True)
+            finally:
+                del model
+            return {"budgets": rows}
+
+        stage(f"decode {precision}", 60 if large else 30, measure)
+
+    if large and not args.collect_large:
+        return
+    split_file = write_splits(Path(args.data), work, args.collect_prompts)
+    overrides = {"model.name": shape, "model.fp16": str(fp16_dir), "model.quantized": str(twin_dir),
+                 "model.kernel": "fused" if device == "cuda" else "gptq", "model.device": device,
+                 "sampling.decode": "static", "sampling.budget": args.budget, "sampling.batch_size": args.batch_size,
+                 "benchmark.name": "math500", "benchmark.path": str(split_file), "capture.shard_size": args.batch_size,
+                 "probe.layers": layers, "wandb.mode": "disabled", "output_dir": str(work / "runs"),
+                 "detector.max_epochs": args.detector_epochs, "quantization.group_size": 64}
+    fused = (stages.get("decode 2bit-fused") or {}).get("budgets", {}).get(str(args.budget), {})
+    if device == "cuda" and "error" in fused:  # the fused path failed at this batch: the same traces, plain matmuls
+        overrides["model.kernel"] = "dequantized"
+        record["collect_kernel_fallback"] = f"dequantized (fused failed: {fused['error']})"
+    config = load_config(shape, overrides)
+    traces = work / "traces-train"
+
+    def collect():
+        summary = commands.collect(config, split="test", limit=args.collect_prompts, out=str(traces))
+        manifest = json.loads((traces / "manifest.json").read_text())
+        return {"prompts": args.collect_prompts, "budget": args.budget, **summary,
+                "trace_set_bytes": folder_bytes(traces), "manifest_shards": len(manifest["shards"])}
+
+    # Every row of a random model runs to the budget: the decode stage's step time says how long that takes.
+    step_ms = fused.get("step_ms") if fused.get("batch") else None
+    batches = -(-args.collect_prompts // fused["batch"]) if step_ms else 1
+    estimate = 1.2 * args.budget * step_ms / 1000 * batches if step_ms else (150 if not large else 300)
+    collected = stage("collect 2-bit", estimate, collect)
+    if collected and "wall_s" in collected and "generated_tokens" in collected:
+        collected["tokens_per_s"] = round(collected["generated_tokens"] / collected["wall_s"], 1)
+        collected["bytes_per_trace"] = round(collected["stored_bytes"] / max(collected["traces"], 1))
+        save()
+    if not (traces / "manifest.json").is_file():
+        return
+    stage("label", 40, lambda: {"rates": commands.label(config, str(traces)).get("rates")})
+    stage("labels for timing", 5, lambda: timing_labels(traces))
+
+    def train():
+        from training.fit import train_detector
+
+        summary = train_detector(config, str(traces), out=str(work / "detector"))
+        seen = summary["train_positions"] * max(summary["epochs"], 1)
+        return {key: summary.get(key) for key in ("train_positions", "val_positions", "epochs", "fit_seconds")} | {
+            "positions_per_s": round(seen / max(summary["fit_seconds"], 1e-9), 1)}
+
+    stage("train detector", 40, train)
+
+
+def timing_labels(traces: Path) -> dict:
+    """Random weights never loop or commit, and the detector needs both classes (positives to fit, healthy
+    traces to calibrate on): for timing its fit, every second trace gets a loop onset at its midpoint
+    and every other one is marked committed (the token ids and hidden states are untouched)."""
+    from training.traces import LABELS
+
+    path = traces / LABELS
+    record = json.loads(path.read_text())
+    for number, labels in enumerate(record["traces"].values()):
+        if number % 2 == 0:
+            labels.update(loop_onset=labels["length"] // 2, loop_period=16)
+        else:
+            labels.update(loop_onset=None, loop_period=None, committed=True, fails_to_commit=False,
+                          budget_exhausted=False, unclosed_think=False)
+    path.write_text(json.dumps(record))
+    return {"relabelled_for_timing": len(record["traces"]),
+            "how": "even traces loop from their midpoint, odd traces committed"}
+
+
+def time_gptq(shape: str, args, clock: Clock, results: dict, save) -> None:
+    """GPTQModel's quantization of the rehearsal model, in a child process stopped at the deadline."""
+    work = Path(args.out) / shape
+    record = results[shape]["stages"]
+    seconds = int(min(args.gptq_seconds, clock.left() - 5))
+    if seconds < 30:
+        record["quantize (GPTQModel)"] = {"skipped": f"{clock.left():.0f} s left"}
+        save()
+        return
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from inference.config import QuantizationConfig\n"
+            "from inference.prompts import render_prompt\n"
+            "from inference.models import load_tokenizer\n"
+            "from inference.quantize import quantize_model\n"
+            "import json, pathlib\n"
+            "rows = [json.loads(l) for l in pathlib.Path(%r).read_text().splitlines() if l.strip()][:%d]\n"
+            "tok = load_tokenizer(pathlib.Path(%r))\n"
+            "texts = [render_prompt(tok, r['problem']) + r['solution'] for r in rows]\n"
+            "s = quantize_model(%r, %r, texts, QuantizationConfig(bits=2, group_size=64), device='auto')\n"
+            "print('GPTQ_SECONDS', s['seconds'])\n") % (str(REPO), str(args.data), args.gptq_texts, str(work / "model"),
+                                                      str(work / "model"), str(work / "model-gptq"))
+    began = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("GPTQ_SECONDS")]
+        record["quantize (GPTQModel)"] = {"calibration_texts": args.gptq_texts, "returncode": done.returncode,
+                                          "wall_s": round(time.perf_counter() - began, 1),
+                                          "quantize_seconds": float(lines[0].split()[1]) if lines else None,
+                                          "stderr_tail": done.stderr[-600:] if done.returncode else ""}
+    except subprocess.TimeoutExpired:
+        record["quantize (GPTQModel)"] = {"calibration_texts": args.gptq_texts,
+                                          "stopped_after_s": seconds, "finished": False}
+    save()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="MATH-500 JSONL (../shared/data/math500_test.jsonl)")
+    parser.add_argument("--out", required=True, help="work folder: models, trace sets, detectors")
+    parser.add_argument("--results", default=None, help="results JSON, rewritten after every stage "
+                                                       "(default <out>/rehearsal.json)")
+    parser.add_argument("--shapes", default="qwen3-0.6b,qwen3-8b")
+    parser.add_argument("--seconds", type=float, default=540, help="deadline of the whole run")
+    parser.add_argument("--budget", type=int, default=8192, help="collection budget")
+    parser.add_argument("--batch-size", type=int, default=64, help="most rows per batch (memory may lower it)")
+    parser.add_argument("--collect-prompts", type=int, default=64)
+    parser.add_argument("--collect-large", action="store_true", help="also collect with the 8B shape")
+    parser.add_argument("--decode-budgets", default="8192,32768")
+    parser.add_argument("--decode-steps", type=int, default=128)
+    parser.add_argument("--detector-epochs", type=int, default=5)
+    parser.add_argument("--gptq-seconds", type=float, default=0, help="time GPTQModel on the 0.6B shape (0: no)")
+    parser.add_argument("--gptq-texts", type=int, default=16)
+    parser.add_argument("--tiny", action="store_true", help="shrink the shapes (CPU check of this script)")
+    args = parser.parse_args(argv)
+    args.decode_budgets = [int(b) for b in args.decode_budgets.split(",")]
+    args.overrides = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=8192) if args.tiny else {})
+    clock = Clock(args.seconds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    results = {"machine": machine, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
+
+    def save():
+        Path(args.results or out / "rehearsal.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    shapes = args.shapes.split(",")
+    for shape in shapes:
+        rehearse(shape, args, clock, results, save)
+    if "qwen3-0.6b" in shapes and args.gptq_seconds > 0:  # last: the stages above matter more
+        time_gptq("qwen3-0.6b", args, clock, results, save)
+    results["total_s"] = round(time.perf_counter() - clock.start, 1)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

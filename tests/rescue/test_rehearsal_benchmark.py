@@ -1,0 +1,49 @@
+"""benchmarks/rehearsal.py's measurements on a tiny random model (the GPU run's code path, on the CPU)."""
+
+import importlib.util
+import json
+
+
+from conftest import REPO_ROOT
+
+
+def rehearsal_script():
+    spec = importlib.util.spec_from_file_location("rehearsal_benchmark", REPO_ROOT / "benchmarks" / "rehearsal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(tiny_model_dir, monkeypatch):
+    from inference.models import load_full_precision
+
+    script = rehearsal_script()
+    model, tokenizer = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
+    budgets = []
+    real_generate = __import__("inference.generate", fromlist=["generate"]).generate
+
+    def watched(*args, **kwargs):
+        budgets.append(kwargs["max_new_tokens"])
+        result = real_generate(*args, **kwargs)
+        assert {len(ids) for ids in result.generated_ids} == {12}
+        return result
+
+    monkeypatch.setattr("inference.generate.generate", watched)
+    row = script.time_decode(model, tokenizer, ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"], budget=200,
+                             layers=[-1], steps=12, batch_size=2, warm=4)
+    assert budgets == [200]
+    assert row["batch"] == 2 and row["batch_limit"] == "cpu" and row["steps_timed"] == 7
+    assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
+
+
+def test_timing_labels_give_the_detector_both_classes(tmp_path):
+    script = rehearsal_script()
+    labels = {"length": 100, "loop_onset": None, "loop_period": None, "budget_exhausted": True,
+              "unclosed_think": True, "committed": False, "first_candidate_pos": None, "delayed_commitment": False,
+              "correct": False, "fails_to_commit": True}
+    (tmp_path / "labels.json").write_text(json.dumps({"params": {}, "traces": {f"t{i}": dict(labels) for i in range(4)}}))
+    script.timing_labels(tmp_path)
+    traces = json.loads((tmp_path / "labels.json").read_text())["traces"]
+    assert [t["loop_onset"] for t in traces.values()] == [50, None, 50, None]
+    assert [t["fails_to_commit"] for t in traces.values()] == [True, False, True, False]
+    assert all(t["length"] == 100 for t in traces.values())  # the traces themselves are untouched
