@@ -34,7 +34,8 @@ from inference.steps import StaticSteps
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
@@ -52,9 +53,9 @@ def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
     return 2 * gib * 2**30 / best
 
 
-def build_bf16(shape: str) -> Qwen3ForCausalLM:
+def build_bf16(shape: str, **overrides) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    config = qwen3_config(shape, attn_implementation="sdpa")
+    config = qwen3_config(shape, attn_implementation="sdpa", **overrides)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -141,23 +142,28 @@ class InGraphProbe(torch.nn.Module):
 
 
 def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=(), compile: bool = False,
-                 timings: dict | None = None) -> float:
+                 timings: dict | None = None, max_length: int | None = None, windowed: bool = True) -> float:
     """Seconds per decode step: graph replays over a static cache holding `context` positions (with
-    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time)."""
+    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time).
+    `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
+    step attends over only the filled part of it (`StaticSteps`)."""
     from inference.generate import resolve_layers
 
     watched = list(layers) if probe is not None else []
     runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
-                         max_length=context + steps + 8, probe=probe, graph=True, compile=compile)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device="cuda"),
-                   torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
+                         max_length=max_length or context + steps + 8, probe=probe, graph=True, compile=compile,
+                         windowed=windowed)
+    device = model.device
+    runner.graph = device.type == "cuda"
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device=device),
+                   torch.zeros(batch, 1, dtype=torch.long, device=device))
     # The cache now "holds" `context` positions: attention reads them all (their values do not matter).
     for layer in runner.cache.layers:
         layer.cumulative_length.fill_(context)
     runner.mask[:, 0, 0, :context] = True
     runner.prompt = context
-    positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
+    positions = torch.full((batch, 1), context, dtype=torch.long, device=device)
     tokens = ids[:, 0]
     began = time.perf_counter()
     for _ in range(3):  # eager warm-up (compiles with `compile`), capture, one replay
@@ -165,13 +171,15 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     sync()
     if timings is not None:
         timings["warm_up_seconds"] = time.perf_counter() - began
+    replay = runner._graph.replay if runner.graph else lambda: runner._run(runner._ids, runner._positions, True)
     began = time.perf_counter()
     for _ in range(steps):
-        runner._graph.replay()
+        replay()
     sync()
     seconds = (time.perf_counter() - began) / steps
     del runner
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return seconds
 
 
