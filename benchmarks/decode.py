@@ -356,7 +356,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--compiled", nargs="*", default=["1x1024"], metavar="BATCHxCONTEXT",
                         help="points also measured with the step through torch.compile (bf16 and fused)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: loops, collection, micro")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: eager, loops, collection, micro")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
 
@@ -374,22 +374,34 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 
+    standalone = None  # without GPTQModel, 2-bit linears built directly in its layout (decode_step.py)
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:
+        from decode_step import quantize_standalone as standalone
+
     for shape in args.shapes:
         spec = QWEN3_SHAPES[shape]
         layers = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
         model = build_bf16(shape)
         info = report["shapes"][shape] = {"layers_watched": layers}
-        guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
+        if "eager" not in args.skip:
+            guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
         if "loops" not in args.skip:
             guarded(info, "loop_b1_1k_bf16", lambda: loop_costs(model, 1, 1024, 32))
         precisions = [("bf16", None)] + [("2bit", backend) for backend in args.backends]
         for precision, backend in precisions:
             if precision == "2bit":
                 if backend == precisions[1][1]:
-                    info["quantized_linears"] = quantize_randomly(model, "gptq-triton")
+                    info["quantized_linears"] = (quantize_randomly(model, "gptq-triton") if standalone is None
+                                                 else standalone(model))
                     gc.collect()
                     torch.cuda.empty_cache()
-                if "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
+                if standalone is not None:  # the fused kernel only: it reads the buffers, not GPTQModel's modules
+                    if "error" in guarded(info, f"backend_{backend}", lambda: "ok" if backend == "fused" else
+                                          {"error": "GPTQModel is not installed"}):
+                        continue
+                elif "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
                     continue
             bits = 16 if precision == "bf16" else 2
             points = [(batch, context, False) for batch in args.batches for context in args.contexts]
