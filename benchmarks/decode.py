@@ -14,7 +14,10 @@ a check that the static path chooses the dynamic path's greedy tokens on the emb
 
     python benchmarks/decode.py --shapes qwen3-0.6b qwen3-8b --out decode.json
 
-Prints a markdown table and writes JSON (the README shows the latest table with its machine).
+Prints a markdown table and writes JSON (the README shows the latest table with its machine). Without
+GPTQModel installed, only the fused kernel runs, over 2-bit buffers built directly in GPTQModel's layout.
+Where one step's time goes, part by part, and GemLite's A16W2 beside the fused kernel:
+`benchmarks/decode_step.py`.
 """
 
 from __future__ import annotations
