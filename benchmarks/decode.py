@@ -14,7 +14,10 @@ a check that the static path chooses the dynamic path's greedy tokens on the emb
 
     python benchmarks/decode.py --shapes qwen3-0.6b qwen3-8b --out decode.json
 
-Prints a markdown table and writes JSON (the README shows the latest table with its machine).
+Prints a markdown table and writes JSON (the README shows the latest table with its machine). Without
+GPTQModel installed, only the fused kernel runs, over 2-bit buffers built directly in GPTQModel's layout.
+Where one step's time goes, part by part, and GemLite's A16W2 beside the fused kernel:
+`benchmarks/decode_step.py`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from inference.steps import StaticSteps
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
@@ -52,9 +56,9 @@ def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
     return 2 * gib * 2**30 / best
 
 
-def build_bf16(shape: str) -> Qwen3ForCausalLM:
+def build_bf16(shape: str, **overrides) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    config = qwen3_config(shape, attn_implementation="sdpa")
+    config = qwen3_config(shape, attn_implementation="sdpa", **overrides)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -141,23 +145,28 @@ class InGraphProbe(torch.nn.Module):
 
 
 def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=(), compile: bool = False,
-                 timings: dict | None = None) -> float:
+                 timings: dict | None = None, max_length: int | None = None, windowed: bool = True) -> float:
     """Seconds per decode step: graph replays over a static cache holding `context` positions (with
-    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time)."""
+    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time).
+    `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
+    step attends over only the filled part of it (`StaticSteps`)."""
     from inference.generate import resolve_layers
 
     watched = list(layers) if probe is not None else []
     runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
-                         max_length=context + steps + 8, probe=probe, graph=True, compile=compile)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device="cuda"),
-                   torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
+                         max_length=max_length or context + steps + 8, probe=probe, graph=True, compile=compile,
+                         windowed=windowed)
+    device = model.device
+    runner.graph = device.type == "cuda"
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device=device),
+                   torch.zeros(batch, 1, dtype=torch.long, device=device))
     # The cache now "holds" `context` positions: attention reads them all (their values do not matter).
     for layer in runner.cache.layers:
         layer.cumulative_length.fill_(context)
     runner.mask[:, 0, 0, :context] = True
     runner.prompt = context
-    positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
+    positions = torch.full((batch, 1), context, dtype=torch.long, device=device)
     tokens = ids[:, 0]
     began = time.perf_counter()
     for _ in range(3):  # eager warm-up (compiles with `compile`), capture, one replay
@@ -165,13 +174,15 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     sync()
     if timings is not None:
         timings["warm_up_seconds"] = time.perf_counter() - began
+    replay = runner._graph.replay if runner.graph else lambda: runner._run(runner._ids, runner._positions, True)
     began = time.perf_counter()
     for _ in range(steps):
-        runner._graph.replay()
+        replay()
     sync()
     seconds = (time.perf_counter() - began) / steps
     del runner
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return seconds
 
 
@@ -348,7 +359,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--compiled", nargs="*", default=["1x1024"], metavar="BATCHxCONTEXT",
                         help="points also measured with the step through torch.compile (bf16 and fused)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: loops, collection, micro")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: eager, loops, collection, micro")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
 
@@ -366,22 +377,34 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 
+    standalone = None  # without GPTQModel, 2-bit linears built directly in its layout (decode_step.py)
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:
+        from decode_step import quantize_standalone as standalone
+
     for shape in args.shapes:
         spec = QWEN3_SHAPES[shape]
         layers = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
         model = build_bf16(shape)
         info = report["shapes"][shape] = {"layers_watched": layers}
-        guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
+        if "eager" not in args.skip:
+            guarded(info, "eager_profile_b1_1k", lambda: profile_eager(model, 1, 1024))
         if "loops" not in args.skip:
             guarded(info, "loop_b1_1k_bf16", lambda: loop_costs(model, 1, 1024, 32))
         precisions = [("bf16", None)] + [("2bit", backend) for backend in args.backends]
         for precision, backend in precisions:
             if precision == "2bit":
                 if backend == precisions[1][1]:
-                    info["quantized_linears"] = quantize_randomly(model, "gptq-triton")
+                    info["quantized_linears"] = (quantize_randomly(model, "gptq-triton") if standalone is None
+                                                 else standalone(model))
                     gc.collect()
                     torch.cuda.empty_cache()
-                if "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
+                if standalone is not None:  # the fused kernel only: it reads the buffers, not GPTQModel's modules
+                    if "error" in guarded(info, f"backend_{backend}", lambda: "ok" if backend == "fused" else
+                                          {"error": "GPTQModel is not installed"}):
+                        continue
+                elif "error" in guarded(info, f"backend_{backend}", lambda: set_backend(model, backend) or "ok"):
                     continue
             bits = 16 if precision == "bf16" else 2
             points = [(batch, context, False) for batch in args.batches for context in args.contexts]

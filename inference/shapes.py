@@ -50,7 +50,8 @@ def linear_shapes(shape: dict) -> list[tuple[int, int]]:
 
 def decode_step_bytes(shape: dict, bits: int = 16, group_size: int = 128, batch: int = 1,
                       context: int = 0) -> dict:
-    """Bytes one decode step reads at `shape` (see the module docstring): weights, KV cache, total."""
+    """Bytes one decode step reads at `shape` (see the module docstring): weights (the decoder layers'
+    `linears`, the output `head` and the `norms`' weights), KV cache, total."""
     linears = 0.0
     for k, n in linear_shapes(shape):
         linears += k * n * bits / 8
@@ -62,4 +63,5 @@ def decode_step_bytes(shape: dict, bits: int = 16, group_size: int = 128, batch:
     norms = (2 * shape["hidden_size"] + 2 * shape["head_dim"]) * 2 * shape["num_hidden_layers"]
     kv = (batch * context * shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * shape["head_dim"] * 2)
     weights = int(linears + head + norms)
-    return {"weights": weights, "kv_cache": int(kv), "total": int(weights + kv)}
+    return {"weights": weights, "linears": int(linears), "head": head, "norms": norms, "kv_cache": int(kv),
+            "total": int(weights + kv)}

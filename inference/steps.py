@@ -33,6 +33,9 @@ recompiles for every new batch size and cache length (98 s for the Qwen3-8B shap
 190 s with the fused 2-bit kernel), so it suits fixed-shape work (collection, benchmarks), not the
 controller's rounds of varying lengths."""
 
+MIN_WINDOW = 256
+"""Fewest cache positions a windowed decode step attends over (see `StaticSteps`)."""
+
 StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
 
@@ -99,23 +102,42 @@ class StaticSteps:
     its states finite (they are never attended to by a real token).
     With `graph=True` (CUDA only) decode step 0 runs eagerly (warming up kernels and allocators), step
     1 is captured and every later step is a replay over the same buffers.
+
+    `windowed`: a decode step attends over the first `window` cache positions only, the least power of
+    two (at least `min_window`, at most the cache) that holds every slot written so far, instead of
+    over the whole cache: the slots past the last one written are masked out anyway, and reading them
+    is most of attention's cost when the budget is long. Each new window is one more eager step and
+    one more captured graph (about log2(budget / min_window) of them).
     """
 
     def __init__(self, model, layers: list[int], layer_ids: list[int], max_length: int,
                  probe: StepProbe | None = None, graph: bool = False, compile: bool = False,
-                 top_prob: bool = False, stack_dtype: torch.dtype | None = None):
+                 top_prob: bool = False, stack_dtype: torch.dtype | None = None, windowed: bool = True,
+                 min_window: int = MIN_WINDOW):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
         self.top_prob, self.stack_dtype = top_prob, stack_dtype
         self.max_length = max_length
-        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.cache = WindowedStaticCache(config=model.config, max_cache_len=max_length)
         self.graph = graph
+        self.windowed, self.min_window = windowed, min_window
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._warm = False  # whether the current window's decode step has run eagerly once
         self._steps = 0
         self._decode = _compiled_step() if compile else _step
 
+    def window_for(self, slot: int) -> int:
+        """Cache positions a decode step writing `slot` attends over (all of them unless windowed)."""
+        if not self.windowed:
+            return self.max_length
+        return min(self.max_length, max(self.min_window, 1 << slot.bit_length()))
+
     def _run(self, input_ids, positions, decode: bool = False) -> StepOutputs:
         step = self._decode if decode else _step
-        logits, hidden, scores = step(self.model, input_ids, self.mask, positions, self.cache, tuple(self.layers),
+        mask = self.mask
+        if decode:
+            window = self.cache.window
+            mask = mask[..., :window]  # a view: the graph reads the mask written before each replay
+        logits, hidden, scores = step(self.model, input_ids, mask, positions, self.cache, tuple(self.layers),
                                       tuple(self.layer_ids), self.probe)
         # Outside torch.compile, so that `compiled` stores what `static` would store for the same states.
         return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
@@ -147,9 +169,14 @@ class StaticSteps:
         self._ids.copy_(tokens[:, None])
         self._positions.copy_(positions)
         self._steps += 1
+        window = self.window_for(slot)
+        if window != self.cache.window:  # a new window: new shapes, so warm up and capture again
+            self.cache.window = window
+            self._graph, self._warm = None, False
         if not self.graph:
             return self._run(self._ids, self._positions, decode=True)
-        if self._steps == 1:
+        if not self._warm:
+            self._warm = True
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -162,6 +189,19 @@ class StaticSteps:
                 self._outputs = self._run(self._ids, self._positions, decode=True)
         self._graph.replay()
         return self._outputs
+
+
+class WindowedStaticCache(StaticCache):
+    """A StaticCache whose `update` returns the first `window` positions of a layer's keys and values
+    (views of the whole buffers, which it still writes), or all of them while `window` is None."""
+
+    window: int | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.window is None:
+            return keys, values
+        return keys[:, :, :self.window], values[:, :, :self.window]
 
 
 def _step(model, input_ids, mask, positions, cache, layers, layer_ids, probe):

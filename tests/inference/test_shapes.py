@@ -27,6 +27,8 @@ def test_decode_step_bytes_count_weights_head_and_cache():
     cached = decode_step_bytes(shape, batch=16, context=8192)
     per_position = shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * shape["head_dim"] * 2
     assert cached["kv_cache"] == 16 * 8192 * per_position and cached["total"] == cached["weights"] + cached["kv_cache"]
+    assert two_bit["head"] == head and two_bit["linears"] == pytest.approx(linear_params / 4 + groups * 2.25, rel=1e-6)
+    assert two_bit["weights"] - two_bit["linears"] - two_bit["head"] == two_bit["norms"] > 0
 
 
 def test_unknown_shape_is_refused():

@@ -1,0 +1,80 @@
+"""Project a stored comparison's token counts to a Qwen3 shape's measured per-token costs, from the
+per-method summaries alone (no rerun): what `rescue compare --costs F --shape S` adds as
+"projected s", for comparisons whose records were not kept.
+
+`ProjectedCosts` (inference/compare.py) prices a trace's decoded tokens at its mean context; below
+the lowest measured context its costs are flat, so when every trace's context is below it (tiny
+models: budget 1024, prompts of about 200 tokens, against a lowest measured context of 1024) the
+sum over traces is the summary's mean token counts times the number of problems, exactly. The
+script refuses a comparison whose budget could take a trace past that point.
+
+    python benchmarks/project_comparison.py docs/compare/run-tiny-m-cpu.json \
+        benchmarks/results/decode-h200-run1.json --shapes qwen3-8b qwen3-32b --budget 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inference.compare import ProjectedCosts, load_projection
+
+
+def method_summaries(path: Path) -> dict[str, dict]:
+    """Per-method summaries of a comparison JSON: `rescue run`'s (`comparison`) or `rescue compare`'s (`methods`)."""
+    report = json.loads(path.read_text())
+    summaries = report.get("comparison") or report.get("methods")
+    if not isinstance(summaries, dict) or "fp16" not in summaries:
+        raise ValueError(f"{path}: no per-method comparison with an fp16 method ('comparison' or 'methods')")
+    return summaries
+
+
+def projected_seconds(summary: dict, costs: ProjectedCosts, prefill: bool = True) -> float:
+    """Seconds of a method's traces at `costs` (flat below the lowest measured context)."""
+    lowest = 0.0  # ProjectedCosts clamps every context below its lowest point to that point's cost
+    seconds = (summary["mean_tokens_2bit"] * costs.decode("2bit", lowest)
+               + summary["mean_tokens_fp16"] * costs.decode("fp16", lowest))
+    if prefill:
+        seconds += (summary["mean_prefill_2bit"] * costs.prefill["2bit"]
+                    + summary["mean_prefill_fp16"] * costs.prefill["fp16"])
+    return summary["problems"] * seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("comparison", type=Path)
+    parser.add_argument("costs", type=Path, help="a benchmarks/decode.py JSON")
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-8b"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 1])
+    parser.add_argument("--budget", type=int, required=True, help="the comparison's token budget")
+    parser.add_argument("--prompt-max", type=int, default=512, help="longest prompt in tokens (at most)")
+    args = parser.parse_args()
+    summaries = method_summaries(args.comparison)
+    lines = [f"Projection of {args.comparison} to per-token costs of {args.costs}", "",
+             "| shape | batch | method | accuracy | 2-bit tokens | FP16 tokens | projected s (x FP16) "
+             "| decode only s (x FP16) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for shape in args.shapes:
+        for batch in args.batches:
+            costs = load_projection(args.costs, shape, batch)
+            lowest = min(points[0][0] for points in costs.points.values())
+            if args.prompt_max + args.budget / 2 > lowest:
+                sys.exit(f"{args.comparison}: a trace's context may reach {args.prompt_max + args.budget / 2:.0f}, "
+                         f"past the lowest measured context {lowest}; rerun `rescue compare --costs` instead")
+            base = projected_seconds(summaries["fp16"], costs), projected_seconds(summaries["fp16"], costs, False)
+            for method, s in summaries.items():
+                full, decode = projected_seconds(s, costs), projected_seconds(s, costs, False)
+                lines.append(f"| {shape} | {costs.batch} | {method} | {s['accuracy']:.1%} | {s['mean_tokens_2bit']:.0f} "
+                             f"| {s['mean_tokens_fp16']:.0f} | {full:.1f} ({full / base[0]:.2f}x) "
+                             f"| {decode:.1f} ({decode / base[1]:.2f}x) |")
+            d = costs.describe()
+            lines.append(f"| {shape} | {costs.batch} | costs | ms/token: 2-bit "
+                         f"{d['decode_seconds_per_token']['2bit'][lowest] * 1e3:.3f}, FP16 "
+                         f"{d['decode_seconds_per_token']['fp16'][lowest] * 1e3:.3f}; prefill ms/token: 2-bit "
+                         f"{costs.prefill['2bit'] * 1e3:.3f}, FP16 {costs.prefill['fp16'] * 1e3:.3f} | | | | |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
