@@ -328,6 +328,8 @@ def write_comparison(out_dir: Path, summaries: dict, costs: dict, weights: dict,
     policies = {m: s["policy"] for m, s in summaries.items() if s.get("policy") and m.startswith("learned")}
     if policies:
         text += "\nLearned action policy that ran: " + ", ".join(f"{m}: {p}" for m, p in policies.items()) + ".\n"
+    if meta.get("rule_loop_check"):
+        text += f"\nThe rule on the naive 2-bit traces: {meta['rule_loop_check']['line']}\n"
     if ceilings:
         text += f"\n## Ceilings (oracle policies on the same problems)\n\n{ceilings_table(ceilings)}\n"
     if projection is not None:

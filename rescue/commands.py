@@ -229,6 +229,17 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             for method, records in all_records.items():
                 write_evaluation(staging / method, records, summaries[method])
             ceilings = ceiling_rows(summaries, all_records, weights)
+            rule_check = None
+            if "2bit" in all_records:
+                from dataclasses import asdict as _asdict
+
+                from training.replay import rule_false_alarm_line, rule_on_records
+
+                # The rule's loop check replayed on the naive 2-bit traces: its false alarms on healthy ones.
+                rule_check = rule_on_records([_asdict(r) for r in all_records["2bit"]], tokenizer, config.rescue,
+                                             config.labels)
+                rule_check["line"] = rule_false_alarm_line(rule_check)
+                meta["rule_loop_check"] = rule_check
             if costs is not None:
                 write_comparison(staging, summaries, costs, weights, meta, projection, ceilings)
                 plot_comparison(summaries, all_records, staging, ceilings)

@@ -122,6 +122,10 @@ def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
     assert 0 <= low <= methods["2bit"]["accuracy"] <= high <= 1
     assert (out / "accuracy-vs-cost.png").stat().st_size > 0 and (out / "tokens.png").stat().st_size > 0
     assert "| learned |" in (out / "comparison.md").read_text()
+    # The rule's false-alarm rate on the healthy naive 2-bit traces is stated, not hidden.
+    check = comparison["rule_loop_check"]
+    assert check["healthy"] + check["loops"] <= 4 and "false_alarm_rate" in check
+    assert "The rule on the naive 2-bit traces: rule loop check" in (out / "comparison.md").read_text()
     # Projected to Qwen3-8B's measured costs: FP16-only traces cost their tokens at the bf16 rate.
     assert comparison["projection"]["shape"] == "qwen3-8b" and comparison["projection"]["batch"] == 1
     fp16_records = [json.loads(line) for line in (out / "fp16" / "records.jsonl").read_text().splitlines()]
