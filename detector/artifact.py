@@ -73,7 +73,8 @@ class Detector:
     @property
     def has_decision_heads(self) -> bool:
         """Whether learned action selection can run: both decision heads and a calibrated policy."""
-        return all(h in self.heads for h in DECISION_HEADS) and bool(self.card["calibration"].get("policy"))
+        policy = self.card["calibration"].get("policy") or {}
+        return all(h in self.heads for h in DECISION_HEADS) and bool(policy.get("budgets"))
 
     @property
     def thresholds(self) -> dict[str, float]:

@@ -193,7 +193,7 @@ class LearnedTrigger(Trigger):
         # Older cards have no planning threshold: plan where the fails_to_commit head would alarm.
         self.plan_threshold = float(plan.get("threshold", detector.thresholds["fails_to_commit"]))
         self.policy = None
-        if fp16_budget is not None and detector.has_decision_heads and "budgets" in calibration["policy"]:
+        if fp16_budget is not None and detector.has_decision_heads:
             self.policy = policy_for_budget(calibration["policy"], fp16_budget)
             self.policy_name = f"learned-selection@{self.policy['fp16_budget']:g}"
             thresholds["ends_wrong"] = self.policy["wrong_threshold"]
