@@ -49,6 +49,7 @@ HEAD_MEANINGS = {
     "fails_to_commit": "the trace will end without a committed final answer (budget, unclosed think, no answer)",
     "ends_wrong": "the trace will not end with a correct final answer",
     "answer_correct": "the candidate answer stated just before this position is correct",
+    "step_wrong": "the arithmetic step this token closes has a wrong result",
 }
 
 

@@ -138,6 +138,16 @@ class StreamingFeatures:
     def __init__(self, recipe: FeatureRecipe, stats: NormalisationStats):
         self.recipe, self.stats = recipe, stats
         self.grid_states: list[torch.Tensor] = []
+        self.grid_positions: list[int] = []
+
+    def truncated(self, length: int) -> StreamingFeatures:
+        """A copy that keeps only the grid states of generated positions below `length` (a trace cut back
+        there keeps the states of the tokens it kept)."""
+        copy = StreamingFeatures(self.recipe, self.stats)
+        kept = [i for i, position in enumerate(self.grid_positions) if position < length]
+        copy.grid_states = [self.grid_states[i] for i in kept]
+        copy.grid_positions = [self.grid_positions[i] for i in kept]
+        return copy
 
     def step(self, position: int, hidden: torch.Tensor) -> torch.Tensor:
         mean, std = self.stats.mean.to(hidden.device), self.stats.std.to(hidden.device)
@@ -147,6 +157,7 @@ class StreamingFeatures:
         if self.recipe.mean_window:
             if position % self.recipe.stride == 0:
                 self.grid_states = [*self.grid_states, normalised][-self.recipe.mean_states :]
+                self.grid_positions = [*self.grid_positions, position][-self.recipe.mean_states :]
             if self.grid_states:
                 parts.append(torch.stack(self.grid_states).mean(dim=0).reshape(batch, -1))
             else:

@@ -7,13 +7,21 @@ stated before it with `answer_correct` (the score at the first capture-grid step
 and commits to the best one if that score reaches `commit_threshold`; otherwise it falls back to FP16
 from where the risk rose, and FP16 finishes the trace.
 
-The two thresholds are chosen on validation traces to maximise *modeled* accuracy under an FP16 budget
+Where the detector has a trained `step_wrong` head (text with arithmetic steps), a third threshold joins:
+at the token closing each step, a score at or above `step_threshold` has FP16 rewrite that step's result
+(cut back to where the result begins, FP16 writes to the step's break, then hands back to 2-bit).
+
+The thresholds are chosen on validation traces to maximise *modeled* accuracy under an FP16 budget
 (FP16 tokens over all tokens, in the mean over traces). The model of one validation trace:
 - no alarm: the trace's own outcome, no FP16 tokens;
 - commit to candidate c: correct iff c is, no FP16 tokens, the 2-bit tokens up to the alarm;
 - fallback at position a: correct with probability `fallback_success` (FP16's own accuracy is the
   natural value), FP16 tokens `max(reference - a, reference / 4)`, where `reference` is the mean
-  length of the correct validation traces (a healthy trace's length), and the 2-bit tokens up to a.
+  length of the correct validation traces (a healthy trace's length), and the 2-bit tokens up to a;
+- step rewrites: every step scored at or above `step_threshold` costs its result's tokens and the break
+  in FP16. A trace with wrong steps whose every wrong step is rewritten is correct with probability
+  `fallback_success` and as long as `reference`; otherwise the rewrites are spent and the trace goes on
+  as above (a partly repaired trace is modeled as not repaired).
 Validation traces hold no FP16 continuations, so the fallback's outcome and length are modeled, not
 replayed; `rescue compare` measures what the chosen thresholds really cost and reach.
 
@@ -23,7 +31,7 @@ inference the entry with the largest budget not above the user's `rescue.fp16_bu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -47,6 +55,9 @@ class PolicyTrace:
     """(token completing the candidate, its `answer_correct` score, whether it is correct)."""
     length: int
     correct: bool
+    steps: list[tuple[int, float, bool, int]] = field(default_factory=list)
+    """(token closing the step, its `step_wrong` score, whether its result is wrong, FP16 tokens a rewrite
+    costs), for the steps whose closing token was scored."""
 
 
 @dataclass
@@ -62,6 +73,9 @@ class PolicyChoice:
     """Share of validation traces with an alarm acted on."""
     committed: float
     fell_back: float
+    step_threshold: float = NEVER
+    step_rewrites: float = 0.0
+    """Mean step rewrites per validation trace."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +91,30 @@ def candidate_scores(positions: np.ndarray, scores: np.ndarray, candidates: Sequ
         if index < len(positions):
             scored.append((int(token), float(scores[index]), bool(correct)))
     return scored
+
+
+def step_scores(positions: np.ndarray, scores: np.ndarray, steps: Sequence[tuple[int, bool, int]]
+                ) -> list[tuple[int, float, bool, int]]:
+    """Each arithmetic step's `step_wrong` score (at the captured position of the token closing it; steps
+    whose closing token was not captured are left out) and the FP16 tokens its rewrite costs."""
+    scored = []
+    for token, wrong, start in steps:
+        index = int(np.searchsorted(positions, token))
+        if index < len(positions) and int(positions[index]) == token:
+            scored.append((int(token), float(scores[index]), bool(wrong), max(1, int(token) - int(start) + 1)))
+    return scored
+
+
+def step_outcomes(traces: Sequence[PolicyTrace], threshold: float) -> list[tuple[bool, float, int]]:
+    """Per trace, under step rewrites at `threshold`: (every wrong step rewritten and there was one, FP16
+    tokens spent on rewrites, rewrites)."""
+    outcomes = []
+    for trace in traces:
+        chosen = [s for s in trace.steps if s[1] >= threshold]
+        wrong = [s for s in trace.steps if s[2]]
+        repaired = bool(wrong) and all(s[1] >= threshold for s in wrong)
+        outcomes.append((repaired, float(sum(s[3] for s in chosen)), len(chosen)))
+    return outcomes
 
 
 def best_candidate(candidates: Sequence[tuple[int, float, bool]], before: int) -> tuple[int, float, bool] | None:
@@ -97,14 +135,24 @@ def alarm_position(trace: PolicyTrace, loop_threshold: float, wrong_threshold: f
 
 def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_threshold: float, commit_threshold: float,
              patience: int, fallback_success: float, reference: float,
-             alarms: Sequence[int | None] | None = None) -> dict:
-    """Modeled outcome of the policy over validation traces (module docstring): accuracy, FP16 share and
-    the shares of traces that committed or fell back. `alarms` (per trace) saves recomputing them."""
+             alarms: Sequence[int | None] | None = None, step_threshold: float = NEVER,
+             steps: Sequence[tuple[bool, float, int]] | None = None) -> dict:
+    """Modeled outcome of the policy over validation traces (module docstring): accuracy, FP16 share,
+    the shares of traces that committed or fell back, and the mean step rewrites. `alarms` and `steps`
+    (per trace, `step_outcomes` at `step_threshold`) save recomputing them."""
     if alarms is None:
         alarms = [alarm_position(t, loop_threshold, wrong_threshold, patience) for t in traces]
+    if steps is None:
+        steps = step_outcomes(traces, step_threshold)
     correct = fp16 = total = 0.0
-    committed = fell_back = 0
-    for trace, alarm in zip(traces, alarms):
+    committed = fell_back = rewrites = 0
+    for trace, alarm, (repaired, step_tokens, count) in zip(traces, alarms, steps):
+        fp16 += step_tokens
+        rewrites += count
+        if repaired:
+            correct += fallback_success
+            total += max(reference, step_tokens)
+            continue
         if alarm is None:
             correct += trace.correct
             total += trace.length
@@ -122,7 +170,7 @@ def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_thresho
             total += alarm + tokens
     count = max(len(traces), 1)
     return {"accuracy": correct / count, "fp16_share": fp16 / total if total else 0.0,
-            "committed": committed / count, "fell_back": fell_back / count}
+            "committed": committed / count, "fell_back": fell_back / count, "step_rewrites": rewrites / count}
 
 
 def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
@@ -134,8 +182,9 @@ def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
 
 
 def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience: int, fallback_success: float,
-                  budgets: Sequence[float] = BUDGETS, steps: int = 24) -> dict:
+                  budgets: Sequence[float] = BUDGETS, steps: int = 24, use_steps: bool = False) -> dict:
     """Thresholds per FP16 budget maximising modeled accuracy within it (ties: the cheaper choice).
+    `use_steps`: also choose the step-rewrite threshold (on a coarser grid of all three).
 
     Returns the card's `calibration.policy`: the reference length, the fallback model, and one
     `PolicyChoice` per budget, budgets ascending."""
@@ -143,26 +192,36 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
         raise ValueError("no validation traces to choose the action policy on")
     correct_lengths = [t.length for t in traces if t.correct]
     reference = float(np.mean(correct_lengths)) if correct_lengths else float(np.mean([t.length for t in traces]))
+    scored_steps = np.array([s[1] for t in traces for s in t.steps], dtype=float)
+    use_steps = use_steps and len(scored_steps) > 0
+    if use_steps:
+        steps = min(steps, 16)
     wrong_grid = _threshold_grid(np.array([sustained_peak(t.wrong, patience) for t in traces]), steps)
     commit_grid = _threshold_grid(np.array([score for t in traces for _, score, _ in t.candidates]), steps)
+    step_grid = _threshold_grid(scored_steps, steps) if use_steps else [NEVER]
+    alarm_sets = {w: [alarm_position(t, loop_threshold, w, patience) for t in traces] for w in wrong_grid}
     outcomes = []
-    for w in wrong_grid:
-        alarms = [alarm_position(t, loop_threshold, w, patience) for t in traces]
-        outcomes += [(w, c, simulate(traces, loop_threshold, w, c, patience, fallback_success, reference, alarms))
-                     for c in commit_grid]
-    cheapest = min(o[2]["fp16_share"] for o in outcomes)
+    for s in step_grid:
+        rewrites = step_outcomes(traces, s)
+        for w in wrong_grid:
+            outcomes += [(w, c, s, simulate(traces, loop_threshold, w, c, patience, fallback_success, reference,
+                                            alarm_sets[w], s, rewrites))
+                         for c in commit_grid]
+    cheapest = min(o[3]["fp16_share"] for o in outcomes)
     choices = []
     for budget in sorted(budgets):
         # Loop alarms alone may spend FP16 tokens; a budget below that gets the cheapest choice.
-        within = [o for o in outcomes if o[2]["fp16_share"] <= max(budget, cheapest) + 1e-12]
-        w, c, best = max(within, key=lambda o: (round(o[2]["accuracy"], 9), -o[2]["fp16_share"], o[0]))
+        within = [o for o in outcomes if o[3]["fp16_share"] <= max(budget, cheapest) + 1e-12]
+        w, c, s, best = max(within, key=lambda o: (round(o[3]["accuracy"], 9), -o[3]["fp16_share"], o[0], o[2]))
         choices.append(PolicyChoice(budget, w, c, best["accuracy"], best["fp16_share"],
                                     best["committed"] + best["fell_back"], best["committed"],
-                                    best["fell_back"]).to_dict())
+                                    best["fell_back"], s, best["step_rewrites"]).to_dict())
     return {"reference_length": reference, "fallback_success": fallback_success, "patience": patience,
             "loop_threshold": loop_threshold, "traces": len(traces),
             "model": "detector/policy.py: no alarm keeps the trace's outcome; commit is graded; fallback "
-                     "succeeds with fallback_success and costs max(reference - alarm, reference / 4) FP16 tokens",
+                     "succeeds with fallback_success and costs max(reference - alarm, reference / 4) FP16 tokens"
+                     + ("; rewriting every wrong step succeeds with fallback_success" if use_steps else ""),
+            "step_rewrites": use_steps,
             "budgets": choices}
 
 

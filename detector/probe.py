@@ -6,10 +6,12 @@ Heads (logits; `HEADS` order):
 - `ends_wrong`: the trace will not end with a correct final answer (a trace-level outcome, known at
   every position): the risk the learned trigger acts on when nothing loops;
 - `answer_correct`: the candidate answer stated just before this position will be correct; a target
-  only at the capture position that follows a stated candidate (NaN elsewhere: no loss, no metric).
+  only at the capture position that follows a stated candidate (NaN elsewhere: no loss, no metric);
+- `step_wrong`: the arithmetic step this token closes has a wrong result; a target only at the tokens
+  closing a step (`training.labels`, `steps`), NaN elsewhere.
 
-Detectors trained before the last two heads existed (`DECISION_HEADS`) keep their two heads: the probe
-is built with the heads its card names.
+Detectors trained before the later heads existed (`DECISION_HEADS`, `step_wrong`) keep the heads they
+have: the probe is built with the heads its card names.
 
 Class imbalance: both targets are rare at the position level (loops are a minority of traces and
 cover only their tails). Each head's BCE-with-logits loss weighs its positive positions by
@@ -29,9 +31,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
-HEADS = ("loop_within_h", "fails_to_commit", "ends_wrong", "answer_correct")
+HEADS = ("loop_within_h", "fails_to_commit", "ends_wrong", "answer_correct", "step_wrong")
 ALARM_HEADS = ("loop_within_h", "fails_to_commit", "ends_wrong")
-"""Heads whose sustained score raises an alarm; `answer_correct` only ranks candidates."""
+"""Heads whose sustained score raises an alarm; `answer_correct` only ranks candidates, `step_wrong` only
+judges the arithmetic step just closed."""
 DECISION_HEADS = ("ends_wrong", "answer_correct")
 """The heads learned action selection needs (absent from two-head detectors)."""
 MAX_POS_WEIGHT = 100.0

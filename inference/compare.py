@@ -65,7 +65,7 @@ def build_trigger(method: str, config, tokenizer, detector=None):
     if method == "plan-only":
         return AlwaysPlan()
     if learned_budget(method, config) is not None:
-        return LearnedTrigger(detector, control.plan_probe_tokens, learned_budget(method, config))
+        return LearnedTrigger(detector, control.plan_probe_tokens, learned_budget(method, config), tokenizer=tokenizer)
     raise ValueError(f"method {method!r} has no trigger")
 
 

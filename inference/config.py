@@ -265,6 +265,10 @@ class ControlConfig:
     max_interventions: int = field(
         default=2, metadata=_help("alarms acted on per trace; later alarms are ignored", min=1)
     )
+    max_step_rewrites: int = field(
+        default=48, metadata=_help("learned trigger: arithmetic step results FP16 may rewrite per trace (not counted "
+                                   "in max_interventions)", min=0)
+    )
     fp16_budget: float = field(
         default=0.2,
         metadata=_help("learned trigger: FP16 tokens allowed, as a share of all tokens of a trace, when its detector "
@@ -272,7 +276,7 @@ class ControlConfig:
                        "not above this)", min=0.0, max=1.0),
     )
     curve_budgets: list[float] = field(
-        default_factory=lambda: [0.05, 0.4],
+        default_factory=lambda: [0.1, 0.4],
         metadata=_help("rescue compare: further FP16 budgets the learned trigger runs at (methods learned@B), "
                        "drawing its accuracy-against-cost curve; [] for none", min=0.0, max=1.0),
     )

@@ -19,6 +19,9 @@ Every trace is a small state machine; the controller moves a batch of them forwa
   `commit_open` closes the thinking and the model writes its answer in at most `answer_tokens` tokens.
 - **fallback**: the trace is cut back to the alarm's onset estimate and the FP16 model continues from
   the kept prefix (one prefill), to the end or for `fallback_span` tokens before handing back.
+- **step rewrite** (a fallback for an alarm with `span_to_break`): the trace is cut back to where an
+  arithmetic step's result begins, FP16 writes up to the step's break (at most `STEP_REWRITE_TOKENS`
+  tokens) and hands back; at most `max_step_rewrites` per trace, not counted as interventions.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
 of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
@@ -42,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from inference.answers import find_candidate_answers, token_char_ends
+from inference.arithmetic import BREAKS
 from inference.config import ControlConfig, SamplingConfig
 from inference.evaluate import eos_token_ids
 from inference.generate import FINISH_EOS, Sampler, generate
@@ -49,6 +53,8 @@ from inference.prompts import Problem, render_prompt
 from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
 
 PROBE, REASON, FP16_SPAN, ANSWER, DONE = "probe", "reason", "fp16", "answer", "done"
+STEP_REWRITE_TOKENS = 8
+"""Most FP16 tokens of one step rewrite (a result and its break)."""
 
 
 @dataclass
@@ -67,6 +73,11 @@ class TraceState:
     prefill: Counter = field(default_factory=Counter)
     actions: list[dict] = field(default_factory=list)
     interventions: int = 0
+    step_rewrites: int = 0
+    rewritten: set = field(default_factory=set)
+    """Onsets FP16 has rewritten a result at (one rewrite per result: FP16 is not asked twice)."""
+    to_break: bool = False
+    """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
 
@@ -156,7 +167,8 @@ class Controller:
             else:
                 self._finish(state, "budget")
         elif state.phase == FP16_SPAN:
-            if self.control.fallback_span and len(state.generated) < self.sampling.budget:
+            rewrite, state.to_break = state.to_break, False
+            if (self.control.fallback_span or rewrite) and len(state.generated) < self.sampling.budget:
                 state.actions.append({"kind": "handback", "position": len(state.generated)})
                 self._begin_reasoning(state)
             else:
@@ -165,6 +177,9 @@ class Controller:
             self._finish(state, "budget")
 
     def _act(self, state: TraceState, alarm: Alarm) -> None:
+        if alarm.span_to_break:
+            self._rewrite_step(state, alarm)
+            return
         onset = max(0, min(alarm.onset, len(state.generated)))
         kept = state.generated[:onset]
         candidates = find_candidate_answers(self.tokenizer.decode(kept, skip_special_tokens=True))
@@ -197,6 +212,22 @@ class Controller:
             state.limit = min(room, self.control.fallback_span) if self.control.fallback_span else room
             if state.limit <= 0:
                 self._finish(state, "budget")
+
+    def _rewrite_step(self, state: TraceState, alarm: Alarm) -> None:
+        """Cut back to where the step's result begins; FP16 writes to the step's break, then hands back."""
+        room = self.sampling.budget - alarm.onset
+        if ("fp16" not in self.models or state.step_rewrites >= self.control.max_step_rewrites or room <= 0
+                or not 0 <= alarm.onset <= len(state.generated) or alarm.onset in state.rewritten):
+            self._begin_reasoning(state)  # nothing to rewrite with: the 2-bit model goes on
+            return
+        state.step_rewrites += 1
+        state.rewritten.add(alarm.onset)
+        state.actions.append({"kind": "rewrite", "reason": alarm.reason, "position": alarm.position,
+                              "onset": alarm.onset, "cut_tokens": len(state.generated) - alarm.onset,
+                              "policy": self.trigger.policy_name})
+        state.generated = state.generated[: alarm.onset]
+        state.phase, state.to_break = FP16_SPAN, True
+        state.limit = min(room, STEP_REWRITE_TOKENS)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -242,6 +273,7 @@ class Controller:
         watched = [s.phase in (PROBE, REASON) and self.think_close not in s.generated
                    and s.interventions < self.control.max_interventions for s in batch]
         planning = [s.phase == PLAN for s in batch]
+        to_break = [s.phase == FP16_SPAN and s.to_break for s in batch]
         stops: dict[int, _Stop] = {}
         counts = [0] * len(batch)
         recent: list[list[int]] = [[] for _ in batch]
@@ -270,7 +302,7 @@ class Controller:
                 alarms = {row: alarm for row, alarm in zip(observe_rows, seen) if alarm is not None}
             for i, row in enumerate(rows):
                 state = batch[row]
-                if counts[row] >= state.limit:
+                if counts[row] >= state.limit or (to_break[row] and self._closes_step(tokens[i])):
                     stops[row], stop[i] = _Stop("limit"), True
                 elif planning[row] and self._plan_complete(recent[row]):
                     stops[row], stop[i] = _Stop("plan_done"), True
@@ -295,6 +327,9 @@ class Controller:
             state.tokens[precision] += len(new)
             state.wall_seconds += share
             self._after_segment(state, new, stops.get(row))
+
+    def _closes_step(self, token: int) -> bool:
+        return any(c in BREAKS for c in self.tokenizer.decode([token], skip_special_tokens=True))
 
     def _plan_complete(self, tokens: list[int]) -> bool:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -25,7 +25,11 @@ policy (`detector.policy`: the `ends_wrong` and `answer_correct` heads) selects 
 `ends_wrong` threshold is the one chosen for the user's FP16 budget, every candidate answer stated
 before the onset is scored by `answer_correct` (its score at the first grid step after it), and the
 trace commits to the best one if that score reaches the policy's commit threshold, else falls back to
-FP16 from the onset. Older two-head detectors keep the default (`policy_name` says which ran).
+FP16 from the onset. Where the policy also holds a `step_threshold` (a trained `step_wrong` head), the
+token closing each arithmetic step (`inference.arithmetic`) is scored as well, on or off the grid, and
+a score at or above it raises a `step_wrong` alarm whose onset is where the step's result begins and
+whose FP16 span ends at the step's break (`Alarm.span_to_break`): FP16 rewrites the result, then hands
+back. Older two-head detectors keep the default (`policy_name` says which ran).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Sequence
 import torch
 
 CONTINUE, PLAN, COMMIT, FALLBACK = "continue", "plan", "commit", "fallback"
+_STEP_TOKENS = 48
+"""Newest tokens whose text the step check reads (a step line is at most a few dozen characters)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class Alarm:
     reason: str
     position: int
     onset: int
+    span_to_break: bool = False
+    """A fallback for this alarm writes FP16 only up to the next break (`inference.arithmetic.BREAKS`)
+    and hands back: a step rewrite."""
 
 
 def decide(alarm: Alarm, has_candidate: bool, on_alarm: str, fallback_available: bool) -> str:
@@ -170,6 +179,8 @@ class _ProbeState:
     grid_positions: list[int] = field(default_factory=list)
     """Generated positions scored so far, with their `answer_correct` scores (learned action policy)."""
     answer_scores: list[float] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    """Decoded text of the newest tokens (step rewrites: what the last token closed)."""
 
 
 class LearnedTrigger(Trigger):
@@ -177,7 +188,7 @@ class LearnedTrigger(Trigger):
 
     name = "learned"
 
-    def __init__(self, detector, plan_probe_tokens: int = 1, fp16_budget: float | None = None):
+    def __init__(self, detector, plan_probe_tokens: int = 1, fp16_budget: float | None = None, tokenizer=None):
         from detector.calibration import NEVER
         from detector.policy import policy_for_budget
         from detector.probe import ALARM_HEADS
@@ -203,6 +214,11 @@ class LearnedTrigger(Trigger):
         elif "ends_wrong" in thresholds:
             thresholds["ends_wrong"] = NEVER  # without the action policy, the old policy's alarms only
         self.answer_head = self.heads.index("answer_correct") if "answer_correct" in self.heads else None
+        # Step rewrites: a policy with a step threshold, the head, and a tokenizer to read the steps with.
+        self.tokenizer, self.step_head, self.step_threshold = tokenizer, None, None
+        if (self.policy is not None and tokenizer is not None and "step_wrong" in self.heads
+                and float(self.policy.get("step_threshold", NEVER)) < NEVER):
+            self.step_head, self.step_threshold = self.heads.index("step_wrong"), float(self.policy["step_threshold"])
         self.thresholds = torch.tensor([thresholds[h] for h in self.heads])
         self._plan_probe_tokens = 0 if self.policy is not None else plan_probe_tokens  # nothing to decide
         self.state: dict[int, _ProbeState] = {}
@@ -219,28 +235,60 @@ class LearnedTrigger(Trigger):
         # The probe reads states the controller no longer has after a cut or an FP16 span; it starts over
         # (the running mean refills within `mean_window` tokens), and the early risk is kept.
         # Candidate scores of the tokens the trace keeps stay, for the action policy.
+        # The running mean keeps the grid states of the kept tokens.
         old = self.state.get(seq)
         self.state[seq] = fresh = self._fresh_state(old.early_risk if old else 0.0)
         if old is not None:
             kept = bisect.bisect_left(old.grid_positions, len(generated))
             fresh.grid_positions, fresh.answer_scores = old.grid_positions[:kept], old.answer_scores[:kept]
+            fresh.features = old.features.truncated(len(generated))
+        if self.step_head is not None:
+            fresh.pieces = [self.tokenizer.decode([int(t)], skip_special_tokens=True) for t in generated[-_STEP_TOKENS:]]
 
     def _fresh_state(self, early_risk: float = 0.0) -> _ProbeState:
         return _ProbeState(features=self.detector.streaming(), runs=[0] * len(self.heads),
                            run_starts=[0] * len(self.heads), early_risk=early_risk)
 
+    def _closed_steps(self, seqs, positions, tokens) -> dict[int, int]:
+        """Rows whose newest token closes an arithmetic step -> generated position where its result begins."""
+        from inference.arithmetic import step_at_end
+
+        closed = {}
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            state = self.state.setdefault(seq, self._fresh_state())
+            state.pieces = [*state.pieces[-(_STEP_TOKENS - 1):], self.tokenizer.decode([token], skip_special_tokens=True)]
+            text = "".join(state.pieces)
+            step = step_at_end(text)
+            if step is None:
+                continue
+            remaining, onset = len(text) - step.result_start, positions[i] + 1
+            for piece in reversed(state.pieces):
+                if remaining <= 0:
+                    break
+                remaining -= len(piece)
+                onset -= 1
+            closed[i] = onset
+        return closed
+
     @torch.no_grad()
     def observe(self, seqs, positions, tokens, hidden, top_prob):
         alarms: list[Alarm | None] = [None] * len(seqs)
+        closed = self._closed_steps(seqs, positions, tokens) if self.step_head is not None else {}
         on_grid = [i for i, position in enumerate(positions) if position % self.stride == 0]
-        if not on_grid:
+        scored = sorted({*on_grid, *closed})
+        if not scored:
             return alarms
-        states = torch.stack([hidden[layer][on_grid] for layer in self.layers], dim=1).float().cpu()
+        states = torch.stack([hidden[layer][scored] for layer in self.layers], dim=1).float().cpu()
         rows = []
-        for j, i in enumerate(on_grid):
+        for j, i in enumerate(scored):
             state = self.state.setdefault(seqs[i], self._fresh_state())
             rows.append(state.features.step(positions[i], states[j : j + 1]))
-        scores = self.detector.probe(torch.cat(rows)).sigmoid()
+        all_scores = self.detector.probe(torch.cat(rows)).sigmoid()
+        for j, i in enumerate(scored):
+            if i in closed and float(all_scores[j, self.step_head]) >= self.step_threshold:
+                alarms[i] = Alarm("step_wrong", positions[i], closed[i], span_to_break=True)
+        grid_rows = [j for j, i in enumerate(scored) if positions[i] % self.stride == 0]
+        scores = all_scores[grid_rows]
         above = scores >= self.thresholds
         for j, i in enumerate(on_grid):
             seq, position = seqs[i], positions[i]
@@ -264,6 +312,8 @@ class LearnedTrigger(Trigger):
         return alarms
 
     def select(self, seq, alarm, candidate_tokens, on_alarm, fallback_available):
+        if alarm.span_to_break:
+            return FALLBACK, None
         if self.policy is None or on_alarm != "auto":
             return super().select(seq, alarm, candidate_tokens, on_alarm, fallback_available)
         state = self.state.get(seq)

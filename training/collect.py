@@ -8,7 +8,8 @@ set of one uninterrupted run.
 
 Hidden states of the configured layers are captured at every `capture.stride`-th generated
 position plus a dense window of `capture.window` positions around each label event (loop onset,
-first candidate answer, `</think>`, the last token); the manifest records the policy. The model's
+first candidate answer, `</think>`, the last token) and at the token closing every arithmetic step
+(`step_wrong`'s positions); the manifest records the policy. The model's
 top-token probability is kept at every generated position (4 bytes a token), for the confidence rule.
 """
 
@@ -73,12 +74,15 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def capture_positions(length: int, labels: TraceLabels, think_close: int | None, stride: int, window: int) -> list[int]:
-    """Generated positions whose hidden states are kept: a stride plus dense windows around events."""
+    """Generated positions whose hidden states are kept: a stride, dense windows around events, and the
+    tokens closing arithmetic steps."""
     keep = set(range(0, length, stride))
     events = [labels.loop_onset, labels.first_candidate_pos, think_close, length - 1]
     for event in events:
         if event is not None:
             keep.update(range(max(0, event - window), min(length, event + window + 1)))
+    # The token closing every arithmetic step: where the `step_wrong` head is trained and scored.
+    keep.update(token for token, _, _ in labels.steps if token < length)
     return sorted(keep)
 
 

@@ -10,7 +10,8 @@ larger than RAM still trains.
 A batch is `(features [B, feature_dim] float32, targets [B, len(HEADS)] float32)`, one row per
 captured position, targets in `detector.probe.HEADS` order, from `training.labels.position_targets`
 (with `labels.horizon` of the config), the trace's `correct` label (`ends_wrong`) and
-`training.labels.candidate_targets` (`answer_correct`, NaN where no candidate was just stated). Training batches are shuffled within a buffer of shards (shard order
+`training.labels.candidate_targets` (`answer_correct`, NaN where no candidate was just stated) and
+`training.labels.step_targets` (`step_wrong`, NaN except at the token closing an arithmetic step). Training batches are shuffled within a buffer of shards (shard order
 reshuffled each epoch); validation batches come in trace order.
 
 Refused (one line, `TraceSetError`): a trace set without `labels.json` or with traces it does not
@@ -38,7 +39,7 @@ from detector.features import FeatureRecipe, NormalisationStats, StatsAccumulato
 from detector.probe import HEADS
 from inference.config import RescueConfig
 from inference.errors import ModelUnavailableError
-from training.labels import TraceLabels, candidate_targets, position_targets
+from training.labels import TraceLabels, candidate_targets, position_targets, step_targets
 from inference.storage import file_sha256
 from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError
 
@@ -189,8 +190,9 @@ def _targets(labels: TraceLabels, positions: torch.Tensor, horizon: int) -> torc
     loop_within_h, fails_to_commit = position_targets(labels, horizon)
     loop = torch.from_numpy(loop_within_h[positions.numpy()].astype(np.float32))
     candidate = torch.from_numpy(candidate_targets(labels, positions.numpy()))
+    step = torch.from_numpy(step_targets(labels, positions.numpy()))
     return torch.stack([loop, torch.full_like(loop, float(fails_to_commit)),
-                        torch.full_like(loop, float(not labels.correct)), candidate], dim=1)
+                        torch.full_like(loop, float(not labels.correct)), candidate, step], dim=1)
 
 
 def _plan_traces(plan: ShardPlan, recipe: FeatureRecipe, stats: NormalisationStats,

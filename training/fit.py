@@ -119,8 +119,10 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
     heads = {}
     for index, head in enumerate(HEADS):
         if head not in ALARM_HEADS:
+            role = ("ranks candidate answers" if head == "answer_correct"
+                    else "judges each arithmetic step as it is closed")
             heads[head] = {"head": head, "threshold": NEVER, "patience": patience,
-                           "note": "ranks candidate answers (calibration.policy); never alarms"}
+                           "note": f"{role} (calibration.policy); never alarms"}
             continue
         sequences = [s["scores"][grid, index] for s, grid in zip(scored, grids)]
         if head == "ends_wrong" and not any(healthy[head]):
@@ -163,7 +165,7 @@ def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], 
     """The learned action policy per FP16 budget (`detector.policy.choose_policy`) on the stride-grid
     scores of the validation traces; None (the trigger keeps the old commit-the-earliest policy) when a
     decision head is untrained, with the reason in the card instead."""
-    from detector.policy import PolicyTrace, candidate_scores, choose_policy
+    from detector.policy import PolicyTrace, candidate_scores, choose_policy, step_scores
     from detector.probe import DECISION_HEADS, HEADS
 
     missing = [head for head in DECISION_HEADS if head in (untrained or {})]
@@ -171,6 +173,10 @@ def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], 
         return {"skipped": f"decision head {missing[0]} is untrained: {untrained[missing[0]]}"}
     stride = calibration["stride"]
     loop, wrong, candidate = (HEADS.index(h) for h in ("loop_within_h", "ends_wrong", "answer_correct"))
+    # The step head joins the policy when it was trained and scored (a detector of an older trace set, or
+    # of text without arithmetic steps, has none to use).
+    step = HEADS.index("step_wrong")
+    use_steps = all(s["scores"].shape[1] > step for s in scored) and "step_wrong" not in (untrained or {})
     traces = []
     for s in scored:
         grid = s["positions"] % stride == 0
@@ -178,9 +184,10 @@ def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], 
         traces.append(PolicyTrace(
             positions=positions, loop=s["scores"][grid, loop], wrong=s["scores"][grid, wrong],
             candidates=candidate_scores(positions, s["scores"][grid, candidate], s["labels"].candidates),
-            length=s["labels"].length, correct=s["labels"].correct))
+            length=s["labels"].length, correct=s["labels"].correct,
+            steps=step_scores(s["positions"], s["scores"][:, step], s["labels"].steps) if use_steps else []))
     return choose_policy(traces, calibration["heads"]["loop_within_h"]["threshold"], calibration["patience"],
-                         fallback_success)
+                         fallback_success, use_steps=use_steps)
 
 
 def plot_pr_curves(scored: list[dict[str, Any]], path: Path) -> Path:

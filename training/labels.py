@@ -14,14 +14,19 @@ Per trace (`TraceLabels`):
 - `correct`: the final answer equals the gold answer (as `rescue evaluate` grades it);
 - `fails_to_commit`: not `committed`;
 - `candidates`: every answer stated while thinking, as `[token, correct]` pairs: the token that
-  completes the stated value and whether that value equals the gold answer (graded as `correct`).
+  completes the stated value and whether that value equals the gold answer (graded as `correct`);
+- `steps`: every arithmetic step `a op b = c` written while thinking (`inference.arithmetic`), as
+  `[token, wrong, result_token]` triples: the token holding the break that closes the step, whether
+  `c` is not `a op b` (checked from the text, no gold answer needed), and the token where `c` begins.
 
 Per position (`position_targets`), for the probe: `loop_within_h` (inside a loop, or its onset
 within the next H tokens), the trace-level `fails_to_commit`, the trace-level `ends_wrong` (the
 trace will not end with a correct final answer: `not correct`), and `answer_correct`, defined only at
 the capture position that first follows a candidate's completing token (will this stated answer be
 correct?) and undefined (NaN) elsewhere. These last two need gold answers; they are what the learned
-trigger uses to choose between committing to a candidate and falling back to FP16.
+trigger uses to choose between committing to a candidate and falling back to FP16. `step_wrong` is
+defined only at the token closing an arithmetic step (is the result just written wrong?), NaN
+elsewhere: the learned trigger has FP16 rewrite a result it scores as wrong.
 
 `label_report` summarizes a list of labels as a markdown table and PNG plots; `label_records` labels
 the traces of an evaluation record and `label_shares` gives the share of traces per label.
@@ -41,6 +46,7 @@ import numpy as np
 from inference.answers import (  # noqa: F401  (token_char_ends: re-exported, it was defined here first)
     THINK_CLOSE, extract_final_answer, find_candidate_answers, split_thinking, token_char_ends,
 )
+from inference.arithmetic import find_steps
 from inference.config import LabelsConfig
 from inference.generate import FINISH_BUDGET
 from inference.grading import is_correct
@@ -82,6 +88,9 @@ class TraceLabels:
     """Not committed: the budget ran out, `</think>` never came, or no final answer parses."""
     candidates: tuple[tuple[int, bool], ...] = ()
     """Every candidate answer stated while thinking: (token completing its value, value is correct)."""
+    steps: tuple[tuple[int, bool, int], ...] = ()
+    """Every arithmetic step written while thinking: (token closing it, its result is wrong, token where
+    the result begins)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +102,8 @@ class TraceLabels:
         values = {name: record[name] for name in fields if name in record}
         if "candidates" in values:
             values["candidates"] = tuple((int(pos), bool(ok)) for pos, ok in values["candidates"])
+        if "steps" in values:
+            values["steps"] = tuple((int(pos), bool(wrong), int(start)) for pos, wrong, start in values["steps"])
         return cls(**values)
 
 
@@ -267,6 +278,9 @@ def label_trace(
 
     delayed = first_candidate_pos is not None and length - 1 - first_candidate_pos > params.commit_delay
     stated = tuple((_token_at(token_ends, c.end), is_correct(c.text, gold)) for c in candidates) if length else ()
+    thinking_end = text.find(THINK_CLOSE)
+    steps = tuple((_token_at(token_ends, s.end + 1), s.wrong, _token_at(token_ends, s.result_start + 1))
+                  for s in find_steps(text if thinking_end < 0 else text[:thinking_end])) if length else ()
     return TraceLabels(
         length=length,
         loop_onset=None if loop is None else loop[0],
@@ -279,6 +293,7 @@ def label_trace(
         correct=is_correct(final_answer, gold),
         fails_to_commit=not committed,
         candidates=stated,
+        steps=steps,
     )
 
 
@@ -307,6 +322,18 @@ def candidate_targets(labels: TraceLabels, positions: np.ndarray) -> np.ndarray:
     return targets
 
 
+def step_targets(labels: TraceLabels, positions: np.ndarray) -> np.ndarray:
+    """`step_wrong` at captured `positions` (sorted generated indices): 1.0 / 0.0 at the position of the
+    token closing each arithmetic step (its result is wrong / right), NaN elsewhere. Steps whose closing
+    token was not captured get no target (trace sets collected before steps were captured densely)."""
+    targets = np.full(len(positions), np.nan, dtype=np.float32)
+    for token, wrong, _ in labels.steps:
+        index = int(np.searchsorted(positions, token))
+        if index < len(positions) and int(positions[index]) == token:
+            targets[index] = float(wrong)
+    return targets
+
+
 # Rates reported for each label, in table order.
 _FLAGS = {
     "loop": lambda t: t.loop_onset is not None,
@@ -318,6 +345,7 @@ _FLAGS = {
     "delayed_commitment": lambda t: t.delayed_commitment,
     "correct": lambda t: t.correct,
     "correct_candidate": lambda t: any(ok for _, ok in t.candidates),
+    "wrong_step": lambda t: any(wrong for _, wrong, _ in t.steps),
 }
 
 

@@ -69,3 +69,37 @@ def test_candidates_are_scored_at_the_next_grid_step_and_the_best_before_an_alar
     assert scored == [(3, 0.7, True), (9, 0.3, False)]  # the last is after the final grid step
     assert best_candidate(scored, before=9) == (3, 0.7, True)
     assert best_candidate(scored, before=3) is None
+
+
+def test_step_rewrites_repair_traces_whose_every_wrong_step_is_caught():
+    from detector.policy import step_outcomes, step_scores
+
+    # Steps (closing token, step_wrong score, wrong, rewrite cost): wrong steps score 0.8, right ones 0.2
+    # or 0.5. Two traces are wrong only through their arithmetic, one loses its answer another way.
+    def stepped(correct, steps):
+        trace = _trace(None, correct)
+        trace.steps = steps
+        return trace
+
+    traces = ([stepped(True, [(12, 0.2, False, 3), (24, 0.5, False, 3)]) for _ in range(4)]
+              + [stepped(False, [(12, 0.8, True, 3), (24, 0.2, False, 3)]) for _ in range(2)]
+              + [stepped(False, [(12, 0.2, False, 3)])])
+    repaired = step_outcomes(traces, 0.7)
+    assert [r[0] for r in repaired] == [False] * 4 + [True, True, False]
+    assert [r[2] for r in repaired] == [0, 0, 0, 0, 1, 1, 0]
+    outcome = simulate(traces, NEVER, NEVER, NEVER, patience=1, fallback_success=1.0, reference=100,
+                       step_threshold=0.7)
+    assert outcome["accuracy"] == pytest.approx(6 / 7) and outcome["step_rewrites"] == pytest.approx(2 / 7)
+    policy = choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0, use_steps=True)
+    assert policy["step_rewrites"]
+    free = policy_for_budget(policy, 0.0)
+    assert free["step_threshold"] == NEVER and free["modeled_accuracy"] == pytest.approx(4 / 7)
+    # A small budget buys the two rewrites that repair two traces, not the 0.5-scored right steps too.
+    cheap = policy_for_budget(policy, 0.02)
+    assert 0.5 < cheap["step_threshold"] <= 0.8 and cheap["modeled_accuracy"] == pytest.approx(6 / 7)
+    # Without the step head the policy has no step threshold to choose.
+    assert choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0)["budgets"][-1][
+        "step_threshold"] == NEVER
+    # Step scores are read at the exact captured position of each closing token.
+    scored = step_scores(np.array([0, 8, 12, 16]), np.array([0.1, 0.2, 0.9, 0.3]), [(12, True, 10), (13, False, 12)])
+    assert scored == [(12, pytest.approx(0.9), True, 3)]

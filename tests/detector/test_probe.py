@@ -36,8 +36,9 @@ def test_module_learns_planted_signal_and_logs_val_metrics():
     torch.manual_seed(0)
     features = torch.randn(2000, 10)
     targets = torch.stack([(features[:, 0] > 1.0), (features[:, 1] > 0.5), (features[:, 2] > 0.0),
-                           (features[:, 3] > 0.0)], dim=1).float()
+                           (features[:, 3] > 0.0), (features[:, 5] > 0.3)], dim=1).float()
     targets[features[:, 4] > 0.5, 3] = float("nan")  # answer_correct has targets at some positions only
+    targets[features[:, 6] < -0.2, 4] = float("nan")  # step_wrong: at step-closing tokens only
     loader = DataLoader(TensorDataset(features, targets), batch_size=200, shuffle=True)
     val = DataLoader(TensorDataset(features[:500], targets[:500]), batch_size=250)
     negatives = (1 - targets).nansum(0) / targets.nansum(0)

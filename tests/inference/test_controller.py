@@ -197,3 +197,52 @@ def test_actions_work_the_same_on_the_static_decode_path(pair, control):
         assert static.text == dynamic.text and static.actions == dynamic.actions
         assert (static.tokens_2bit, static.tokens_fp16, static.prefill_fp16) == \
                (dynamic.tokens_2bit, dynamic.tokens_fp16, dynamic.prefill_fp16)
+
+
+class StepScripted(Trigger):
+    """A step-rewrite alarm for every sequence at generated position 8, its result beginning at 6."""
+
+    name = "step-scripted"
+
+    def __init__(self):
+        self.fired = set()
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        alarms = []
+        for seq, p in zip(seqs, positions):
+            alarms.append(Alarm("step_wrong", p, 6, span_to_break=True) if p == 8 and seq not in self.fired else None)
+            if p == 8:
+                self.fired.add(seq)
+        return alarms
+
+
+def test_a_step_rewrite_cuts_to_the_result_and_fp16_writes_to_the_break_then_hands_back(pair):
+    from inference.arithmetic import BREAKS
+    from inference.controller import STEP_REWRITE_TOKENS
+
+    models, tokenizer = pair
+    controller = Controller(models, tokenizer, StepScripted(), ControlConfig(max_interventions=1),
+                            _sampling(budget=30), "learned")
+    states = controller.run(_problems(4), progress=False)
+    assert any(state.actions for state in states)
+    for state in states:
+        if not state.actions:
+            # ended before the alarm, or closed its thinking first (no longer watched)
+            assert len(state.generated) <= 8 or controller.think_close in state.generated[:9]
+            continue
+        kinds = [a["kind"] for a in state.actions]
+        assert kinds[0] == "rewrite" and state.interventions == 0 and state.step_rewrites == 1
+        assert state.actions[0]["onset"] == 6 and state.actions[0]["cut_tokens"] == 3
+        if state.finish_reason == "eos" and len(kinds) == 1:
+            continue  # FP16 ended the trace inside its span
+        assert kinds[1] == "handback"
+        written = state.generated[6 : state.actions[1]["position"]]
+        assert len(written) == state.tokens["fp16"] <= STEP_REWRITE_TOKENS
+        pieces = [tokenizer.decode([t]) for t in written]
+        # FP16 stopped at the first token holding a break, or after the most tokens a rewrite may take.
+        assert len(written) == STEP_REWRITE_TOKENS or any(c in BREAKS for c in pieces[-1])
+        assert not any(c in BREAKS for piece in pieces[:-1] for c in piece)
+    # Without an FP16 model a rewrite cannot happen: the 2-bit model goes on.
+    alone = Controller({"2bit": models["2bit"]}, tokenizer, StepScripted(), ControlConfig(), _sampling(budget=30),
+                       "learned").run(_problems(2), progress=False)
+    assert all(s.actions == [] and s.tokens["fp16"] == 0 for s in alone)

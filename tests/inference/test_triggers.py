@@ -158,3 +158,47 @@ def test_learned_trigger_without_a_budget_or_policy_keeps_the_earliest_candidate
     assert trigger.select(0, Alarm("loop_within_h", 5, 4), [1, 3], "auto", True) == (COMMIT, 0)
     two_heads = LearnedTrigger(_detector(stride=1, patience=1), fp16_budget=0.3)
     assert two_heads.policy_name == "earliest-candidate" and two_heads.policy is None
+
+
+def _step_detector(step_threshold=0.5):
+    """Five linear heads: step_wrong logit 10 * (channel 3), the others silent; a policy with a step threshold."""
+    detector = _decision_detector()
+    probe = Probe(detector.recipe.feature_dim, hidden_width=0)
+    with torch.no_grad():
+        for parameter in probe.parameters():
+            parameter.zero_()
+        probe.heads.bias[:] = -10.0
+        probe.heads.bias[HEADS.index("step_wrong")] = 0.0
+        probe.heads.weight[HEADS.index("step_wrong"), 3] = 10.0
+    detector.probe = probe
+    detector.card["calibration"]["heads"] = {h: {"threshold": 0.5} for h in HEADS}
+    detector.card["calibration"]["policy"]["budgets"][0]["step_threshold"] = step_threshold
+    return detector
+
+
+def test_learned_trigger_rewrites_a_step_it_scores_wrong_from_where_its_result_begins():
+    from training.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = "Go.\n12 + 3 = 16\n16 * 2 = 32\n"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text)  # one token per character
+    states = torch.full((len(ids), 4), -1.0)
+    first_break = text.index("16\n") + 2
+    states[first_break, 3] = 1.0        # the step closed here scores wrong
+    states[first_break - 1, 3] = 1.0    # a token that closes no step: never scored for step_wrong
+    trigger = LearnedTrigger(_step_detector(), fp16_budget=0.3, tokenizer=tokenizer)
+    trigger.restart(0, [])
+    alarms = [trigger.observe([0], [p], torch.tensor([ids[p]]), {0: states[p : p + 1]}, None)[0]
+              for p in range(len(ids))]
+    fired = [p for p, a in enumerate(alarms) if a is not None]
+    assert fired == [first_break]
+    alarm = alarms[first_break]
+    assert alarm.reason == "step_wrong" and alarm.span_to_break and alarm.onset == text.index("16\n")
+    assert trigger.select(0, alarm, [], "auto", True) == (FALLBACK, None)
+    # The same detector without a tokenizer to read steps with, or at a budget whose policy has no step
+    # threshold, never rewrites.
+    blind = LearnedTrigger(_step_detector(), fp16_budget=0.3)
+    assert blind.step_head is None
+    from detector.calibration import NEVER
+    assert LearnedTrigger(_step_detector(NEVER), fp16_budget=0.3, tokenizer=tokenizer).step_head is None

@@ -40,17 +40,18 @@ def synthetic_config(tmp_path: Path, **overrides):
 def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, seed: int = 0,
                             hidden_size: int = HIDDEN, signal: float = 2.0, loops: bool = True,
                             name: str = "synthetic", labels: bool = True, fails: bool = True,
-                            wrong: bool = True) -> Path:
+                            wrong: bool = True, steps: bool = True) -> Path:
     """A labeled trace set: ~30% of traces loop (onset at a random position), ~20% fail to commit, and
     (with `wrong`) ~40% of those that commit end wrong; each states one candidate, correct iff the trace is."""
     rng = np.random.default_rng(seed)
-    fails_allowed = fails
+    fails_allowed, steps_allowed = fails, steps
     # A second generator for top_prob, so the rest of the planted data does not depend on it.
     confidence_rng = np.random.default_rng(seed + 10_000)
     folder.mkdir(parents=True, exist_ok=True)
     # The same "model" for every seed: the planted directions do not depend on it.
-    directions = np.random.default_rng(1234).standard_normal((4, hidden_size)).astype(np.float32)
-    loop_direction, commit_direction, wrong_direction, answer_direction = directions
+    directions = np.random.default_rng(1234).standard_normal((5, hidden_size)).astype(np.float32)
+    loop_direction, commit_direction, wrong_direction, answer_direction, step_direction = directions
+    step_rng = np.random.default_rng(seed + 30_000)  # the arithmetic steps' data, also from its own generator
     # The correctness heads' data from a generator of their own, so the rest does not depend on it.
     answer_rng = np.random.default_rng(seed + 20_000)
     traces, records = [], {}
@@ -60,10 +61,15 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
         fails = bool(rng.random() < 0.2) and fails_allowed
         correct = not fails and (bool(answer_rng.random() < 0.6) or not wrong)
         candidate = int(answer_rng.integers(10, length - 10))
+        # Three arithmetic steps closing on captured positions, each wrong with probability 0.3.
+        closing = sorted(STRIDE * step_rng.choice(np.arange(2, (length - 1) // STRIDE), 3, replace=False))
+        steps = tuple((int(token), bool(step_rng.random() < 0.3), int(token) - 2) for token in closing)
+        steps = steps if steps_allowed else ()
         trace_labels = TraceLabels(length=length, loop_onset=loop_onset, loop_period=None if loop_onset is None else 10,
                                    budget_exhausted=fails, unclosed_think=fails, committed=not fails,
                                    first_candidate_pos=None, delayed_commitment=False, correct=correct,
-                                   fails_to_commit=fails, candidates=((candidate, correct),))
+                                   fails_to_commit=fails, candidates=((candidate, correct),),
+                                   steps=steps)
         positions = np.arange(0, length, STRIDE)
         hidden = rng.standard_normal((len(positions), len(LAYERS), hidden_size)).astype(np.float32)
         looping, _ = position_targets(trace_labels, HORIZON)
@@ -71,6 +77,8 @@ def write_planted_trace_set(folder: Path, problems: int = 40, samples: int = 2, 
         hidden[:, 0] += signal * fails * commit_direction
         hidden[:, 0] += signal * (not correct) * wrong_direction
         hidden[np.searchsorted(positions, candidate), 1] += signal * (1 if correct else -1) * answer_direction
+        for token, step_wrong, _ in steps:
+            hidden[np.searchsorted(positions, token), 1] += signal * (1 if step_wrong else -1) * step_direction
         # Confident text with an uncertain token every 8 (a computed digit), until a loop sets in.
         top_prob = confidence_rng.uniform(0.5, 1.0, length)
         top_prob[::8] = 0.3
@@ -193,7 +201,8 @@ def test_other_model_or_layers_refused(planted, tmp_path):
 
 
 def test_no_positive_labels_refused(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False,
+                                     steps=False)
     with pytest.raises(TraceSetError, match="no positive labels for loop_within_h"):
         TraceDataModule(synthetic_config(tmp_path), traces).setup()
 

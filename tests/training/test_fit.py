@@ -92,7 +92,8 @@ def test_training_logs_to_offline_wandb(planted, tmp_path, monkeypatch):
 
 
 def test_no_positive_labels_is_one_clear_error(tmp_path):
-    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False)
+    traces = write_planted_trace_set(tmp_path / "traces", problems=8, loops=False, fails=False, wrong=False,
+                                     steps=False)
     with pytest.raises(RescueError, match="no positive labels for loop_within_h"):
         train_detector(synthetic_config(tmp_path), str(traces), progress=False)
 

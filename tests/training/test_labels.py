@@ -433,3 +433,32 @@ def test_candidates_are_graded_and_targeted_at_the_next_captured_position():
     old = {k: v for k, v in labels.to_dict().items() if k != "candidates"}
     assert TraceLabels.from_dict(old).candidates == ()
     assert TraceLabels.from_dict(labels.to_dict()) == labels
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_arithmetic_steps_are_labeled_at_their_closing_token(kind, bpe):
+    from training.collect import capture_positions
+    from training.labels import TraceLabels, step_targets
+
+    tokenizer = build_tokenizer() if kind == "char" else bpe
+    text = ("<think>\n27 + 39 = 66\n66 - 33 = 34\nLet me verify: 27 + 39 = 66, 66 - 33 = 33.\n</think>\n\n"
+            "The answer is \\boxed{33}. 1 + 1 = 3.")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoded = tokenizer.decode(ids)
+    labels = label_trace(ids, decoded, token_char_ends(tokenizer, ids), "eos", "33", LabelsConfig())
+    # Four steps while thinking (the one in the reply is not a step of the reasoning); the second is wrong.
+    assert [wrong for _, wrong, _ in labels.steps] == [False, True, False, False]
+    for (token, _, start), result in zip(labels.steps, ["66", "34", "66", "33"]):
+        assert any(c in ",.\n" for c in tokenizer.decode(ids[token : token + 1]))  # the token holding the break
+        assert result in tokenizer.decode(ids[start : token + 1])
+        assert tokenizer.decode(ids[:start]).rstrip().endswith("=")
+    positions = np.array(capture_positions(len(ids), labels, None, stride=16, window=0))
+    assert all(token in positions for token, _, _ in labels.steps)  # every closing token is captured
+    targets = step_targets(labels, positions)
+    assert np.nansum(targets) == 1.0 and (~np.isnan(targets)).sum() == 4
+    assert targets[np.searchsorted(positions, labels.steps[1][0])] == 1.0
+    # A closing token that was not captured gets no target; older labels.json files read with no steps.
+    assert np.isnan(step_targets(labels, np.arange(0, len(ids), 97))).sum() >= len(np.arange(0, len(ids), 97)) - 1
+    old = {k: v for k, v in labels.to_dict().items() if k != "steps"}
+    assert TraceLabels.from_dict(old).steps == ()
+    assert TraceLabels.from_dict(json.loads(json.dumps(labels.to_dict()))) == labels
