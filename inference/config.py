@@ -280,9 +280,9 @@ class ControlConfig:
         metadata=_help("rescue compare: further FP16 budgets the learned trigger runs at (methods learned@B), "
                        "drawing its accuracy-against-cost curve; [] for none", min=0.0, max=1.0),
     )
-    run_train_problems: int = field(default=300, metadata=_help("rescue run: training problems collected", min=1))
-    run_val_problems: int = field(default=150, metadata=_help("rescue run: validation problems collected", min=1))
-    run_test_problems: int = field(default=150, metadata=_help("rescue run: test problems compared", min=1))
+    run_train_problems: int = field(default=128, metadata=_help("rescue run: training problems collected", min=1))
+    run_val_problems: int = field(default=64, metadata=_help("rescue run: validation problems collected", min=1))
+    run_test_problems: int = field(default=100, metadata=_help("rescue run: test problems compared", min=1))
 
 
 @dataclass

@@ -270,9 +270,12 @@ RUN_LEAVES_OUT = ("plan-only", "rescue-only", "ceiling-loop")
 
 
 def run_methods(config: RescueConfig) -> tuple[str, ...]:
-    """What `rescue run` compares: `default_methods` without `RUN_LEAVES_OUT` (the learned curve and the
-    step ceiling stay)."""
-    return tuple(m for m in default_methods(config) if m not in RUN_LEAVES_OUT)
+    """What `rescue run` compares: `default_methods` without `RUN_LEAVES_OUT`, and of the learned curve only
+    its smallest budget (with `learned` at `rescue.fp16_budget` and the naive 2-bit point, three points)."""
+    methods = [m for m in default_methods(config) if m not in RUN_LEAVES_OUT]
+    curve = [m for m in methods if m.startswith("learned@")]
+    smallest = min(curve, key=lambda m: float(m.split("@", 1)[1]), default=None)
+    return tuple(m for m in methods if not m.startswith("learned@") or m == smallest)
 
 
 def log_comparison(run, model_name: str, all_records: dict, summaries: dict, out_dir: Path | None,
