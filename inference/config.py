@@ -282,7 +282,7 @@ class ControlConfig:
     )
     run_train_problems: int = field(default=128, metadata=_help("rescue run: training problems collected", min=1))
     run_val_problems: int = field(default=64, metadata=_help("rescue run: validation problems collected", min=1))
-    run_test_problems: int = field(default=100, metadata=_help("rescue run: test problems compared", min=1))
+    run_test_problems: int = field(default=64, metadata=_help("rescue run: test problems compared", min=1))
 
 
 @dataclass
