@@ -31,6 +31,8 @@ class Step:
     op: str
     b: int
     result: int
+    start: int
+    """Character offset where the step (its first operand) begins."""
     result_start: int
     """Character offset where the stated result begins."""
     end: int
@@ -47,7 +49,7 @@ class Step:
 
 def _step(match: re.Match, offset: int = 0) -> Step:
     return Step(int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4)),
-                offset + match.start(4), offset + match.end(4))
+                offset + match.start(), offset + match.start(4), offset + match.end(4))
 
 
 def find_steps(text: str) -> list[Step]:
@@ -63,3 +65,16 @@ def step_at_end(text: str, lookback: int = 48) -> Step | None:
     tail = text[-lookback:]
     match = _STEP_AT_END.search(tail)
     return None if match is None else _step(match, len(text) - len(tail))
+
+
+def token_at_char(pieces: list[str], char: int, last_position: int) -> int:
+    """The generated position of the token holding character `char` of `"".join(pieces)`, where `pieces`
+    are the decoded texts of the newest tokens and the last of them is at generated position
+    `last_position`."""
+    remaining, position = sum(map(len, pieces)) - char, last_position + 1
+    for piece in reversed(pieces):
+        if remaining <= 0:
+            break
+        remaining -= len(piece)
+        position -= 1
+    return position

@@ -73,13 +73,16 @@ class TraceState:
     prefill: Counter = field(default_factory=Counter)
     actions: list[dict] = field(default_factory=list)
     interventions: int = 0
-    step_rewrites: int = 0
     rewritten: set = field(default_factory=set)
     """Onsets FP16 has rewritten a result at (one rewrite per result: FP16 is not asked twice)."""
     to_break: bool = False
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
+
+    @property
+    def step_rewrites(self) -> int:
+        return len(self.rewritten)
 
     @property
     def model(self) -> str:
@@ -220,7 +223,6 @@ class Controller:
                 or not 0 <= alarm.onset <= len(state.generated) or alarm.onset in state.rewritten):
             self._begin_reasoning(state)  # nothing to rewrite with: the 2-bit model goes on
             return
-        state.step_rewrites += 1
         state.rewritten.add(alarm.onset)
         state.actions.append({"kind": "rewrite", "reason": alarm.reason, "position": alarm.position,
                               "onset": alarm.onset, "cut_tokens": len(state.generated) - alarm.onset,

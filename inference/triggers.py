@@ -232,10 +232,8 @@ class LearnedTrigger(Trigger):
         return state is not None and state.early_risk >= self.plan_threshold
 
     def restart(self, seq: int, generated: Sequence[int]) -> None:
-        # The probe reads states the controller no longer has after a cut or an FP16 span; it starts over
-        # (the running mean refills within `mean_window` tokens), and the early risk is kept.
-        # Candidate scores of the tokens the trace keeps stay, for the action policy.
-        # The running mean keeps the grid states of the kept tokens.
+        # After a cut or an FP16 span the alarm runs start over; the early risk, the running mean's grid
+        # states and the candidate scores of the tokens the trace keeps stay.
         old = self.state.get(seq)
         self.state[seq] = fresh = self._fresh_state(old.early_risk if old else 0.0)
         if old is not None:
@@ -251,23 +249,15 @@ class LearnedTrigger(Trigger):
 
     def _closed_steps(self, seqs, positions, tokens) -> dict[int, int]:
         """Rows whose newest token closes an arithmetic step -> generated position where its result begins."""
-        from inference.arithmetic import step_at_end
+        from inference.arithmetic import step_at_end, token_at_char
 
         closed = {}
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             state = self.state.setdefault(seq, self._fresh_state())
             state.pieces = [*state.pieces[-(_STEP_TOKENS - 1):], self.tokenizer.decode([token], skip_special_tokens=True)]
-            text = "".join(state.pieces)
-            step = step_at_end(text)
-            if step is None:
-                continue
-            remaining, onset = len(text) - step.result_start, positions[i] + 1
-            for piece in reversed(state.pieces):
-                if remaining <= 0:
-                    break
-                remaining -= len(piece)
-                onset -= 1
-            closed[i] = onset
+            step = step_at_end("".join(state.pieces))
+            if step is not None:
+                closed[i] = token_at_char(state.pieces, step.result_start, positions[i])
         return closed
 
     @torch.no_grad()

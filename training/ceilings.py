@@ -23,6 +23,7 @@ import re
 from typing import Sequence
 
 from inference.answers import find_candidate_answers
+from inference.arithmetic import step_at_end, token_at_char
 from inference.grading import is_correct
 from inference.triggers import Alarm, Trigger
 from training.labels import find_loop
@@ -36,7 +37,6 @@ LOOP_CHECK_EVERY = 16
 _WORDS = {"add": "+", "subtract": "-", "multiply by": "*"}
 _OPERATION = re.compile(r"(add|subtract|multiply by) (\d+)", re.IGNORECASE)
 _START = re.compile(r"Start with (-?\d+)\.")
-_STEP = re.compile(r"(-?\d+) ([+*-]) (\d+) = (-?\d+)$")
 
 
 def arith_steps(question: str) -> set[tuple[int, str, int, int]] | None:
@@ -78,21 +78,13 @@ class StepOracleTrigger(Trigger):
             pieces.append(piece)
             alarms.append(None)
             steps = self.steps[seq]
-            if steps is None or not piece or piece[-1] not in ",.\n" or len(pieces) != position + 1:
+            if steps is None or len(pieces) != position + 1:
                 continue
-            text = "".join(pieces[-40:])
-            match = _STEP.search(text[:-1])  # the line before its closing ",", "." or newline
-            if match is None:
+            recent = pieces[-40:]
+            step = step_at_end("".join(recent))
+            if step is None or (step.a, step.op, step.b, step.result) in steps:
                 continue
-            a, op, b, c = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
-            if (a, op, b, c) in steps:
-                continue
-            # Walk back over the pieces to the token where the step begins.
-            remaining, onset = len(text) - match.start(), position + 1
-            while remaining > 0 and onset > 0:
-                onset -= 1
-                remaining -= len(pieces[onset])
-            alarms[-1] = Alarm("wrong_step", position, onset)
+            alarms[-1] = Alarm("wrong_step", position, token_at_char(recent, step.start, position))
         return alarms
 
 
