@@ -8,8 +8,10 @@ and commits to the best one if that score reaches `commit_threshold`; otherwise 
 from where the risk rose, and FP16 finishes the trace.
 
 Where the detector has a trained `step_wrong` head (text with arithmetic steps), a third threshold joins:
-at the token closing each step, a score at or above `step_threshold` has FP16 rewrite that step's result
-(cut back to where the result begins, FP16 writes to the step's break, then hands back to 2-bit).
+at the token closing each step, a score at or above `step_threshold` hands that step's result to FP16. With
+the `check` step action (the default) FP16 first checks the result in one forward pass and rewrites only
+from the first token it rejects; with `rewrite` it rewrites every flagged result (cut back to where the
+result begins, FP16 writes to the step's break, then hands back to 2-bit).
 
 The thresholds are chosen on validation traces to maximise *modeled* accuracy under an FP16 budget
 (FP16 tokens over all tokens, in the mean over traces). The model of one validation trace:
@@ -18,8 +20,11 @@ The thresholds are chosen on validation traces to maximise *modeled* accuracy un
 - fallback at position a: correct with probability `fallback_success` (FP16's own accuracy is the
   natural value), FP16 tokens `max(reference - a, reference / 4)`, where `reference` is the mean
   length of the correct validation traces (a healthy trace's length), and the 2-bit tokens up to a;
-- step rewrites: every step scored at or above `step_threshold` costs its result's tokens and the break
-  in FP16. A trace with wrong steps whose every wrong step is rewritten is correct with probability
+- step actions: with `rewrite`, every step scored at or above `step_threshold` costs its result's tokens
+  and the break in FP16; with `check`, every such step costs one FP16 forward pass (counted as one FP16
+  token: one read of the FP16 weights) and the wrong ones among them also their result's tokens (FP16 is
+  modeled to reject a wrong result and accept a right one). A trace with wrong steps whose every wrong
+  step is handed to FP16 is correct with probability
   `fallback_success` and as long as `reference`; otherwise the rewrites are spent and the trace goes on
   as above (a partly repaired trace is modeled as not repaired).
 Validation traces hold no FP16 continuations, so the fallback's outcome and length are modeled, not
@@ -105,15 +110,25 @@ def step_scores(positions: np.ndarray, scores: np.ndarray, steps: Sequence[tuple
     return scored
 
 
-def step_outcomes(traces: Sequence[PolicyTrace], threshold: float) -> list[tuple[bool, float, int]]:
-    """Per trace, under step rewrites at `threshold`: (every wrong step rewritten and there was one, FP16
-    tokens spent on rewrites, rewrites)."""
+STEP_ACTIONS = ("check", "rewrite")
+
+
+def step_outcomes(traces: Sequence[PolicyTrace], threshold: float, action: str = "rewrite"
+                  ) -> list[tuple[bool, float, int]]:
+    """Per trace, under step actions at `threshold`: (every wrong step handed to FP16 and there was one,
+    FP16 tokens spent on them, steps handed to FP16). `action` is `rewrite` or `check` (module docstring)."""
+    if action not in STEP_ACTIONS:
+        raise ValueError(f"step action {action!r}: expected one of {', '.join(STEP_ACTIONS)}")
     outcomes = []
     for trace in traces:
         chosen = [s for s in trace.steps if s[1] >= threshold]
         wrong = [s for s in trace.steps if s[2]]
         repaired = bool(wrong) and all(s[1] >= threshold for s in wrong)
-        outcomes.append((repaired, float(sum(s[3] for s in chosen)), len(chosen)))
+        if action == "check":
+            spent = len(chosen) + sum(s[3] for s in chosen if s[2])
+        else:
+            spent = sum(s[3] for s in chosen)
+        outcomes.append((repaired, float(spent), len(chosen)))
     return outcomes
 
 
@@ -182,9 +197,10 @@ def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
 
 
 def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience: int, fallback_success: float,
-                  budgets: Sequence[float] = BUDGETS, steps: int = 24, use_steps: bool = False) -> dict:
+                  budgets: Sequence[float] = BUDGETS, steps: int = 24, use_steps: bool = False,
+                  step_action: str = "check") -> dict:
     """Thresholds per FP16 budget maximising modeled accuracy within it (ties: the cheaper choice).
-    `use_steps`: also choose the step-rewrite threshold (on a coarser grid of all three).
+    `use_steps`: also choose the step threshold (on a coarser grid of all three), for `step_action`.
 
     Returns the card's `calibration.policy`: the reference length, the fallback model, and one
     `PolicyChoice` per budget, budgets ascending."""
@@ -202,7 +218,7 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
     alarm_sets = {w: [alarm_position(t, loop_threshold, w, patience) for t in traces] for w in wrong_grid}
     outcomes = []
     for s in step_grid:
-        rewrites = step_outcomes(traces, s)
+        rewrites = step_outcomes(traces, s, step_action)
         for w in wrong_grid:
             outcomes += [(w, c, s, simulate(traces, loop_threshold, w, c, patience, fallback_success, reference,
                                             alarm_sets[w], s, rewrites))
@@ -220,8 +236,10 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
             "loop_threshold": loop_threshold, "traces": len(traces),
             "model": "detector/policy.py: no alarm keeps the trace's outcome; commit is graded; fallback "
                      "succeeds with fallback_success and costs max(reference - alarm, reference / 4) FP16 tokens"
-                     + ("; rewriting every wrong step succeeds with fallback_success" if use_steps else ""),
+                     + (f"; handing every wrong step to FP16 ({step_action}) succeeds with fallback_success"
+                        if use_steps else ""),
             "step_rewrites": use_steps,
+            "step_action": step_action if use_steps else None,
             "budgets": choices}
 
 

@@ -125,7 +125,8 @@ def modeled_costs(records, costs: dict, weights: dict, projection: ProjectedCost
         + r.prefill_fp16 * costs["fp16"]["prefill_seconds_per_token"]
         for r in records
     )
-    read = sum(r.tokens_2bit * (weights["2bit"] or 0) + r.tokens_fp16 * (weights["fp16"] or 0)
+    # A step check is one FP16 forward pass: one more read of the FP16 weights, as a decoded token is.
+    read = sum(r.tokens_2bit * (weights["2bit"] or 0) + (r.tokens_fp16 + r.checks_fp16) * (weights["fp16"] or 0)
                for r in records)
     result = {"modeled_seconds": seconds, "weight_bytes_read": read}
     if projection is not None:
@@ -233,8 +234,9 @@ def comparison_table(summaries: dict[str, dict]) -> str:
         lines.append(
             f"| {method} | {s['accuracy']:.1%} [{low:.1%}, {high:.1%}] "
             f"| {s['mean_tokens_2bit']:.0f} / {s['p90_tokens_2bit']:.0f} "
-            f"| {s['mean_tokens_fp16']:.0f} / {s['p90_tokens_fp16']:.0f} "
-            f"| {s['mean_prefill_2bit'] + s['mean_prefill_fp16']:.0f} | {actions} | {s['wall_seconds']:.1f} "
+            f"| {s['mean_tokens_fp16']:.0f} / {s['p90_tokens_fp16']:.0f}"
+            + (f" (+{s['mean_checks_fp16']:.0f} checks) " if s.get("mean_checks_fp16") else " ")
+            + f"| {s['mean_prefill_2bit'] + s['mean_prefill_fp16']:.0f} | {actions} | {s['wall_seconds']:.1f} "
             f"| {s['modeled_seconds']:.1f}{ratio('modeled_seconds')} "
             f"| {s['weight_bytes_read'] / 1e9:.2f} GB{ratio('weight_bytes_read')} |"
             + (f" {s['projected_seconds']:.2f}{ratio('projected_seconds')} |" if projected else "")

@@ -199,6 +199,12 @@ class DetectorConfig:
                        "choose its thresholds on validation traces (FP16's own accuracy is the natural value)",
                        min=0.0, max=1.0),
     )
+    step_action: str = field(
+        default="check",
+        metadata=_help("learned action policy: what FP16 does with an arithmetic step the step head flags: check (one "
+                       "forward pass over the result; FP16 rewrites from the first token it rejects) or rewrite "
+                       "(FP16 rewrites every flagged result)", choices=("check", "rewrite")),
+    )
     rule_confidence_window: int = field(
         default=32,
         metadata=_help("offline comparison: W of the confidence rule, which alarms once the top-token probability "
@@ -266,8 +272,13 @@ class ControlConfig:
         default=2, metadata=_help("alarms acted on per trace; later alarms are ignored", min=1)
     )
     max_step_rewrites: int = field(
-        default=48, metadata=_help("learned trigger: arithmetic step results FP16 may rewrite per trace (not counted "
-                                   "in max_interventions)", min=0)
+        default=48, metadata=_help("learned trigger: arithmetic step results FP16 may check or rewrite per trace (not "
+                                   "counted in max_interventions)", min=0)
+    )
+    step_check_min_prob: float = field(
+        default=0.1,
+        metadata=_help("step check: FP16 rejects the first result token whose probability under it (softmax at the "
+                       "sampling temperature) is below this", min=0.0, max=1.0),
     )
     fp16_budget: float = field(
         default=0.2,

@@ -22,6 +22,11 @@ Every trace is a small state machine; the controller moves a batch of them forwa
 - **step rewrite** (a fallback for an alarm with `span_to_break`): the trace is cut back to where an
   arithmetic step's result begins, FP16 writes up to the step's break (at most `STEP_REWRITE_TOKENS`
   tokens) and hands back; at most `max_step_rewrites` per trace, not counted as interventions.
+- **step check** (such an alarm with `check`): FP16 reads the trace in one forward pass and judges the
+  result's tokens, from where it begins to the break, against `step_check_min_prob` (each token's
+  probability under FP16 at the sampling temperature). If it accepts them all the 2-bit model goes on
+  with the trace unchanged; otherwise the trace is cut at the first token it rejects and FP16 writes from
+  there to the break, as in a rewrite. Each check is counted (`checks`): one more FP16 forward pass.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
 of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
@@ -52,7 +57,7 @@ from inference.generate import FINISH_EOS, Sampler, generate
 from inference.prompts import Problem, render_prompt
 from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
 
-PROBE, REASON, FP16_SPAN, ANSWER, DONE = "probe", "reason", "fp16", "answer", "done"
+PROBE, REASON, FP16_SPAN, CHECK, ANSWER, DONE = "probe", "reason", "fp16", "check", "answer", "done"
 STEP_REWRITE_TOKENS = 8
 """Most FP16 tokens of one step rewrite (a result and its break)."""
 
@@ -74,7 +79,11 @@ class TraceState:
     actions: list[dict] = field(default_factory=list)
     interventions: int = 0
     rewritten: set = field(default_factory=set)
-    """Onsets FP16 has rewritten a result at (one rewrite per result: FP16 is not asked twice)."""
+    """Onsets FP16 has checked or rewritten a result at (FP16 is not asked twice about one result)."""
+    checks: int = 0
+    """FP16 forward passes that checked a step's result."""
+    check_from: int = 0
+    """(Phase `check`) the generated position where the result to check begins."""
     to_break: bool = False
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
@@ -82,11 +91,11 @@ class TraceState:
 
     @property
     def step_rewrites(self) -> int:
-        return len(self.rewritten)
+        return sum(1 for a in self.actions if a["kind"] == "rewrite")
 
     @property
     def model(self) -> str:
-        if self.phase in (PLAN, FP16_SPAN):
+        if self.phase in (PLAN, FP16_SPAN, CHECK):
             return "fp16"
         if self.phase == ANSWER:
             return self.answer_model
@@ -217,19 +226,65 @@ class Controller:
                 self._finish(state, "budget")
 
     def _rewrite_step(self, state: TraceState, alarm: Alarm) -> None:
-        """Cut back to where the step's result begins; FP16 writes to the step's break, then hands back."""
+        """Cut back to where the step's result begins; FP16 writes to the step's break, then hands back
+        (or, for a checking alarm, FP16 checks the result first)."""
         room = self.sampling.budget - alarm.onset
-        if ("fp16" not in self.models or state.step_rewrites >= self.control.max_step_rewrites or room <= 0
+        if ("fp16" not in self.models or len(state.rewritten) >= self.control.max_step_rewrites or room <= 0
                 or not 0 <= alarm.onset <= len(state.generated) or alarm.onset in state.rewritten):
             self._begin_reasoning(state)  # nothing to rewrite with: the 2-bit model goes on
             return
         state.rewritten.add(alarm.onset)
-        state.actions.append({"kind": "rewrite", "reason": alarm.reason, "position": alarm.position,
-                              "onset": alarm.onset, "cut_tokens": len(state.generated) - alarm.onset,
+        if alarm.check and alarm.onset < len(state.generated):
+            state.actions.append({"kind": "check", "reason": alarm.reason, "position": alarm.position,
+                                  "onset": alarm.onset, "policy": self.trigger.policy_name})
+            state.phase, state.check_from = CHECK, alarm.onset
+            return
+        self._cut_for_rewrite(state, alarm.onset, alarm.reason, alarm.position)
+
+    def _cut_for_rewrite(self, state: TraceState, onset: int, reason: str, position: int) -> None:
+        state.actions.append({"kind": "rewrite", "reason": reason, "position": position,
+                              "onset": onset, "cut_tokens": len(state.generated) - onset,
                               "policy": self.trigger.policy_name})
-        state.generated = state.generated[: alarm.onset]
+        state.generated = state.generated[:onset]
         state.phase, state.to_break = FP16_SPAN, True
-        state.limit = min(room, STEP_REWRITE_TOKENS)
+        state.limit = min(self.sampling.budget - onset, STEP_REWRITE_TOKENS)
+
+    @torch.no_grad()
+    def _check_batch(self, batch: list[TraceState]) -> None:
+        """One FP16 forward pass over each trace; accept its result's tokens or cut at the first rejected."""
+        model = self.models["fp16"]
+        sequences = [s.prompt_ids + s.generated for s in batch]
+        width = max(map(len, sequences))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Logits of the last `keep` positions: every checked token is predicted from one of them.
+        keep = max(len(s.generated) - s.check_from for s in batch) + 1
+        began = time.perf_counter()
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=keep).logits[:, -keep:].float()
+        probs = torch.softmax(logits / max(self.sampling.temperature, 1e-5), dim=-1)
+        share = (time.perf_counter() - began) / len(batch)
+        for row, state in enumerate(batch):
+            state.prefill["fp16"] += len(sequences[row])
+            state.checks += 1
+            state.wall_seconds += share
+            length = len(state.generated)
+            checked = range(state.check_from, length)
+            # Token i of the trace is predicted at kept index keep - (length - i) - 1.
+            index = torch.tensor([keep - (length - i) - 1 for i in checked], device=probs.device)
+            chosen = torch.tensor(state.generated[state.check_from:], device=probs.device)
+            token_probs = probs[row, index, chosen].tolist()
+            rejected = next((i for i, p in zip(checked, token_probs) if p < self.control.step_check_min_prob), None)
+            record = state.actions[-1]
+            record["min_prob"] = round(min(token_probs), 4)
+            if rejected is None:
+                record["accepted"] = True
+                self._begin_reasoning(state)
+            else:
+                record["accepted"] = False
+                self._cut_for_rewrite(state, rejected, "step_check", record["position"])
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -252,7 +307,10 @@ class Controller:
             if not pending:
                 break
             for precision in ("2bit", "fp16"):
-                group = [s for s in pending if s.model == precision and s.phase != DONE]
+                checks = [s for s in pending if s.phase == CHECK] if precision == "fp16" else []
+                for start in range(0, len(checks), self.sampling.batch_size):
+                    self._check_batch(checks[start : start + self.sampling.batch_size])
+                group = [s for s in pending if s.model == precision and s.phase not in (DONE, CHECK)]
                 for start in range(0, len(group), self.sampling.batch_size):
                     self._decode_batch(group[start : start + self.sampling.batch_size], precision, generator)
                     finished = sum(s.phase == DONE for s in states)

@@ -52,6 +52,8 @@ class ProblemRecord:
     prefill_2bit: int = 0
     """Tokens the 2-bit model prefilled (the prompt, plus the trace so far at every resumption)."""
     prefill_fp16: int = 0
+    checks_fp16: int = 0
+    """FP16 forward passes that checked an arithmetic step's result (each reads the FP16 weights once)."""
     actions: list = field(default_factory=list)
     """Controller actions: {kind: plan|commit|fallback|handback|probe_dropped, position, ...}."""
 
@@ -160,7 +162,8 @@ def run_controlled(models: dict, tokenizer, problems: Sequence[Problem], *, meth
             closed_think=split_thinking(text)[2], loop=has_loop(text), answer=answer, gold=problem.answer,
             correct=is_correct(answer, problem.answer), wall_seconds=round(state.wall_seconds, 4), text=text,
             tokens_2bit=state.tokens["2bit"], tokens_fp16=state.tokens["fp16"], tokens_forced=state.tokens["forced"],
-            prefill_2bit=state.prefill["2bit"], prefill_fp16=state.prefill["fp16"], actions=state.actions,
+            prefill_2bit=state.prefill["2bit"], prefill_fp16=state.prefill["fp16"], checks_fp16=state.checks,
+            actions=state.actions,
         ))
     return records
 
@@ -192,7 +195,7 @@ def summarize(records: Sequence[ProblemRecord]) -> dict:
 
     low, high = wilson_interval(sum(r.correct for r in records), count)
     by_precision = {}
-    for name in ("tokens_2bit", "tokens_fp16", "tokens_forced", "prefill_2bit", "prefill_fp16"):
+    for name in ("tokens_2bit", "tokens_fp16", "tokens_forced", "prefill_2bit", "prefill_fp16", "checks_fp16"):
         values = [getattr(r, name) for r in records]
         by_precision[f"mean_{name}"] = statistics.fmean(values) if values else 0.0
         by_precision[f"p90_{name}"] = _percentile(values, 0.9)

@@ -28,8 +28,9 @@ trace commits to the best one if that score reaches the policy's commit threshol
 FP16 from the onset. Where the policy also holds a `step_threshold` (a trained `step_wrong` head), the
 token closing each arithmetic step (`inference.arithmetic`) is scored as well, on or off the grid, and
 a score at or above it raises a `step_wrong` alarm whose onset is where the step's result begins and
-whose FP16 span ends at the step's break (`Alarm.span_to_break`): FP16 rewrites the result, then hands
-back. Older two-head detectors keep the default (`policy_name` says which ran).
+whose FP16 span ends at the step's break (`Alarm.span_to_break`): with the card's `check` step action
+FP16 checks the result and rewrites it from the first token it rejects (`Alarm.check`), with `rewrite`
+it rewrites the result; then it hands back. Older two-head detectors keep the default (`policy_name` says which ran).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class Alarm:
     span_to_break: bool = False
     """A fallback for this alarm writes FP16 only up to the next break (`inference.arithmetic.BREAKS`)
     and hands back: a step rewrite."""
+    check: bool = False
+    """(With `span_to_break`) FP16 first checks the tokens from `onset` to the alarm in one forward pass and
+    rewrites only from the first one it rejects; a result it accepts stays as the 2-bit model wrote it."""
 
 
 def decide(alarm: Alarm, has_candidate: bool, on_alarm: str, fallback_available: bool) -> str:
@@ -219,6 +223,8 @@ class LearnedTrigger(Trigger):
         if (self.policy is not None and tokenizer is not None and "step_wrong" in self.heads
                 and float(self.policy.get("step_threshold", NEVER)) < NEVER):
             self.step_head, self.step_threshold = self.heads.index("step_wrong"), float(self.policy["step_threshold"])
+        # Cards calibrated before the step check rewrote every flagged result (and were calibrated for that).
+        self.step_check = (calibration.get("policy") or {}).get("step_action") == "check"
         self.thresholds = torch.tensor([thresholds[h] for h in self.heads])
         self._plan_probe_tokens = 0 if self.policy is not None else plan_probe_tokens  # nothing to decide
         self.state: dict[int, _ProbeState] = {}
@@ -276,7 +282,7 @@ class LearnedTrigger(Trigger):
         all_scores = self.detector.probe(torch.cat(rows)).sigmoid()
         for j, i in enumerate(scored):
             if i in closed and float(all_scores[j, self.step_head]) >= self.step_threshold:
-                alarms[i] = Alarm("step_wrong", positions[i], closed[i], span_to_break=True)
+                alarms[i] = Alarm("step_wrong", positions[i], closed[i], span_to_break=True, check=self.step_check)
         grid_rows = [j for j, i in enumerate(scored) if positions[i] % self.stride == 0]
         scores = all_scores[grid_rows]
         above = scores >= self.thresholds

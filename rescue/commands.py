@@ -941,19 +941,23 @@ def rescue_goals(methods: dict, ceilings: Sequence[dict] = (), model: str = "") 
                 "value": f"{recovered:.0%} of the gap ({learned['accuracy']:.1%}; needs {needed:.1%})",
                 "met": recovered >= target}
         cheap = [c for c in ceilings if c["ceiling"] != "fp16" and (c.get("memory_bound_x_fp16") or 9) <= 0.4]
-        if cheap and all(c["accuracy"] < needed for c in cheap):
+        if not goal["met"] and cheap and all(c["accuracy"] < needed for c in cheap):
             goal["value"] += ("; above every ceiling within 0.4x FP16 cost: "
                               + ", ".join(f"{c['ceiling']} {c['accuracy']:.1%}" for c in cheap))
         goals.append(goal)
     if learned and rule:
         separated = learned["accuracy_ci95"][0] > rule["accuracy_ci95"][1]
         margin = learned["accuracy"] - rule["accuracy"]
+        # A step check is one FP16 forward pass: it counts as an FP16 token here.
+        spent = {name: s["mean_tokens_fp16"] + s.get("mean_checks_fp16", 0.0) for name, s in
+                 (("learned", learned), ("rule", rule))}
+        checks = f" (incl. {learned['mean_checks_fp16']:.0f} checks)" if learned.get("mean_checks_fp16") else ""
         goals.append({"goal": "learned beats the rule by at least 10 points, 95% intervals apart, "
                               "with no more FP16 tokens",
                       "value": f"{margin * 100:+.1f} points ({learned['accuracy']:.1%} vs {rule['accuracy']:.1%}; "
                                f"intervals {'apart' if separated else 'overlap'}); FP16 tokens "
-                               f"{learned['mean_tokens_fp16']:.0f} vs {rule['mean_tokens_fp16']:.0f}",
-                      "met": margin >= 0.10 and separated and learned["mean_tokens_fp16"] <= rule["mean_tokens_fp16"]})
+                               f"{spent['learned']:.0f}{checks} vs {spent['rule']:.0f}",
+                      "met": margin >= 0.10 and separated and spent["learned"] <= spent["rule"]})
     if learned and cost(learned) is not None:
         goals.append({"goal": "learned at no more than 0.4x FP16's memory-bound cost",
                       "value": f"{cost(learned):.2f}x", "met": cost(learned) <= 0.4})
@@ -984,10 +988,14 @@ def _report_markdown(summary: dict, compare_dir: Path) -> str:
         lines += ["", "## Learned action policy (chosen on the validation traces; modeled, not run)", "",
                   f"Fallback modeled to succeed {policy['fallback_success']:.0%} of the time and to cost "
                   f"max({policy['reference_length']:.0f} - alarm, {policy['reference_length'] / 4:.0f}) FP16 tokens "
-                  "(`detector/policy.py`).", "",
-                  "| FP16 budget | ends_wrong threshold | commit threshold | modeled accuracy | modeled FP16 share "
-                  "| committed | fell back |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "(`detector/policy.py`)."
+                  + (f" Steps the step head flags: FP16 {'checks them' if policy.get('step_action') == 'check' else 'rewrites them'}"
+                     " (step threshold; steps per trace)." if policy.get("step_rewrites") else ""), "",
+                  "| FP16 budget | ends_wrong threshold | commit threshold | step threshold | steps to FP16 "
+                  "| modeled accuracy | modeled FP16 share | committed | fell back |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {b['fp16_budget']:g} | {b['wrong_threshold']:.3f} | {b['commit_threshold']:.3f} "
+                  f"| {b.get('step_threshold', 2.0):.3f} | {b.get('step_rewrites', 0.0):.1f} "
                   f"| {b['modeled_accuracy']:.1%} | {b['modeled_fp16_share']:.1%} | {b['committed']:.1%} "
                   f"| {b['fell_back']:.1%} |" for b in policy["budgets"]]
     elif policy.get("skipped"):

@@ -161,7 +161,7 @@ def calibrate(scored: list[dict[str, Any]], stride: int, patience: int, target: 
 
 
 def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], fallback_success: float,
-                     untrained: dict[str, str] | None = None) -> dict[str, Any] | None:
+                     untrained: dict[str, str] | None = None, step_action: str = "check") -> dict[str, Any] | None:
     """The learned action policy per FP16 budget (`detector.policy.choose_policy`) on the stride-grid
     scores of the validation traces; None (the trigger keeps the old commit-the-earliest policy) when a
     decision head is untrained, with the reason in the card instead."""
@@ -187,7 +187,7 @@ def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], 
             length=s["labels"].length, correct=s["labels"].correct,
             steps=step_scores(s["positions"], s["scores"][:, step], s["labels"].steps) if use_steps else []))
     return choose_policy(traces, calibration["heads"]["loop_within_h"]["threshold"], calibration["patience"],
-                         fallback_success, use_steps=use_steps)
+                         fallback_success, use_steps=use_steps, step_action=step_action)
 
 
 def plot_pr_curves(scored: list[dict[str, Any]], path: Path) -> Path:
@@ -287,7 +287,8 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
     metrics = position_metrics(scored, data.identity.get("sampling", {}).get("budget"))
     calibration = calibrate(scored, data.capture_stride, spec.patience, spec.target_false_alarm_rate,
                             config.rescue.plan_probe_tokens, data.untrained_heads)
-    calibration["policy"] = calibrate_policy(scored, calibration, spec.fallback_success, data.untrained_heads)
+    calibration["policy"] = calibrate_policy(scored, calibration, spec.fallback_success, data.untrained_heads,
+                                           spec.step_action)
     calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
                                                      spec.target_false_alarm_rate),
                             "confidence": tune_confidence_rule(scored, spec.rule_confidence_window,

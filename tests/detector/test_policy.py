@@ -90,8 +90,9 @@ def test_step_rewrites_repair_traces_whose_every_wrong_step_is_caught():
     outcome = simulate(traces, NEVER, NEVER, NEVER, patience=1, fallback_success=1.0, reference=100,
                        step_threshold=0.7)
     assert outcome["accuracy"] == pytest.approx(6 / 7) and outcome["step_rewrites"] == pytest.approx(2 / 7)
-    policy = choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0, use_steps=True)
-    assert policy["step_rewrites"]
+    policy = choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0, use_steps=True,
+                           step_action="rewrite")
+    assert policy["step_rewrites"] and policy["step_action"] == "rewrite"
     free = policy_for_budget(policy, 0.0)
     assert free["step_threshold"] == NEVER and free["modeled_accuracy"] == pytest.approx(4 / 7)
     # A small budget buys the two rewrites that repair two traces, not the 0.5-scored right steps too.
@@ -103,3 +104,28 @@ def test_step_rewrites_repair_traces_whose_every_wrong_step_is_caught():
     # Step scores are read at the exact captured position of each closing token.
     scored = step_scores(np.array([0, 8, 12, 16]), np.array([0.1, 0.2, 0.9, 0.3]), [(12, True, 10), (13, False, 12)])
     assert scored == [(12, pytest.approx(0.9), True, 3)]
+
+
+def test_a_step_check_costs_one_fp16_pass_per_flagged_step_and_a_rewrite_only_for_the_wrong_ones():
+    from detector.policy import step_outcomes
+
+    trace = _trace(None, False)
+    # (closing token, score, wrong, rewrite cost): one wrong step and two right ones, all flagged at 0.1.
+    trace.steps = [(12, 0.9, True, 4), (24, 0.5, False, 4), (36, 0.3, False, 4)]
+    assert step_outcomes([trace], 0.1, "rewrite") == [(True, 12.0, 3)]
+    assert step_outcomes([trace], 0.1, "check") == [(True, 3.0 + 4.0, 3)]
+    # A threshold above the wrong step's score repairs nothing, and checks only what it flags.
+    assert step_outcomes([trace], 0.95, "check") == [(False, 0.0, 0)]
+    assert step_outcomes([trace], 0.4, "check") == [(True, 2.0 + 4.0, 2)]
+    with pytest.raises(ValueError, match="step action 'verify'"):
+        step_outcomes([trace], 0.1, "verify")
+    # Checking is cheaper than rewriting every flagged step, so a small budget buys more of it.
+    traces = [trace] + [_trace(None, True) for _ in range(3)]
+    for t in traces[1:]:
+        t.steps = [(12, 0.5, False, 4), (24, 0.3, False, 4)]
+    checked = choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0, use_steps=True)
+    assert checked["step_action"] == "check"
+    rewritten = choose_policy(traces, loop_threshold=NEVER, patience=1, fallback_success=1.0, use_steps=True,
+                              step_action="rewrite")
+    for a, b in zip(checked["budgets"], rewritten["budgets"]):
+        assert a["modeled_accuracy"] >= b["modeled_accuracy"]

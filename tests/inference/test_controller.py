@@ -246,3 +246,61 @@ def test_a_step_rewrite_cuts_to_the_result_and_fp16_writes_to_the_break_then_han
     alone = Controller({"2bit": models["2bit"]}, tokenizer, StepScripted(), ControlConfig(), _sampling(budget=30),
                        "learned").run(_problems(2), progress=False)
     assert all(s.actions == [] and s.tokens["fp16"] == 0 for s in alone)
+
+
+class StepChecked(StepScripted):
+    """`StepScripted`, with alarms that have FP16 check the result before rewriting it."""
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        return [None if a is None else Alarm(a.reason, a.position, a.onset, span_to_break=True, check=True)
+                for a in super().observe(seqs, positions, tokens, hidden, top_prob)]
+
+
+def _fp16_probs(models, state, start, end, temperature):
+    """FP16's probability (softmax at `temperature`) of generated tokens start..end-1, one unpadded pass."""
+    ids = torch.tensor([state.prompt_ids + state.generated[:end]])
+    with torch.no_grad():
+        logits = models["fp16"](input_ids=ids).logits[0].float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    offset = len(state.prompt_ids)
+    return [float(probs[offset + i - 1, state.generated[i]]) for i in range(start, end)]
+
+
+def test_a_step_check_accepts_a_result_fp16_agrees_with_and_rewrites_from_the_first_token_it_rejects(pair):
+    models, tokenizer = pair
+    sampling = _sampling(budget=30)
+    # Accepting everything (threshold 0): each flagged result is checked once and the trace goes on unchanged.
+    accepting = Controller(models, tokenizer, StepChecked(), ControlConfig(step_check_min_prob=0.0), sampling,
+                           "learned")
+    states = accepting.run(_problems(4), progress=False)
+    checked = [s for s in states if s.actions]
+    assert checked
+    for state in checked:
+        record = state.actions[0]
+        assert record["kind"] == "check" and record["accepted"] and state.checks == 1
+        assert state.step_rewrites == 0 and state.tokens["fp16"] == 0 and state.interventions == 0
+        assert [a["kind"] for a in state.actions] == ["check"]
+        # The padded batch read the same probabilities as one unpadded pass over the checked trace.
+        assert record["min_prob"] == pytest.approx(min(_fp16_probs(models, state, 6, 9, sampling.temperature)),
+                                                   abs=2e-4)
+    # Rejecting everything (threshold 1): the cut is at the result's first token and FP16 rewrites from there.
+    rejecting = Controller(models, tokenizer, StepChecked(), ControlConfig(step_check_min_prob=1.0), sampling,
+                           "learned")
+    for state in rejecting.run(_problems(4), progress=False):
+        if not state.actions:
+            continue
+        kinds = [a["kind"] for a in state.actions]
+        assert kinds[:2] == ["check", "rewrite"] and not state.actions[0]["accepted"] and state.checks == 1
+        assert state.actions[1]["onset"] == 6 and state.actions[1]["reason"] == "step_check"
+        assert 0 < state.tokens["fp16"] and state.step_rewrites == 1
+    # Checks are counted on the records and read the FP16 weights once each in the memory-bound model.
+    from inference.compare import modeled_costs
+    from inference.evaluate import run_controlled
+
+    records = run_controlled(models, tokenizer, _problems(4), method="learned", trigger=StepChecked(),
+                             sampling=sampling, control=ControlConfig(step_check_min_prob=0.0), progress=False)
+    assert sum(r.checks_fp16 for r in records) == sum(1 for r in records for a in r.actions if a["kind"] == "check") > 0
+    unit = {"2bit": {"decode_seconds_per_token": 0.0, "prefill_seconds_per_token": 0.0},
+            "fp16": {"decode_seconds_per_token": 0.0, "prefill_seconds_per_token": 0.0}}
+    read = modeled_costs(records, unit, {"2bit": 1, "fp16": 100})["weight_bytes_read"]
+    assert read == sum(r.tokens_2bit + 100 * (r.tokens_fp16 + r.checks_fp16) for r in records)

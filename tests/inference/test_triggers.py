@@ -196,6 +196,15 @@ def test_learned_trigger_rewrites_a_step_it_scores_wrong_from_where_its_result_b
     alarm = alarms[first_break]
     assert alarm.reason == "step_wrong" and alarm.span_to_break and alarm.onset == text.index("16\n")
     assert trigger.select(0, alarm, [], "auto", True) == (FALLBACK, None)
+    # A card calibrated for step checks has FP16 check the flagged result; an older card rewrites it.
+    assert not alarm.check
+    checking = _step_detector()
+    checking.card["calibration"]["policy"]["step_action"] = "check"
+    trigger = LearnedTrigger(checking, fp16_budget=0.3, tokenizer=tokenizer)
+    trigger.restart(0, [])
+    alarms = [trigger.observe([0], [p], torch.tensor([ids[p]]), {0: states[p : p + 1]}, None)[0]
+              for p in range(first_break + 1)]
+    assert alarms[first_break].check and alarms[first_break].onset == text.index("16\n")
     # The same detector without a tokenizer to read steps with, or at a budget whose policy has no step
     # threshold, never rewrites.
     blind = LearnedTrigger(_step_detector(), fp16_budget=0.3)

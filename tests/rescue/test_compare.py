@@ -184,3 +184,25 @@ def test_run_skips_quantize_only_when_the_2bit_folder_matches_the_config(setup):
     assert not _quantized_matches(config)
     config = load_config(setup, {"model.quantized": "/no/such/folder"})
     assert not _quantized_matches(config)
+
+
+def test_the_goals_count_a_step_check_as_an_fp16_token_and_name_ceilings_only_for_a_missed_goal():
+    from rescue.commands import rescue_goals
+
+    def summary(accuracy, ci, fp16_tokens, checks=0.0, read=1.0):
+        return {"accuracy": accuracy, "accuracy_ci95": ci, "mean_tokens_fp16": fp16_tokens,
+                "mean_checks_fp16": checks, "weight_bytes_read": read}
+
+    methods = {"fp16": summary(0.9, [0.85, 0.95], 300, read=100.0), "2bit": summary(0.2, [0.15, 0.25], 0, read=25.0),
+               "rule": summary(0.25, [0.2, 0.3], 50, read=37.0),
+               "learned": summary(0.8, [0.75, 0.85], 10, checks=35, read=30.0)}
+    ceilings = [{"ceiling": "commit-oracle", "accuracy": 0.3, "memory_bound_x_fp16": 0.2}]
+    goals = {g["goal"].split(" ")[1]: g for g in rescue_goals(methods, ceilings, model="tiny-s")}
+    assert goals["rescue"]["met"] and "ceiling" not in goals["rescue"]["value"]
+    beats = goals["beats"]
+    assert beats["met"] and "FP16 tokens 45 (incl. 35 checks) vs 50" in beats["value"]
+    methods["learned"]["mean_checks_fp16"] = 45  # 55 FP16 passes: more than the rule's 50
+    assert not {g["goal"].split(" ")[1]: g for g in rescue_goals(methods, ceilings, "tiny-s")}["beats"]["met"]
+    methods["learned"]["accuracy"] = 0.3  # far below 60% of the gap, and above the only cheap ceiling
+    missed = rescue_goals(methods, ceilings, model="tiny-m")[0]
+    assert not missed["met"] and "commit-oracle 30.0%" in missed["value"]
