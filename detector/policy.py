@@ -199,7 +199,9 @@ def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
 def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience: int, fallback_success: float,
                   budgets: Sequence[float] = BUDGETS, steps: int = 24, use_steps: bool = False,
                   step_action: str = "check") -> dict:
-    """Thresholds per FP16 budget maximising modeled accuracy within it (ties: the cheaper choice).
+    """Thresholds per FP16 budget maximising modeled accuracy within it. A modeled gain smaller than one
+    validation trace's outcome (1 / traces) is not a gain: among the choices within that of the best, the
+    cheapest wins (more FP16 for less than one trace is fitting the validation set's noise).
     `use_steps`: also choose the step threshold (on a coarser grid of all three), for `step_action`.
 
     Returns the card's `calibration.policy`: the reference length, the fallback model, and one
@@ -224,11 +226,14 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
                                             alarm_sets[w], s, rewrites))
                          for c in commit_grid]
     cheapest = min(o[3]["fp16_share"] for o in outcomes)
+    tolerance = (1.0 - 1e-9) / len(traces)
     choices = []
     for budget in sorted(budgets):
         # Loop alarms alone may spend FP16 tokens; a budget below that gets the cheapest choice.
         within = [o for o in outcomes if o[3]["fp16_share"] <= max(budget, cheapest) + 1e-12]
-        w, c, s, best = max(within, key=lambda o: (round(o[3]["accuracy"], 9), -o[3]["fp16_share"], o[0], o[2]))
+        top = max(o[3]["accuracy"] for o in within)
+        near = [o for o in within if o[3]["accuracy"] >= top - tolerance]
+        w, c, s, best = min(near, key=lambda o: (o[3]["fp16_share"], -o[3]["accuracy"], -o[0], -o[2]))
         choices.append(PolicyChoice(budget, w, c, best["accuracy"], best["fp16_share"],
                                     best["committed"] + best["fell_back"], best["committed"],
                                     best["fell_back"], s, best["step_rewrites"]).to_dict())

@@ -129,3 +129,12 @@ def test_a_step_check_costs_one_fp16_pass_per_flagged_step_and_a_rewrite_only_fo
                               step_action="rewrite")
     for a, b in zip(checked["budgets"], rewritten["budgets"]):
         assert a["modeled_accuracy"] >= b["modeled_accuracy"]
+
+
+def test_a_modeled_gain_of_less_than_one_validation_trace_buys_no_fp16():
+    # Falling back on the two traces only FP16 can save gains 2 x fallback_success traces of 8.
+    noise = choose_policy(_validation(), NEVER, 1, fallback_success=0.4, budgets=(0.5,))["budgets"][0]
+    assert noise["fell_back"] == 0.0 and noise["modeled_fp16_share"] == 0.0
+    assert noise["modeled_accuracy"] == pytest.approx(0.75)
+    gain = choose_policy(_validation(), NEVER, 1, fallback_success=0.6, budgets=(0.5,))["budgets"][0]
+    assert gain["fell_back"] == pytest.approx(0.25) and gain["modeled_accuracy"] == pytest.approx(0.75 + 0.25 * 0.6)
