@@ -28,10 +28,10 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from inference.config import LabelsConfig, load_config
-from inference.generate import Sampler, generate
-from inference.models import load_full_precision
+from inference.decoding.generate import Sampler, generate
+from inference.decoding.models import load_full_precision
+from inference.decoding.shapes import qwen3_config
 from inference.prompts import render_prompt
-from inference.shapes import qwen3_config
 from training.arith import arith_problems
 from training.collect import HiddenRecorder, capture_positions
 from training.labels import label_trace, token_char_ends

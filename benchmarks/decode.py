@@ -2,11 +2,11 @@
 
 For each public shape (random weights built from its config, no download) and each precision:
 - `bf16`, and 2-bit GPTQ (group 128, random packed weights) through each kernel: `fused` (ours,
-  `inference/kernels.py`: dequantizes inside the matmul), `gptq-triton` and `gptq-torch` (GPTQModel's
+  `inference/decoding/kernels.py`: dequantizes inside the matmul), `gptq-triton` and `gptq-torch` (GPTQModel's
   2-bit backends, which dequantize the whole weight every call, then multiply);
 - per decode step at batch 1 and 16 and context 1k and 8k: the step captured in a CUDA graph over a
-  static KV cache (`inference/steps.py`), replayed back to back; the floor is the bytes the step must
-  read (`inference/shapes.py`: weights + KV cache) over the copy bandwidth measured here first.
+  static KV cache (`inference/decoding/steps.py`), replayed back to back; the floor is the bytes the step must
+  read (`inference/decoding/shapes.py`: weights + KV cache) over the copy bandwidth measured here first.
 Also, once per shape: the eager HF step (dynamic cache) with a profile of why it is slow (kernels per
 step, GPU busy time against wall time), the `generate` loop's cost per token on both paths, the
 probe's overhead inside the 2-bit step, tokens per second of collection with and without capture, and
@@ -31,9 +31,9 @@ import time
 import torch
 from transformers import Qwen3ForCausalLM
 
-from inference.generate import Sampler, generate
-from inference.shapes import QWEN3_SHAPES, decode_step_bytes, qwen3_config
-from inference.steps import StaticSteps
+from inference.decoding.generate import Sampler, generate
+from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, qwen3_config
+from inference.decoding.steps import StaticSteps
 
 
 def sync():
@@ -104,7 +104,7 @@ def set_backend(model, backend: str) -> None:
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.nn_modules.qlinear.tritonv2 import TritonV2Linear
 
-    from inference.kernels import Fused2BitLinear, fuse_2bit_linears
+    from inference.decoding.kernels import Fused2BitLinear, fuse_2bit_linears
 
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -150,7 +150,7 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time).
     `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
     step attends over only the filled part of it (`StaticSteps`)."""
-    from inference.generate import resolve_layers
+    from inference.decoding.generate import resolve_layers
 
     watched = list(layers) if probe is not None else []
     runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
@@ -188,7 +188,7 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
 
 def fused_check(model) -> dict:
     """The fused kernel against GPTQModel's own forward (dequantize, then matmul) on one layer's buffers."""
-    from inference.kernels import Fused2BitLinear
+    from inference.decoding.kernels import Fused2BitLinear
 
     linear = next(m for m in model.modules() if isinstance(m, Fused2BitLinear))
     errors = {}
@@ -202,7 +202,7 @@ def fused_check(model) -> dict:
 def linear_microbench(model, calls: int = 50) -> list[dict]:
     """Per linear shape of one decoder layer: a bf16 GEMV (cuBLAS) against the fused 2-bit kernel on
     that layer's packed weights, `calls` launches captured in one CUDA graph, at 1 and 16 rows."""
-    from inference.kernels import Fused2BitLinear
+    from inference.decoding.kernels import Fused2BitLinear
 
     results = []
     layer = model.model.layers[0]
@@ -321,7 +321,7 @@ def collection_rate(model, layers, batch: int, steps: int) -> dict:
 def greedy_agreement(steps: int = 64, decodes=("dynamic", "static")) -> dict:
     """Static (graph) and dynamic paths on the embedded tiny-s model, greedy, a left-padded batch."""
     from inference.config import load_config
-    from inference.models import load_full_precision
+    from inference.decoding.models import load_full_precision
     from inference.prompts import render_prompt
     from training.arith import arith_problems
 

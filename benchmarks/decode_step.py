@@ -2,7 +2,7 @@
 as a library baseline for the 2-bit linears (one GPU call, one shape).
 
 In one process, for the shape's bf16 model and then its 2-bit twin (random weights, group 128):
-- the graph-captured step (`inference/steps.py`) at each batch size, context 1k, over a cache just
+- the graph-captured step (`inference/decoding/steps.py`) at each batch size, context 1k, over a cache just
   past what it fills, and over a long budget's cache (context + 4096) with and without the windowed
   attention of `StaticSteps`;
 - a breakdown of the step: the decoder layers' linears (all of them, in order, one CUDA graph),
@@ -37,10 +37,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, step_latency  # noqa: E402
 
-from inference.generate import Sampler  # noqa: E402
-from inference.kernels import Fused2BitLinear  # noqa: E402
-from inference.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
-from inference.steps import DynamicSteps, StaticSteps  # noqa: E402
+from inference.decoding.generate import Sampler  # noqa: E402
+from inference.decoding.kernels import Fused2BitLinear  # noqa: E402
+from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
+from inference.decoding.steps import DynamicSteps, StaticSteps  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,7 +85,7 @@ def eager_seconds(work, repeats: int = 20) -> float:
 
 
 def unpack_2bit(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [K, N] and zero points [K / G, N] (uint8) of 2-bit GPTQ buffers (`inference/kernels.py`)."""
+    """Codes [K, N] and zero points [K / G, N] (uint8) of 2-bit GPTQ buffers (`inference/decoding/kernels.py`)."""
     shifts = 2 * torch.arange(16, device=qweight.device, dtype=torch.int32)
     codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 3).reshape(-1, qweight.shape[1])
     zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 3).reshape(qzeros.shape[0], -1)
@@ -275,7 +275,7 @@ def windowed_agreement(steps: int = 160, min_window: int = 16) -> dict:
     """Greedy tokens of windowed graph steps (a small `min_window`, so the window grows and the graph is
     captured again as it grows past the prompt) against the dynamic path, embedded tiny-s, a left-padded batch."""
     from inference.config import load_config
-    from inference.models import load_full_precision
+    from inference.decoding.models import load_full_precision
     from inference.prompts import render_prompt
     from training.arith import arith_problems
 
@@ -434,7 +434,7 @@ def has_gptqmodel() -> bool:
 def quantize_with_gptqmodel(model) -> int:
     from decode import quantize_randomly
 
-    from inference.kernels import fuse_2bit_linears
+    from inference.decoding.kernels import fuse_2bit_linears
 
     quantize_randomly(model, "gptq-triton")
     return fuse_2bit_linears(model)
@@ -444,7 +444,7 @@ def build_bf16_cpu(shape: str, **overrides):
     """The shape's model in float32 on the CPU (a smoke run of this script)."""
     from transformers import Qwen3ForCausalLM
 
-    from inference.shapes import qwen3_config
+    from inference.decoding.shapes import qwen3_config
 
     torch.manual_seed(0)
     return Qwen3ForCausalLM(qwen3_config(shape, attn_implementation="sdpa", **overrides)).eval()

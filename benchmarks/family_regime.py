@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from inference.config import load_config
+from inference.decoding.models import load_tokenizer, resolve_model_source
 from inference.errors import RescueError
-from inference.models import load_tokenizer, resolve_model_source
 from rescue import commands
 from rescue.cli import add_config_flags, config_overrides
 from training.labels import label_records, label_shares

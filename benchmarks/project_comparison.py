@@ -2,7 +2,7 @@
 per-method summaries alone (no rerun): what `rescue compare --costs F --shape S` adds as
 "projected s", for comparisons whose records were not kept.
 
-`ProjectedCosts` (inference/compare.py) prices a trace's decoded tokens at its mean context; below
+`ProjectedCosts` (inference/evaluation/compare.py) prices a trace's decoded tokens at its mean context; below
 the lowest measured context its costs are flat, so when every trace's context is below it (tiny
 models: budget 1024, prompts of about 200 tokens, against a lowest measured context of 1024) the
 sum over traces is the summary's mean token counts times the number of problems, exactly. The
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from inference.compare import ProjectedCosts, load_projection
+from inference.evaluation.compare import ProjectedCosts, load_projection
 
 
 def method_summaries(path: Path) -> dict[str, dict]:

@@ -5,7 +5,7 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
 - build: the random-weight model and its tokenizer (trained on MATH-500), saved as a folder;
 - twin: the 2-bit twin, round to nearest in the published GPTQ layout (v1 zero points); with
   `--gptq-seconds`, GPTQModel's own quantization of the 0.6B shape is timed as well (`quantize`);
-- decode: the batch `inference.memory` chooses at each budget, and tokens/s, peak GPU memory over a
+- decode: the batch `inference.decoding.memory` chooses at each budget, and tokens/s, peak GPU memory over a
   fixed number of steps with the full static cache and capture buffers of that budget allocated, for
   the bf16 model and the 2-bit twin through the fused kernel;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
@@ -80,8 +80,8 @@ def time_decode(model, tokenizer, questions, budget: int, layers, steps: int, ba
                 warm: int = 16) -> dict:
     """Decode `steps` steps of the batch `plan_batch` allows at `budget` (static cache and capture buffers
     of the full budget allocated) and time the steps after `warm`."""
-    from inference.generate import Sampler, generate
-    from inference.memory import available_bytes, check_context, plan_batch
+    from inference.decoding.generate import Sampler, generate
+    from inference.decoding.memory import available_bytes, check_context, plan_batch
     from inference.prompts import render_prompt
     from training.collect import HiddenRecorder
 
@@ -124,7 +124,7 @@ def time_decode(model, tokenizer, questions, budget: int, layers, steps: int, ba
 
 def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
     from inference.config import load_config
-    from inference.models import load_full_precision, load_quantized
+    from inference.decoding.models import load_full_precision, load_quantized
     from rescue import commands
     from training.rehearsal import build_rehearsal_model, math500_texts, write_gptq_v1_checkpoint
 
@@ -270,8 +270,8 @@ def time_gptq(shape: str, args, clock: Clock, results: dict, save) -> None:
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from inference.config import QuantizationConfig\n"
             "from inference.prompts import render_prompt\n"
-            "from inference.models import load_tokenizer\n"
-            "from inference.quantize import quantize_model\n"
+            "from inference.decoding.models import load_tokenizer\n"
+            "from inference.decoding.quantize import quantize_model\n"
             "import json, pathlib\n"
             "rows = [json.loads(l) for l in pathlib.Path(%r).read_text().splitlines() if l.strip()][:%d]\n"
             "tok = load_tokenizer(pathlib.Path(%r))\n"

@@ -53,7 +53,7 @@ def load(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from inference.models import load_quantized
+    from inference.decoding.models import load_quantized
 
     if not Path(path).is_dir():
         raise RescueError(f"{path}: no such model folder")

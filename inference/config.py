@@ -57,7 +57,7 @@ class ModelConfig:
         metadata=_help(
             "how the 2-bit model runs: dequantized (its 2-bit weights unpacked once into plain linears: "
             "same traces, fast for small models and CPUs), gptq (GPTQModel's packed kernels) or fused "
-            "(packed 2-bit weights through our fused Triton decode kernel, inference/kernels.py; CUDA only)",
+            "(packed 2-bit weights through our fused Triton decode kernel, inference/decoding/kernels.py; CUDA only)",
             choices=("dequantized", "gptq", "fused"),
         ),
     )
@@ -213,7 +213,7 @@ class DetectorConfig:
 
 
 METHODS = ("fp16", "2bit", "rule", "learned", "plan-only", "rescue-only")
-"""What `rescue evaluate --method` and `rescue compare` run (see inference/compare.py)."""
+"""What `rescue evaluate --method` and `rescue compare` run (see inference/evaluation/compare.py)."""
 
 
 @dataclass

@@ -22,10 +22,10 @@ import dataclasses
 import re
 from typing import Sequence
 
-from inference.answers import find_candidate_answers
-from inference.arithmetic import step_at_end, token_at_char
-from inference.grading import is_correct
-from inference.triggers import Alarm, Trigger
+from inference.control.arithmetic import step_at_end, token_at_char
+from inference.control.triggers import Alarm, Trigger
+from inference.evaluation.answers import find_candidate_answers
+from inference.evaluation.grading import is_correct
 from training.labels import find_loop
 
 CEILINGS = ("ceiling-loop", "ceiling-step")

@@ -25,12 +25,11 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from inference.answers import extract_final_answer
 from inference.config import RescueConfig
-from inference.evaluate import eos_token_ids
-from inference.generate import Sampler, StepView, generate, resolve_layers
-from inference.memory import BatchPlan, available_bytes, check_context, plan_batch
-from inference.grading import is_correct
+from inference.decoding.generate import Sampler, StepView, eos_token_ids, generate, resolve_layers
+from inference.decoding.memory import BatchPlan, available_bytes, check_context, plan_batch
+from inference.evaluation.answers import extract_final_answer
+from inference.evaluation.grading import is_correct
 from inference.prompts import Problem, render_prompt
 from inference.storage import file_sha256, write_atomically
 from training.labels import TraceLabels, label_trace, token_char_ends
@@ -213,7 +212,7 @@ def prompt_lengths(tokenizer, units: Sequence[Unit]) -> list[int]:
 
 def shard_batch_plan(model, tokenizer, units: Sequence[Unit], config: RescueConfig) -> BatchPlan:
     """The batch a shard is generated in: sampling.batch_size rows, fewer where the GPU's free memory
-    cannot hold that many static caches of the longest prompt + budget (inference/memory.py)."""
+    cannot hold that many static caches of the longest prompt + budget (inference/decoding/memory.py)."""
     device = next(model.parameters()).device
     return plan_batch(model.config, len(units), config.sampling.batch_size, max(prompt_lengths(tokenizer, units)),
                       config.sampling.budget, _compute_dtype(model), available_bytes(device),

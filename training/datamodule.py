@@ -39,8 +39,8 @@ from detector.features import FeatureRecipe, NormalisationStats, StatsAccumulato
 from detector.probe import HEADS
 from inference.config import RescueConfig
 from inference.errors import ModelUnavailableError
-from training.labels import TraceLabels, candidate_targets, position_targets, step_targets
 from inference.storage import file_sha256
+from training.labels import TraceLabels, candidate_targets, position_targets, step_targets
 from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError
 
 # Features held at once while shuffling training positions (several shards' worth for small models).
@@ -83,7 +83,7 @@ class TraceExample:
 
 def model_hidden_size(config: RescueConfig) -> int | None:
     """The configured model's hidden size from its config.json, or None where the model is not at hand."""
-    from inference.models import resolve_model_source
+    from inference.decoding.models import resolve_model_source
 
     try:
         folder = resolve_model_source(config.model.fp16, "model")

@@ -51,7 +51,7 @@ def base_model_parameters(config: RescueConfig) -> int | None:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from inference.models import resolve_model_source
+        from inference.decoding.models import resolve_model_source
 
         model_config = AutoConfig.from_pretrained(resolve_model_source(config.model.fp16, "model"))
         with torch.device("meta"):

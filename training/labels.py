@@ -15,7 +15,7 @@ Per trace (`TraceLabels`):
 - `fails_to_commit`: not `committed`;
 - `candidates`: every answer stated while thinking, as `[token, correct]` pairs: the token that
   completes the stated value and whether that value equals the gold answer (graded as `correct`);
-- `steps`: every arithmetic step `a op b = c` written while thinking (`inference.arithmetic`), as
+- `steps`: every arithmetic step `a op b = c` written while thinking (`inference.control.arithmetic`), as
   `[token, wrong, result_token]` triples: the token holding the break that closes the step, whether
   `c` is not `a op b` (checked from the text, no gold answer needed), and the token where `c` begins.
 
@@ -43,13 +43,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.answers import (  # noqa: F401  (token_char_ends: re-exported, it was defined here first)
+from inference.evaluation.answers import (  # noqa: F401  (token_char_ends: re-exported, it was defined here first)
     THINK_CLOSE, extract_final_answer, find_candidate_answers, split_thinking, token_char_ends,
 )
-from inference.arithmetic import find_steps
 from inference.config import LabelsConfig
-from inference.generate import FINISH_BUDGET
-from inference.grading import is_correct
+from inference.control.arithmetic import find_steps
+from inference.decoding.generate import FINISH_BUDGET
+from inference.evaluation.grading import is_correct
 
 # A block may carry one edited token per this many tokens (an incrementing counter, a changed
 # digit); blocks shorter than this must repeat exactly, so a counter with a separator

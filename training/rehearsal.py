@@ -5,7 +5,7 @@ does at scale except the text's quality depends only on the shapes: cache and ba
 speed, bytes per trace, detector training speed. A rehearsal folder is a Hugging Face model folder
 that every `rescue` command loads like the real model:
 
-- the architecture of `Qwen/Qwen3-0.6B` / `Qwen/Qwen3-8B` (`inference.shapes.QWEN3_SHAPES`, their
+- the architecture of `Qwen/Qwen3-0.6B` / `Qwen/Qwen3-8B` (`inference.decoding.shapes.QWEN3_SHAPES`, their
   published config.json values, the real 151,936-row vocabulary and 40,960-position context), with
   random weights;
 - a byte-level BPE tokenizer trained on the given texts (MATH-500 problems and solutions), Qwen3's
@@ -30,8 +30,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from inference.decoding.shapes import QWEN3_SHAPES, qwen3_config
 from inference.errors import RescueError
-from inference.shapes import QWEN3_SHAPES, qwen3_config
 from inference.storage import folder_written_atomically
 from training.tokenizer import CHAT_TEMPLATE, IM_END, PAD_TOKEN, THINK_CLOSE, THINK_OPEN
 

@@ -2,7 +2,7 @@
 fires, how often it fires on healthy traces (its false-alarm rate), and rule settings calibrated on
 healthy traces for a target false-alarm rate.
 
-The loop check is `inference.triggers.RuleTrigger`'s: at generated position t it fires when the
+The loop check is `inference.control.triggers.RuleTrigger`'s: at generated position t it fires when the
 n-gram ending at t occurs `count` times within the last `window` tokens (t included). Replaying it
 needs no model, so a trace set, an evaluation record or another harness's JSONL can all be scored.
 A *healthy* trace is one without a labeled loop that commits (`trigger_outcomes`' definition), so

@@ -16,7 +16,7 @@ from typing import Any
 
 from inference.errors import RescueError
 
-# The decoding loop's finish reasons (`inference.generate`, spelled out so that reading the
+# The decoding loop's finish reasons (`inference.decoding.generate`, spelled out so that reading the
 # command line does not import torch) and the ones harnesses write, mapped to them.
 FINISH_EOS, FINISH_BUDGET = "eos", "budget"
 FINISH_REASONS = {"eos": FINISH_EOS, "stop": FINISH_EOS, "budget": FINISH_BUDGET, "length": FINISH_BUDGET,
@@ -107,7 +107,7 @@ def _trace(row: dict[str, Any], where: str, number: int, fields: TextFields) -> 
                          f"--correct-field to take correctness from the file")
     finish = row.get(fields.finish_reason) if fields.finish_reason else None
     if finish is None:
-        from inference.answers import split_thinking
+        from inference.evaluation.answers import split_thinking
 
         _, _, closed = split_thinking(text)
         finish, inferred = (FINISH_EOS if closed else FINISH_BUDGET), True

@@ -1,6 +1,6 @@
 import pytest
 
-from inference.answers import (
+from inference.evaluation.answers import (
     CandidateAnswer,
     extract_final_answer,
     find_candidate_answers,

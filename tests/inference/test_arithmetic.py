@@ -1,4 +1,4 @@
-from inference.arithmetic import find_steps, step_at_end
+from inference.control.arithmetic import find_steps, step_at_end
 
 
 def test_find_steps_checks_each_result_against_its_operands():

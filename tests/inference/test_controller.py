@@ -2,12 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference.answers import extract_final_answer
 from inference.config import ControlConfig, SamplingConfig
-from inference.controller import Controller, TraceState
-from inference.evaluate import run_controlled, run_method
+from inference.control.controller import Controller, TraceState
+from inference.control.triggers import AlwaysPlan, Alarm, NoTrigger, Trigger
+from inference.evaluation.answers import extract_final_answer
+from inference.evaluation.evaluate import run_controlled, run_method
 from inference.prompts import Problem
-from inference.triggers import AlwaysPlan, Alarm, NoTrigger, Trigger
 
 BUDGET = 40
 
@@ -217,8 +217,8 @@ class StepScripted(Trigger):
 
 
 def test_a_step_rewrite_cuts_to_the_result_and_fp16_writes_to_the_break_then_hands_back(pair):
-    from inference.arithmetic import BREAKS
-    from inference.controller import STEP_REWRITE_TOKENS
+    from inference.control.arithmetic import BREAKS
+    from inference.control.controller import STEP_REWRITE_TOKENS
 
     models, tokenizer = pair
     controller = Controller(models, tokenizer, StepScripted(), ControlConfig(max_interventions=1),
@@ -294,8 +294,8 @@ def test_a_step_check_accepts_a_result_fp16_agrees_with_and_rewrites_from_the_fi
         assert state.actions[1]["onset"] == 6 and state.actions[1]["reason"] == "step_check"
         assert 0 < state.tokens["fp16"] and state.step_rewrites == 1
     # Checks are counted on the records and read the FP16 weights once each in the memory-bound model.
-    from inference.compare import modeled_costs
-    from inference.evaluate import run_controlled
+    from inference.evaluation.compare import modeled_costs
+    from inference.evaluation.evaluate import run_controlled
 
     records = run_controlled(models, tokenizer, _problems(4), method="learned", trigger=StepChecked(),
                              sampling=sampling, control=ControlConfig(step_check_min_prob=0.0), progress=False)

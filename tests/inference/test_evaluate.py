@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inference.evaluate import ProblemRecord, summarize, wilson_interval
+from inference.evaluation.evaluate import ProblemRecord, summarize, wilson_interval
 
 
 def make_record(index: int, *, tokens: int, reason: str = "eos", closed: bool = True, loop: bool = False,
@@ -77,11 +77,11 @@ def test_wilson_interval_contains_the_share_at_the_extremes():
 
 def test_run_method_sizes_its_batch_from_free_memory_and_refuses_a_budget_past_the_context(
         tiny_model_dir, monkeypatch, capsys):
-    import inference.evaluate as evaluate
+    import inference.evaluation.evaluate as evaluate
     from inference.config import SamplingConfig
     from inference.errors import ConfigError
-    from inference.memory import row_bytes
-    from inference.models import load_full_precision
+    from inference.decoding.memory import row_bytes
+    from inference.decoding.models import load_full_precision
     from inference.prompts import Problem
 
     model, tokenizer = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
@@ -91,7 +91,7 @@ def test_run_method_sizes_its_batch_from_free_memory_and_refuses_a_budget_past_t
 
     longest = max(len(tokenizer(evaluate.render_prompt(tokenizer, p.question)).input_ids) for p in problems)
     one_row = row_bytes(model.config, longest, 8, torch.float32)
-    monkeypatch.setattr("inference.memory.available_bytes", lambda device: int(1.5 * one_row))
+    monkeypatch.setattr("inference.decoding.memory.available_bytes", lambda device: int(1.5 * one_row))
     batches = []
     real_generate = evaluate.generate
     monkeypatch.setattr(evaluate, "generate", lambda model, ids, *a, **k: batches.append(len(ids)) or

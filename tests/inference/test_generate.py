@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference.generate import FINISH_BUDGET, FINISH_EOS, Sampler, generate
+from inference.decoding.generate import FINISH_BUDGET, FINISH_EOS, Sampler, generate
 from inference.prompts import render_prompt
 
 

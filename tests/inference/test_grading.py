@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.answers import extract_final_answer
-from inference.grading import is_correct
+from inference.evaluation.answers import extract_final_answer
+from inference.evaluation.grading import is_correct
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -14,16 +14,16 @@ from gptqmodel.nn_modules.qlinear.torch import TorchLinear  # noqa: E402
 
 @pytest.fixture(scope="module")
 def kernels():
-    """A private copy of inference.kernels whose kernels run in Triton's CPU interpreter.
+    """A private copy of inference.decoding.kernels whose kernels run in Triton's CPU interpreter.
 
     @triton.jit reads TRITON_INTERPRET when it wraps a kernel, not when triton is imported, so
     executing the module with the variable set works even after other tests imported triton; a
-    separate module object leaves `inference.kernels` as other tests see it untouched. The variable
+    separate module object leaves `inference.decoding.kernels` as other tests see it untouched. The variable
     stays set while the tests run because the interpreter consults it at launch too.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.find_spec("inference.kernels")
+        spec = importlib.util.find_spec("inference.decoding.kernels")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert type(module._gptq2_matmul_kernel).__name__ == "InterpretedFunction"

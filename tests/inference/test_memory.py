@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from inference.decoding.memory import BatchPlan, check_context, kv_bytes_per_position, plan_batch, row_bytes
+from inference.decoding.shapes import qwen3_config
 from inference.errors import ConfigError
-from inference.memory import BatchPlan, check_context, kv_bytes_per_position, plan_batch, row_bytes
-from inference.shapes import qwen3_config
 
 GB = 10**9
 H200 = 143 * GB  # a card's capacity; the plans below get 90% of it minus the 2-bit 8B's ~3 GB of weights

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+from inference.decoding.models import load_quantized, quantization_settings
 from inference.errors import ModelUnavailableError
-from inference.models import load_quantized, quantization_settings
 from training.rehearsal import round_to_nearest, write_gptq_v1_checkpoint
 
 pytest.importorskip("gptqmodel")
@@ -33,7 +33,7 @@ def test_published_layout_stores_v1_zero_points(published_dir):
 
 def test_published_checkpoint_loads_with_its_zero_points_restored(published_dir, tiny_model_dir):
     """GPTQModel's v1 -> v2 conversion on load: the dequantized weights are (q - 2) * s of the rounding."""
-    from inference.models import load_full_precision
+    from inference.decoding.models import load_full_precision
 
     plain, _ = load_quantized(str(published_dir), "cpu", kernel="dequantized", dtype="float32")
     full, _ = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
@@ -54,7 +54,7 @@ def test_published_checkpoint_runs_through_the_fused_kernel_like_gptqmodel(publi
     pytest.importorskip("triton")
     with monkeypatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.find_spec("inference.kernels")
+        spec = importlib.util.find_spec("inference.decoding.kernels")
         kernels = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(kernels)
         packed, tokenizer = load_quantized(str(published_dir), "cpu", kernel="gptq")

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from inference.config import QuantizationConfig
+from inference.decoding.quantize import quantize_model
 from inference.errors import RescueError
-from inference.quantize import quantize_model
 
 CALIBRATION = [f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}." for a, b in
                [(2, 3), (7, 6), (10, 4), (9, 9), (12, 30), (5, 8), (41, 1), (3, 3)]]
@@ -52,8 +52,8 @@ def test_keep_fp16_leaves_the_mlps_unquantized_and_quantizes_attention(attention
 def test_attention_only_2bit_model_loads_and_generates(attention_only_dir, tiny_model_dir):
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-    from inference.generate import generate
-    from inference.models import load_full_precision, load_quantized
+    from inference.decoding.generate import generate
+    from inference.decoding.models import load_full_precision, load_quantized
     from inference.prompts import render_prompt
 
     packed, tokenizer = load_quantized(str(attention_only_dir), "cpu", kernel="gptq")
@@ -92,7 +92,7 @@ def test_keep_fp16_that_names_nothing_or_everything_is_refused(tmp_path, tiny_mo
 def test_per_channel_2bit_quantizes_and_loads(tmp_path, tiny_model_dir, group_size, desc_act):
     # group_size -1 (one scale per output row) is a documented setting; GPTQModel's default
     # group-aware act-order used to refuse it. act-order (desc_act) must keep working beside it.
-    from inference.models import load_quantized
+    from inference.decoding.models import load_quantized
 
     settings = QuantizationConfig(bits=2, group_size=group_size, desc_act=desc_act)
     quantize_model(str(tiny_model_dir), tmp_path / "pc", CALIBRATION, settings, device="cpu")

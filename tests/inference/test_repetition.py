@@ -1,7 +1,7 @@
 import random
 import string
 
-from inference.repetition import has_loop
+from inference.evaluation.repetition import has_loop
 
 HEALTHY_TRACE = (
     "<think>\nPlan: apply the 4 operations in order, then check.\n"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from inference.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes, qwen3_config
+from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes, qwen3_config
 
 
 def test_linear_shapes_are_the_decoder_layers_linears():

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from inference.decoding.steps import DynamicSteps, StaticSteps
 from inference.prompts import render_prompt
-from inference.steps import DynamicSteps, StaticSteps
 
 
 @pytest.fixture(scope="module")

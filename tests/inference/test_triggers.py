@@ -3,7 +3,7 @@ import torch
 from detector.artifact import Detector
 from detector.features import FeatureRecipe, NormalisationStats
 from detector.probe import HEADS, Probe
-from inference.triggers import COMMIT, FALLBACK, Alarm, LearnedTrigger, RuleTrigger, decide
+from inference.control.triggers import COMMIT, FALLBACK, Alarm, LearnedTrigger, RuleTrigger, decide
 
 
 def _feed(trigger, seq, tokens, start=0):

@@ -72,8 +72,8 @@ def test_2bit_model_generates_with_gptq_kernels_and_dequantized_weights_alike(qu
     import torch
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-    from inference.generate import generate
-    from inference.models import load_quantized
+    from inference.decoding.generate import generate
+    from inference.decoding.models import load_quantized
     from inference.prompts import render_prompt
 
     packed, tokenizer = load_quantized(str(quantized_dir), "cpu", kernel="gptq")
@@ -234,7 +234,7 @@ def test_train_refuses_a_trace_set_without_labels(tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize("text, with_solution", [("solution", True), ("question", False)])
 def test_quantize_calibrates_on_prompts_alone_when_asked(tiny_config, tmp_path, monkeypatch, text, with_solution):
-    import inference.quantize
+    import inference.decoding.quantize
 
     seen = {}
 
@@ -242,7 +242,7 @@ def test_quantize_calibrates_on_prompts_alone_when_asked(tiny_config, tmp_path, 
         seen["texts"] = texts
         return {"out": str(out_dir), "kept_fp16": [], "seconds": 0.0}
 
-    monkeypatch.setattr(inference.quantize, "quantize_model", record)
+    monkeypatch.setattr(inference.decoding.quantize, "quantize_model", record)
     argv = ["quantize", "--config", str(tiny_config), "--quantization.calibration.benchmark", "arith",
             "--quantization.calibration.size", "3", "--quantization.calibration.text", text, "--out", str(tmp_path)]
     assert main(argv) == 0

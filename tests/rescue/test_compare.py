@@ -74,8 +74,8 @@ def decode_report(path, shape="qwen3-8b"):
 
 
 def test_projected_costs_pick_the_nearest_batch_the_fastest_kernel_and_interpolate_context(tmp_path):
-    from inference.compare import load_projection
-    from inference.evaluate import ProblemRecord
+    from inference.evaluation.compare import load_projection
+    from inference.evaluation.evaluate import ProblemRecord
 
     projection = load_projection(decode_report(tmp_path / "decode.json"), "qwen3-8b", batch=12)
     assert projection.batch == 16

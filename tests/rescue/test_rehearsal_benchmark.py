@@ -15,12 +15,12 @@ def rehearsal_script():
 
 
 def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(tiny_model_dir, monkeypatch):
-    from inference.models import load_full_precision
+    from inference.decoding.models import load_full_precision
 
     script = rehearsal_script()
     model, tokenizer = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
     budgets = []
-    real_generate = __import__("inference.generate", fromlist=["generate"]).generate
+    real_generate = __import__("inference.decoding.generate", fromlist=["generate"]).generate
 
     def watched(*args, **kwargs):
         budgets.append(kwargs["max_new_tokens"])
@@ -28,7 +28,7 @@ def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(
         assert {len(ids) for ids in result.generated_ids} == {12}
         return result
 
-    monkeypatch.setattr("inference.generate.generate", watched)
+    monkeypatch.setattr("inference.decoding.generate.generate", watched)
     row = script.time_decode(model, tokenizer, ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"], budget=200,
                              layers=[-1], steps=12, batch_size=2, warm=4)
     assert budgets == [200]

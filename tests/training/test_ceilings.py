@@ -2,7 +2,7 @@
 
 import torch
 
-from inference.evaluate import ProblemRecord
+from inference.evaluation.evaluate import ProblemRecord
 from training.ceilings import StepOracleTrigger, arith_steps, commit_oracle
 from training.tokenizer import build_tokenizer
 

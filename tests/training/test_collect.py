@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from inference.config import load_config
-from inference.generate import generate
+from inference.decoding.generate import generate
 from inference.prompts import render_prompt
 from rescue import commands
 from training.arith import arith_problems
@@ -215,7 +215,7 @@ def test_budget_past_the_model_context_is_refused_before_any_generation(tmp_path
 
 def test_batch_is_sized_from_free_memory_and_shown_in_the_progress_bar(tmp_path, monkeypatch, capsys):
     import training.collect as collect_module
-    from inference.memory import row_bytes
+    from inference.decoding.memory import row_bytes
 
     settings = config(**{"sampling.batch_size": 2})
     model, tokenizer = commands._load_for_precision(settings, "fp16")

@@ -113,7 +113,7 @@ def test_a_head_without_positives_trains_the_other_and_never_alarms(tmp_path, ca
 def test_an_untrained_fails_to_commit_head_never_plans(tmp_path):
     """tiny-m and tiny-l traces never fail to commit: the planning threshold must not fall to the
     smallest float above 0 (which planned every trace on the GPU), but stay above any probability."""
-    from inference.triggers import LearnedTrigger
+    from inference.control.triggers import LearnedTrigger
     from detector.artifact import load_detector
 
     traces = write_planted_trace_set(tmp_path / "traces", problems=40, fails=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from inference.config import LabelsConfig
-from inference.repetition import has_loop
+from inference.evaluation.repetition import has_loop
 from training.arith import arith_dataset
 from training.labels import (
     TraceLabels,

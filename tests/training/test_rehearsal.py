@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from inference.decoding.memory import kv_bytes_per_position
 from inference.errors import RescueError
-from inference.memory import kv_bytes_per_position
 from inference.prompts import render_prompt
 from training.rehearsal import (QWEN3_ADDED_TOKENS, build_rehearsal_model, math500_texts, pack_columns, pack_rows,
                                 rehearsal_config, round_to_nearest, train_tokenizer)
@@ -69,8 +69,8 @@ def test_math500_texts_refuses_a_file_without_text(tmp_path):
 
 
 def test_rehearsal_model_saves_loads_and_generates_like_a_real_one(tmp_path):
-    from inference.generate import generate
-    from inference.models import load_full_precision
+    from inference.decoding.generate import generate
+    from inference.decoding.models import load_full_precision
 
     record = build_rehearsal_model("qwen3-8b", tmp_path / "m", TEXTS, tokenizer_vocab=512, **TINY)
     assert record["vocab_size"] == 1024 and record["tokenizer_tokens"] == len(train_tokenizer(TEXTS, 512))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from inference.config import LabelsConfig, load_config
+from inference.decoding.generate import FINISH_BUDGET, FINISH_EOS
 from inference.errors import RescueError
-from inference.generate import FINISH_BUDGET, FINISH_EOS
 from rescue import commands
 from rescue.cli import main
 from training.labels import find_loop

@@ -6,7 +6,7 @@ labeler (that comes with trace collection and must tell a legitimate re-check fr
 
 from __future__ import annotations
 
-from inference.answers import split_thinking
+from inference.evaluation.answers import split_thinking
 
 LINE_REPEATS = 3
 SEGMENT_MIN_CHARS = 8

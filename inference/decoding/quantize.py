@@ -17,8 +17,8 @@ from typing import Sequence
 
 from inference.config import QuantizationConfig
 from inference.console import library_output
+from inference.decoding.models import pick_device, resolve_model_source
 from inference.errors import RescueError
-from inference.models import pick_device, resolve_model_source
 from inference.storage import folder_written_atomically
 
 

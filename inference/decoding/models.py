@@ -169,7 +169,7 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
     memory saving; speed depends on the backend). `kernel="dequantized"` unpacks each quantized weight
     once into a plain linear in `dtype`: the same 2-bit weight values, hence the same traces, but
     ordinary matmuls, which is much faster for small models and on the CPU. `kernel="fused"` keeps the
-    packed weights and runs decoding steps through `inference.kernels.gptq2_matmul` (2-bit, CUDA only;
+    packed weights and runs decoding steps through `inference.decoding.kernels.gptq2_matmul` (2-bit, CUDA only;
     prefill through GPTQModel's torch kernel).
     """
     source = resolve_model_source(ref, "2-bit model")
@@ -194,7 +194,7 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
     if kernel == "dequantized":
         model = dequantize_linears(model).to(device=target, dtype=pick_dtype(dtype, target))
     elif kernel == "fused":
-        from inference.kernels import fuse_2bit_linears
+        from inference.decoding.kernels import fuse_2bit_linears
 
         try:
             fuse_2bit_linears(model)

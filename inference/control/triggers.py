@@ -26,7 +26,7 @@ policy (`detector.policy`: the `ends_wrong` and `answer_correct` heads) selects 
 before the onset is scored by `answer_correct` (its score at the first grid step after it), and the
 trace commits to the best one if that score reaches the policy's commit threshold, else falls back to
 FP16 from the onset. Where the policy also holds a `step_threshold` (a trained `step_wrong` head), the
-token closing each arithmetic step (`inference.arithmetic`) is scored as well, on or off the grid, and
+token closing each arithmetic step (`inference.control.arithmetic`) is scored as well, on or off the grid, and
 a score at or above it raises a `step_wrong` alarm whose onset is where the step's result begins and
 whose FP16 span ends at the step's break (`Alarm.span_to_break`): with the card's `check` step action
 FP16 checks the result and rewrites it from the first token it rejects (`Alarm.check`), with `rewrite`
@@ -55,7 +55,7 @@ class Alarm:
     position: int
     onset: int
     span_to_break: bool = False
-    """A fallback for this alarm writes FP16 only up to the next break (`inference.arithmetic.BREAKS`)
+    """A fallback for this alarm writes FP16 only up to the next break (`inference.control.arithmetic.BREAKS`)
     and hands back: a step rewrite."""
     check: bool = False
     """(With `span_to_break`) FP16 first checks the tokens from `onset` to the alarm in one forward pass and
@@ -255,7 +255,7 @@ class LearnedTrigger(Trigger):
 
     def _closed_steps(self, seqs, positions, tokens) -> dict[int, int]:
         """Rows whose newest token closes an arithmetic step -> generated position where its result begins."""
-        from inference.arithmetic import step_at_end, token_at_char
+        from inference.control.arithmetic import step_at_end, token_at_char
 
         closed = {}
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from inference.generate import Sampler, generate
+from inference.decoding.generate import Sampler, generate
 from inference.prompts import render_prompt
 
 from inference.config import METHODS  # noqa: F401  (re-exported: the methods compared here)
@@ -55,7 +55,7 @@ def learned_budget(method: str, config) -> float | None:
 
 def build_trigger(method: str, config, tokenizer, detector=None):
     """The trigger of a controlled method (the learned ones need a loaded detector)."""
-    from inference.triggers import AlwaysPlan, LearnedTrigger, RuleTrigger
+    from inference.control.triggers import AlwaysPlan, LearnedTrigger, RuleTrigger
 
     control = config.rescue
     if method in ("rule", "rescue-only"):

@@ -49,13 +49,12 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from inference.answers import find_candidate_answers, token_char_ends
-from inference.arithmetic import BREAKS
 from inference.config import ControlConfig, SamplingConfig
-from inference.evaluate import eos_token_ids
-from inference.generate import FINISH_EOS, Sampler, generate
+from inference.control.arithmetic import BREAKS
+from inference.control.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
+from inference.decoding.generate import FINISH_EOS, Sampler, eos_token_ids, generate
+from inference.evaluation.answers import find_candidate_answers, token_char_ends
 from inference.prompts import Problem, render_prompt
-from inference.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
 
 PROBE, REASON, FP16_SPAN, CHECK, ANSWER, DONE = "probe", "reason", "fp16", "check", "answer", "done"
 STEP_REWRITE_TOKENS = 8

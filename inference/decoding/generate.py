@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inference.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepOutputs, StepProbe
+from inference.decoding.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepOutputs, StepProbe
 
 FINISH_EOS = "eos"
 FINISH_BUDGET = "budget"
@@ -168,7 +168,7 @@ def generate(
     `top_prob`: also hand the hook each row's top-token probability (a softmax over the vocabulary
     per step, so only when asked).
     `decode`: `dynamic` (HF's growing cache), `static` (a static cache; on CUDA each decode step is
-    one CUDA-graph replay, see `inference/steps.py`) or `compiled` (`static` through torch.compile).
+    one CUDA-graph replay, see `inference/decoding/steps.py`) or `compiled` (`static` through torch.compile).
     All choose the same greedy tokens.
     `probe`: run on the step's layer states inside the step (in the graph on the static path); its
     output reaches the hook as `StepView.scores`.
@@ -237,3 +237,13 @@ def generate(
     generated_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     prompt_lengths = attention_mask.sum(-1).tolist()
     return Generation(generated_ids, finish, steps=step + 1, prompt_lengths=prompt_lengths)
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Tokens that end a trace: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)

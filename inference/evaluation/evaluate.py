@@ -17,19 +17,19 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from inference.answers import extract_final_answer, split_thinking
 from inference.config import SamplingConfig
-from inference.generate import Sampler, generate
-from inference.grading import is_correct
+from inference.decoding.generate import Sampler, eos_token_ids, generate
+from inference.evaluation.answers import extract_final_answer, split_thinking
+from inference.evaluation.grading import is_correct
+from inference.evaluation.repetition import has_loop
 from inference.prompts import Problem, render_prompt
 from inference.storage import folder_written_atomically
-from inference.repetition import has_loop
 
 
 @dataclass
 class ProblemRecord:
     """One problem's outcome under one method. `wall_seconds` is the problem's share of its batch's time;
-    `loop` is the naive repetition check of `inference.repetition.has_loop` on the generated text."""
+    `loop` is the naive repetition check of `inference.evaluation.repetition.has_loop` on the generated text."""
 
     problem_id: str
     method: str
@@ -58,16 +58,6 @@ class ProblemRecord:
     """Controller actions: {kind: plan|commit|fallback|handback|probe_dropped, position, ...}."""
 
 
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Tokens that end a trace: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return sorted(i for i in ids if i is not None)
-
 
 def run_method(
     model,
@@ -86,8 +76,8 @@ def run_method(
     stop_ids = eos_token_ids(tokenizer, model)
     records: list[ProblemRecord] = []
     # The budget is checked against the model's context and the batch sized from free GPU memory before
-    # any generation (inference/memory.py); the bar shows the batch chosen.
-    from inference.memory import available_bytes, check_context, plan_batch
+    # any generation (inference/decoding/memory.py); the bar shows the batch chosen.
+    from inference.decoding.memory import available_bytes, check_context, plan_batch
 
     prompt_lengths = [len(ids) for ids in tokenizer([render_prompt(tokenizer, p.question) for p in problems]).input_ids]
     longest = max(prompt_lengths, default=0)
@@ -146,8 +136,8 @@ def run_method(
 
 def run_controlled(models: dict, tokenizer, problems: Sequence[Problem], *, method: str, trigger,
                    sampling: SamplingConfig, control, progress: bool = True) -> list[ProblemRecord]:
-    """One trace per problem under the rescue controller (`inference.controller`), graded."""
-    from inference.controller import Controller
+    """One trace per problem under the rescue controller (`inference.control.controller`), graded."""
+    from inference.control.controller import Controller
 
     controller = Controller(models, tokenizer, trigger, control, sampling, method)
     states = controller.run(problems, progress=progress)

@@ -1,0 +1,1 @@
+"""Evaluation: running methods, grading answers, comparing methods and their costs."""
