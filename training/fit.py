@@ -289,7 +289,12 @@ def train_detector(config: RescueConfig, traces: str, val: str | None = None, ou
                             config.rescue.plan_probe_tokens, data.untrained_heads)
     calibration["policy"] = calibrate_policy(scored, calibration, spec.fallback_success, data.untrained_heads,
                                            spec.step_action)
-    calibration["rules"] = {"ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
+    control = config.rescue
+    budget_limit = (int(config.sampling.budget * control.rule_budget_fraction)
+                    if control.rule_budget_fraction < 1.0 else None)
+    calibration["rules"] = {"for_budget": tune_rule_for_budgets(scored, control.rule_ngram, budget_limit,
+                                                                control.plan_tokens, spec.fallback_success),
+                            "ngram": tune_ngram_rule(scored, spec.rule_ngram, spec.rule_window,
                                                      spec.target_false_alarm_rate),
                             "confidence": tune_confidence_rule(scored, spec.rule_confidence_window,
                                                                spec.target_false_alarm_rate)}
@@ -418,6 +423,82 @@ def tune_ngram_rule(scored: list[dict[str, Any]], n: int, window: int, target: f
     return {"ngram": n, "window": window, "min_repeats": repeats, "target_false_alarm_rate": target,
             "false_alarm_rate": float((peaks[healthy] >= repeats).mean()),
             "detection_rate": float((peaks[loops] >= repeats).mean()) if loops.any() else None}
+
+
+RULE_COUNTS = (2, 3, 4, 6, 8)
+RULE_WINDOWS = (128, 256, 512)
+
+
+def tune_rule_for_budgets(scored: list[dict[str, Any]], ngram: int, budget_limit: int | None, plan_tokens: int,
+                          fallback_success: float, budgets: Sequence[float] | None = None) -> dict[str, Any]:
+    """The rule's parameters per FP16 budget, chosen on the validation traces with the learned policy's model
+    (`detector.policy`), so that the rule and the learned trigger are tuned for the same budget on the same
+    traces. Tuned: the loop check's repeat count (`RULE_COUNTS`) and window (`RULE_WINDOWS`; the n-gram
+    length is the config's), whether FP16 plans, and what an alarm does (`auto`: commit to the earliest
+    candidate stated before it, else fall back; `fallback`: always fall back; `commit`: always close the
+    thinking, a trace with no candidate then modeled wrong). The budget check
+    (`budget_limit`, the position at which it fires) is kept.
+
+    The model of one trace: its first alarm is the first position where the n-gram occurs `count` times
+    within `window` tokens, or the budget check where the trace ran that long without closing its
+    thinking; no alarm keeps the trace's outcome; a commit is graded; a fallback succeeds with
+    `fallback_success` at `max(reference - alarm, reference / 4)` FP16 tokens. A plan costs `plan_tokens`
+    FP16 tokens (the configured most) and is modeled to change nothing: validation traces hold no plans,
+    and `plan-only` measures within noise of naive 2-bit on the embedded family. The rule watches the
+    thinking only; the model reads the whole trace (a few answer tokens follow `</think>`)."""
+    from detector.policy import BUDGETS
+
+    budgets = sorted(BUDGETS if budgets is None else budgets)
+    if not scored:
+        raise ValueError("no validation traces to tune the rule on")
+    labels = [s["labels"] for s in scored]
+    correct_lengths = [label.length for label in labels if label.correct]
+    reference = float(np.mean(correct_lengths or [label.length for label in labels]))
+    tolerance = (1.0 - 1e-9) / len(scored)
+    outcomes = []
+    for window in (w for w in RULE_WINDOWS if w >= ngram):
+        repeats = [ngram_repeats(s["generated_ids"], ngram, window) for s in scored]
+        for count in RULE_COUNTS:
+            alarms = []
+            for label, reading in zip(labels, repeats):
+                hits = np.flatnonzero(reading >= count)
+                alarm = int(hits[0]) if len(hits) else None
+                if (budget_limit is not None and label.length > budget_limit
+                        and (label.unclosed_think or label.budget_exhausted)):
+                    alarm = budget_limit - 1 if alarm is None else min(alarm, budget_limit - 1)
+                alarms.append(alarm)
+            for on_alarm in ("auto", "fallback", "commit"):
+                correct = fp16 = total = 0.0
+                for label, alarm in zip(labels, alarms):
+                    if alarm is None:
+                        correct, total = correct + label.correct, total + label.length
+                        continue
+                    earlier = [c for c in label.candidates if c[0] < alarm]
+                    if on_alarm in ("auto", "commit") and earlier:
+                        correct, total = correct + earlier[0][1], total + alarm + 1
+                    elif on_alarm == "commit":
+                        total += alarm + 1  # the thinking closed with no answer stated: modeled wrong
+                    else:
+                        spent = max(reference - alarm, reference / 4)
+                        correct, fp16, total = correct + fallback_success, fp16 + spent, total + alarm + spent
+                for plan in ((False, True) if plan_tokens > 0 else (False,)):
+                    planned = plan_tokens * len(labels) if plan else 0.0
+                    outcomes.append({"count": count, "window": window, "plan": plan, "on_alarm": on_alarm,
+                                     "modeled_accuracy": correct / len(labels),
+                                     "modeled_fp16_share": (fp16 + planned) / (total + planned) if total else 0.0,
+                                     "fell_back": sum(a is not None for a in alarms) / len(labels)})
+    cheapest = min(o["modeled_fp16_share"] for o in outcomes)
+    choices = []
+    for budget in budgets:
+        within = [o for o in outcomes if o["modeled_fp16_share"] <= max(budget, cheapest) + 1e-12]
+        top = max(o["modeled_accuracy"] for o in within)
+        near = [o for o in within if o["modeled_accuracy"] >= top - tolerance]
+        best = min(near, key=lambda o: (o["modeled_fp16_share"], -o["modeled_accuracy"], o["count"], o["window"]))
+        choices.append({"fp16_budget": budget, **{k: v for k, v in best.items() if k != "fell_back"},
+                        "alarmed": best["fell_back"]})
+    return {"ngram": ngram, "budget_limit": budget_limit, "plan_tokens": plan_tokens,
+            "reference_length": reference, "fallback_success": fallback_success, "traces": len(scored),
+            "budgets": choices}
 
 
 def tune_confidence_rule(scored: list[dict[str, Any]], window: int, target: float) -> dict[str, Any]:

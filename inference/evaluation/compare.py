@@ -5,7 +5,9 @@ Methods:
 - `rule`: the rule trigger (FP16 plan if `rescue.rule_plan`, n-gram loop check, budget check);
 - `learned`: the learned trigger (a detector artifact): plans where the early risk says so, acts on its alarms;
 - `plan-only`: an FP16 plan for every trace, no in-trace rescue;
-- `rescue-only`: the rule's in-trace rescue (loop and budget checks) without planning.
+- `rescue-only`: the rule's in-trace rescue (loop and budget checks) without planning;
+- `rule@B`: the rule with its parameters (repeat count, window, planning, what an alarm does) tuned on the
+  detector's validation traces for FP16 budget B, as the learned trigger's are (`training.fit.tune_rule_for_budgets`).
 
 The cost model (documented in the README): a trace's modeled time is
 
@@ -53,6 +55,28 @@ def learned_budget(method: str, config) -> float | None:
     return None
 
 
+def rule_budget(method: str) -> float | None:
+    """The FP16 budget `rule@B` names; None for any other method."""
+    if not method.startswith("rule@"):
+        return None
+    try:
+        budget = float(method.split("@", 1)[1])
+    except ValueError:
+        budget = -1.0
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"method {method!r}: the FP16 budget after '@' must be a number in [0, 1]")
+    return budget
+
+
+def tuned_rule(detector, budget: float) -> dict | None:
+    """The detector card's rule tuned for the largest calibrated FP16 budget not above `budget` (None where
+    the card predates the tuning)."""
+    from detector.policy import policy_for_budget
+
+    tuned = (detector.card["calibration"].get("rules") or {}).get("for_budget") if detector is not None else None
+    return policy_for_budget(tuned, budget) if tuned and tuned.get("budgets") else None
+
+
 def build_trigger(method: str, config, tokenizer, detector=None):
     """The trigger of a controlled method (the learned ones need a loaded detector)."""
     from inference.control.triggers import AlwaysPlan, LearnedTrigger, RuleTrigger
@@ -62,6 +86,18 @@ def build_trigger(method: str, config, tokenizer, detector=None):
         return RuleTrigger(control.rule_ngram, control.rule_window, control.rule_count, config.sampling.budget,
                            control.rule_budget_fraction, plan=control.rule_plan and method == "rule",
                            think_close_id=tokenizer.convert_tokens_to_ids("</think>"))
+    if rule_budget(method) is not None:
+        entry = tuned_rule(detector, rule_budget(method))
+        if entry is None:
+            raise ValueError(f"method {method!r} needs a detector whose card holds the rule tuned per FP16 budget "
+                             "(retrain it with `rescue train`)")
+        trigger = RuleTrigger(control.rule_ngram, entry["window"], entry["count"], config.sampling.budget,
+                              control.rule_budget_fraction, plan=entry["plan"],
+                              think_close_id=tokenizer.convert_tokens_to_ids("</think>"))
+        trigger.policy_name = (f"rule-tuned@{entry['fp16_budget']:g}: {control.rule_ngram}-gram {entry['count']}x "
+                               f"within {entry['window']}, plan {'on' if entry['plan'] else 'off'}, "
+                               f"on alarm {entry['on_alarm']}")
+        return trigger
     if method == "plan-only":
         return AlwaysPlan()
     if learned_budget(method, config) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -36,8 +37,8 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     at the Qwen3 `shape` (default: the config's model name) on the machine that measured them.
     """
     from inference.evaluation.compare import (CONTROLLED, METHODS as ALL_METHODS, build_trigger, learned_budget,
-                                              measure_costs, modeled_costs, plot_comparison, weight_bytes,
-                                              write_comparison)
+                                              measure_costs, modeled_costs, plot_comparison, rule_budget,
+                                              tuned_rule, weight_bytes, write_comparison)
     from inference.evaluation.evaluate import run_controlled, run_method, summarize, write_evaluation
     from inference.decoding.models import load_full_precision, load_quantized
     from inference.storage import folder_written_atomically
@@ -50,11 +51,12 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     for method in methods:
         if method in ALL_METHODS or method in CEILINGS:
             continue
-        if not method.startswith("learned@"):
+        if not method.startswith(("learned@", "rule@")):
             raise RescueError(f"unknown method {method!r} (expected one of {', '.join(ALL_METHODS + CEILINGS)}, "
-                              "or learned@B with an FP16 budget B in [0, 1])")
+                              "or learned@B or rule@B with an FP16 budget B in [0, 1])")
         try:
             learned_budget(method, config)
+            rule_budget(method)
         except ValueError as error:
             raise RescueError(str(error)) from None
     if limit is not None and limit < 1:
@@ -84,7 +86,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
     if need_fp16:
         models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
     detector = folder = None
-    if any(learned_budget(m, config) is not None for m in methods):
+    if any(learned_budget(m, config) is not None or rule_budget(m) is not None for m in methods):
         from detector.artifact import load_detector
 
         folder = config.rescue.detector or str(Path(config.output_dir) / config.model.name / "detector")
@@ -94,9 +96,17 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
             print(f"note: {folder} has no learned action policy ({policy}); the learned trigger commits to the "
                   "earliest candidate, and the budget curve (learned@B) is left out")
             methods = tuple(m for m in methods if not m.startswith("learned@"))
+        if any(rule_budget(m) is not None for m in methods) and tuned_rule(detector, 1.0) is None:
+            print(f"note: {folder} holds no rule tuned per FP16 budget (a detector trained before the tuning); "
+                  "rule@B is left out")
+            methods = tuple(m for m in methods if rule_budget(m) is None)
     triggers = {m: build_trigger(m, config, tokenizer, detector) for m in methods
-                if m in CONTROLLED or learned_budget(m, config) is not None}
+                if m in CONTROLLED or learned_budget(m, config) is not None or rule_budget(m) is not None}
     controls = {m: config.rescue for m in triggers}
+    for method in triggers:
+        if rule_budget(method) is not None:
+            controls[method] = dataclasses.replace(config.rescue,
+                                                   on_alarm=tuned_rule(detector, rule_budget(method))["on_alarm"])
     for method in methods:
         if method in CEILINGS:
             triggers[method], controls[method] = ceiling_trigger(method, config, tokenizer, problems)
@@ -170,24 +180,25 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
 
 
 def default_methods(config: RescueConfig) -> tuple[str, ...]:
-    """What `rescue compare` runs by default: every method, the learned trigger at each of
-    `rescue.curve_budgets`, and the oracle ceilings (the step oracle on generated arithmetic only)."""
+    """What `rescue compare` runs by default: every method, the rule tuned for `rescue.fp16_budget`, the
+    learned trigger at each of `rescue.curve_budgets`, and the oracle ceilings (the step oracle on generated arithmetic only)."""
     from inference.evaluation.compare import METHODS as ALL_METHODS
     from training.ceilings import CEILINGS
 
     curve = tuple(f"learned@{budget:g}" for budget in config.rescue.curve_budgets
                   if abs(budget - config.rescue.fp16_budget) > 1e-9)
     ceilings = tuple(c for c in CEILINGS if c != "ceiling-step" or config.benchmark.name.startswith("arith"))
-    return ALL_METHODS + curve + ceilings
+    return ALL_METHODS + (f"rule@{config.rescue.fp16_budget:g}",) + curve + ceilings
 
 
 RUN_LEAVES_OUT = ("plan-only", "rescue-only", "ceiling-loop")
+"""Methods `rescue run` does not compare (with the tuned rule, `rule@B`), so that it fits 15 minutes on 2 cores."""
 
 
 def run_methods(config: RescueConfig) -> tuple[str, ...]:
     """What `rescue run` compares: `default_methods` without `RUN_LEAVES_OUT`, and of the learned curve only
     its smallest budget (with `learned` at `rescue.fp16_budget` and the naive 2-bit point, three points)."""
-    methods = [m for m in default_methods(config) if m not in RUN_LEAVES_OUT]
+    methods = [m for m in default_methods(config) if m not in RUN_LEAVES_OUT and not m.startswith("rule@")]
     curve = [m for m in methods if m.startswith("learned@")]
     smallest = min(curve, key=lambda m: float(m.split("@", 1)[1]), default=None)
     return tuple(m for m in methods if not m.startswith("learned@") or m == smallest)

@@ -206,3 +206,26 @@ def test_the_goals_count_a_step_check_as_an_fp16_token_and_name_ceilings_only_fo
     methods["learned"]["accuracy"] = 0.3  # far below 60% of the gap, and above the only cheap ceiling
     missed = rescue_goals(methods, ceilings, model="tiny-m")[0]
     assert not missed["met"] and "commit-oracle 30.0%" in missed["value"]
+
+
+def test_rule_at_a_budget_runs_the_rule_the_detector_card_tuned_for_it():
+    from types import SimpleNamespace
+
+    from inference.control.triggers import RuleTrigger
+    from inference.evaluation.compare import build_trigger, rule_budget, tuned_rule
+    from training.tokenizer import build_tokenizer
+
+    assert rule_budget("rule@0.2") == 0.2 and rule_budget("rule") is None and rule_budget("learned@0.2") is None
+    with pytest.raises(ValueError, match="must be a number in"):
+        rule_budget("rule@2")
+    entries = [{"fp16_budget": 0.0, "count": 8, "window": 128, "plan": False, "on_alarm": "commit"},
+               {"fp16_budget": 0.2, "count": 3, "window": 512, "plan": True, "on_alarm": "fallback"}]
+    detector = SimpleNamespace(card={"calibration": {"rules": {"for_budget": {"budgets": entries}}}})
+    assert tuned_rule(detector, 0.1) == entries[0] and tuned_rule(detector, 0.5) == entries[1]
+    trigger = build_trigger("rule@0.3", load_config("tiny-s"), build_tokenizer(), detector)
+    assert isinstance(trigger, RuleTrigger) and (trigger.count, trigger.window, trigger.plan) == (3, 512, True)
+    assert "rule-tuned@0.2" in trigger.policy_name and "on alarm fallback" in trigger.policy_name
+    # A card from before the tuning: one clear error.
+    old = SimpleNamespace(card={"calibration": {"rules": {"ngram": {}}}})
+    with pytest.raises(ValueError, match="rule tuned per FP16 budget"):
+        build_trigger("rule@0.2", load_config("tiny-s"), build_tokenizer(), old)

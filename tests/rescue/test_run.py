@@ -26,7 +26,7 @@ def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, caps
     assert list(summary["comparison"]) == list(run_methods(config))
     assert {"learned", "learned@0.1", "ceiling-step"} <= set(summary["comparison"])
     assert not set(RUN_LEAVES_OUT) & set(summary["comparison"]) and "learned@0.4" not in summary["comparison"]
-    assert set(default_methods(config)) - set(run_methods(config)) == {*RUN_LEAVES_OUT, "learned@0.4"}
+    assert set(default_methods(config)) - set(run_methods(config)) == {*RUN_LEAVES_OUT, "learned@0.4", "rule@0.2"}
     assert [c["ceiling"] for c in summary["ceilings"]] == ["commit-oracle", "ceiling-step", "fp16"]
     assert all(s["problems"] == 6 for s in summary["comparison"].values())
     assert not any(stage["skipped"] for stage in summary["stages"])

@@ -162,3 +162,36 @@ def test_confidence_rule_skipped_with_a_reason_without_top_prob():
     scored = [{**_scored([0.5] * 10), "top_prob": None}]
     rule = tune_confidence_rule(scored, 8, 0.05)
     assert "threshold" not in rule and "store no top-token probabilities" in rule["skipped"]
+
+
+def test_the_rule_is_tuned_per_fp16_budget_with_the_learned_policys_model():
+    from training.fit import tune_rule_for_budgets
+    from training.labels import TraceLabels
+
+    def trace(ids, correct, candidates=(), unclosed=False):
+        label = TraceLabels(length=len(ids), loop_onset=None, loop_period=None, budget_exhausted=False,
+                            unclosed_think=unclosed, committed=not unclosed, first_candidate_pos=None,
+                            delayed_commitment=False, correct=correct, fails_to_commit=unclosed,
+                            candidates=tuple(candidates))
+        return {"labels": label, "generated_ids": ids}
+
+    healthy = list(range(100))                                   # never repeats
+    looping = list(range(20)) + [7, 8, 9, 10] * 20               # the 4-gram repeats from position 23 on
+    scored = ([trace(healthy, True) for _ in range(6)]
+              + [trace(looping, False, candidates=[(10, True)]) for _ in range(2)]   # a right answer stated first
+              + [trace(looping, False) for _ in range(2)])                            # nothing to commit to
+    tuned = tune_rule_for_budgets(scored, ngram=4, budget_limit=None, plan_tokens=50, fallback_success=1.0,
+                                  budgets=(0.0, 0.5))
+    free, paid = tuned["budgets"]
+    # No FP16: the loop check commits the two loops that stated the right answer, and never plans.
+    assert free["on_alarm"] == "commit" and not free["plan"] and free["modeled_fp16_share"] == 0.0
+    assert free["modeled_accuracy"] == pytest.approx(0.8)
+    # With FP16 to spend, the loops without a candidate fall back too; planning (modeled useless) never pays.
+    assert paid["modeled_accuracy"] == pytest.approx(1.0) and 0 < paid["modeled_fp16_share"] <= 0.5
+    assert not paid["plan"] and paid["count"] >= 2 and paid["window"] in (128, 256, 512)
+    assert tuned["reference_length"] == pytest.approx(100.0)
+    # The budget check fires where a trace ran past its limit still thinking.
+    stuck = [trace(healthy, True) for _ in range(3)] + [trace(list(range(300)), False, unclosed=True)]
+    checked = tune_rule_for_budgets(stuck, ngram=4, budget_limit=200, plan_tokens=0, fallback_success=1.0,
+                                    budgets=(1.0,))["budgets"][0]
+    assert checked["modeled_accuracy"] == pytest.approx(1.0) and checked["alarmed"] == pytest.approx(0.25)
