@@ -22,11 +22,12 @@ Every trace is a small state machine; the controller moves a batch of them forwa
 - **step rewrite** (a fallback for an alarm with `span_to_break`): the trace is cut back to where an
   arithmetic step's result begins, FP16 writes up to the step's break (at most `STEP_REWRITE_TOKENS`
   tokens) and hands back; at most `max_step_rewrites` per trace, not counted as interventions.
-- **step check** (such an alarm with `check`): FP16 reads the trace in one forward pass and judges the
-  result's tokens, from where it begins to the break, against `step_check_min_prob` (each token's
-  probability under FP16 at the sampling temperature). If it accepts them all the 2-bit model goes on
-  with the trace unchanged; otherwise the trace is cut at the first token it rejects and FP16 writes from
-  there to the break, as in a rewrite. Each check is counted (`checks`): one more FP16 forward pass.
+- **step check** (such an alarm with `check`): at once, inside the 2-bit batch, FP16 reads the trace in
+  one forward pass and judges the result's tokens, from where it begins to the break, against
+  `step_check_min_prob` (each token's probability under FP16 at the sampling temperature). If it accepts
+  them all the 2-bit model goes on without stopping; otherwise the trace is cut at the first token it
+  rejects and FP16 writes from there to the break, as in a rewrite. Each check is counted (`checks`):
+  one more FP16 forward pass, its prefill counted as FP16's.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
 of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
@@ -56,7 +57,7 @@ from inference.decoding.generate import FINISH_EOS, Sampler, eos_token_ids, gene
 from inference.evaluation.answers import find_candidate_answers, token_char_ends
 from inference.prompts import Problem, render_prompt
 
-PROBE, REASON, FP16_SPAN, CHECK, ANSWER, DONE = "probe", "reason", "fp16", "check", "answer", "done"
+PROBE, REASON, FP16_SPAN, ANSWER, DONE = "probe", "reason", "fp16", "answer", "done"
 STEP_REWRITE_TOKENS = 8
 """Most FP16 tokens of one step rewrite (a result and its break)."""
 
@@ -81,8 +82,6 @@ class TraceState:
     """Onsets FP16 has checked or rewritten a result at (FP16 is not asked twice about one result)."""
     checks: int = 0
     """FP16 forward passes that checked a step's result."""
-    check_from: int = 0
-    """(Phase `check`) the generated position where the result to check begins."""
     to_break: bool = False
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
@@ -94,7 +93,7 @@ class TraceState:
 
     @property
     def model(self) -> str:
-        if self.phase in (PLAN, FP16_SPAN, CHECK):
+        if self.phase in (PLAN, FP16_SPAN):
             return "fp16"
         if self.phase == ANSWER:
             return self.answer_model
@@ -103,10 +102,12 @@ class TraceState:
 
 @dataclass
 class _Stop:
-    """Why a row left a batch: `alarm` (act on it), `paused` (resume next round), `limit`, `plan_done`."""
+    """Why a row left a batch: `alarm` (act on it), `rejected` (FP16 rejected a checked result at generated
+    position `rejected`), `paused` (resume next round), `limit`, `plan_done`."""
 
     kind: str
     alarm: Alarm | None = None
+    rejected: int | None = None
 
 
 class Controller:
@@ -173,7 +174,9 @@ class Controller:
             state.actions[-1]["tokens"] = len(new)
             self._begin_reasoning(state)
         elif state.phase == REASON:
-            if stop is not None and stop.kind == "alarm":
+            if stop is not None and stop.kind == "rejected":
+                self._cut_for_rewrite(state, stop.rejected, "step_check", stop.alarm.position)
+            elif stop is not None and stop.kind == "alarm":
                 self._act(state, stop.alarm)
             else:
                 self._finish(state, "budget")
@@ -224,20 +227,17 @@ class Controller:
             if state.limit <= 0:
                 self._finish(state, "budget")
 
+    def _can_rewrite(self, state: TraceState, onset: int, length: int) -> bool:
+        """Whether FP16 may check or rewrite the result beginning at `onset` of a trace `length` tokens long."""
+        return ("fp16" in self.models and len(state.rewritten) < self.control.max_step_rewrites
+                and self.sampling.budget - onset > 0 and 0 <= onset <= length and onset not in state.rewritten)
+
     def _rewrite_step(self, state: TraceState, alarm: Alarm) -> None:
-        """Cut back to where the step's result begins; FP16 writes to the step's break, then hands back
-        (or, for a checking alarm, FP16 checks the result first)."""
-        room = self.sampling.budget - alarm.onset
-        if ("fp16" not in self.models or len(state.rewritten) >= self.control.max_step_rewrites or room <= 0
-                or not 0 <= alarm.onset <= len(state.generated) or alarm.onset in state.rewritten):
+        """Cut back to where the step's result begins; FP16 writes to the step's break, then hands back."""
+        if not self._can_rewrite(state, alarm.onset, len(state.generated)):
             self._begin_reasoning(state)  # nothing to rewrite with: the 2-bit model goes on
             return
         state.rewritten.add(alarm.onset)
-        if alarm.check and alarm.onset < len(state.generated):
-            state.actions.append({"kind": "check", "reason": alarm.reason, "position": alarm.position,
-                                  "onset": alarm.onset, "policy": self.trigger.policy_name})
-            state.phase, state.check_from = CHECK, alarm.onset
-            return
         self._cut_for_rewrite(state, alarm.onset, alarm.reason, alarm.position)
 
     def _cut_for_rewrite(self, state: TraceState, onset: int, reason: str, position: int) -> None:
@@ -249,41 +249,60 @@ class Controller:
         state.limit = min(self.sampling.budget - onset, STEP_REWRITE_TOKENS)
 
     @torch.no_grad()
-    def _check_batch(self, batch: list[TraceState]) -> None:
-        """One FP16 forward pass over each trace; accept its result's tokens or cut at the first rejected."""
+    def _check_results(self, sequences: list[list[int]], starts: list[int]) -> list[tuple[float, int | None]]:
+        """One FP16 forward pass over each sequence (prompt and trace); per sequence, the smallest FP16
+        probability (softmax at the sampling temperature) of its tokens from index `starts[i]` on, and the
+        index of the first of them below `rescue.step_check_min_prob` (None: all accepted)."""
         model = self.models["fp16"]
-        sequences = [s.prompt_ids + s.generated for s in batch]
         width = max(map(len, sequences))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Logits of the last `keep` positions: every checked token is predicted from one of them.
-        keep = max(len(s.generated) - s.check_from for s in batch) + 1
-        began = time.perf_counter()
+        keep = max(len(q) - start for q, start in zip(sequences, starts)) + 1
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                        logits_to_keep=keep).logits[:, -keep:].float()
         probs = torch.softmax(logits / max(self.sampling.temperature, 1e-5), dim=-1)
-        share = (time.perf_counter() - began) / len(batch)
-        for row, state in enumerate(batch):
-            state.prefill["fp16"] += len(sequences[row])
-            state.checks += 1
-            state.wall_seconds += share
-            length = len(state.generated)
-            checked = range(state.check_from, length)
-            # Token i of the trace is predicted at kept index keep - (length - i) - 1.
-            index = torch.tensor([keep - (length - i) - 1 for i in checked], device=probs.device)
-            chosen = torch.tensor(state.generated[state.check_from:], device=probs.device)
+        verdicts = []
+        for row, (sequence, start) in enumerate(zip(sequences, starts)):
+            checked = range(start, len(sequence))
+            # Token i of the sequence is predicted at kept index keep - (len - i) - 1.
+            index = torch.tensor([keep - (len(sequence) - i) - 1 for i in checked], device=probs.device)
+            chosen = torch.tensor(sequence[start:], device=probs.device)
             token_probs = probs[row, index, chosen].tolist()
             rejected = next((i for i, p in zip(checked, token_probs) if p < self.control.step_check_min_prob), None)
-            record = state.actions[-1]
-            record["min_prob"] = round(min(token_probs), 4)
-            if rejected is None:
-                record["accepted"] = True
-                self._begin_reasoning(state)
-            else:
-                record["accepted"] = False
-                self._cut_for_rewrite(state, rejected, "step_check", record["position"])
+            verdicts.append((min(token_probs), rejected))
+        return verdicts
+
+    def _check_inline(self, batch: list[TraceState], alarms: dict, bases: list[int], new: list[list[int]],
+                      stops: dict) -> None:
+        """Step checks of this decoding step's checking alarms (see the module docstring): an accepted result
+        drops its alarm, a rejected one stops its row (`rejected`); an alarm FP16 may not act on is dropped."""
+        rows = [row for row, alarm in alarms.items() if alarm.span_to_break and alarm.check]
+        wanted = []
+        for row in rows:
+            alarm, state = alarms.pop(row), batch[row]
+            if state.phase == REASON and self._can_rewrite(state, alarm.onset, bases[row] + len(new[row]) - 1):
+                wanted.append((row, alarm))
+        if not wanted:
+            return
+        prompts = [len(batch[row].prompt_ids) for row, _ in wanted]
+        sequences = [batch[row].prompt_ids + batch[row].generated + new[row] for row, _ in wanted]
+        began = time.perf_counter()
+        verdicts = self._check_results(sequences, [p + a.onset for p, (_, a) in zip(prompts, wanted)])
+        share = (time.perf_counter() - began) / len(wanted)
+        for (row, alarm), sequence, prompt, (lowest, rejected) in zip(wanted, sequences, prompts, verdicts):
+            state = batch[row]
+            state.rewritten.add(alarm.onset)
+            state.checks += 1
+            state.prefill["fp16"] += len(sequence)
+            state.wall_seconds += share
+            state.actions.append({"kind": "check", "reason": alarm.reason, "position": alarm.position,
+                                  "onset": alarm.onset, "policy": self.trigger.policy_name,
+                                  "min_prob": round(lowest, 4), "accepted": rejected is None})
+            if rejected is not None:
+                stops[row] = _Stop("rejected", alarm, rejected - prompt)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -306,10 +325,7 @@ class Controller:
             if not pending:
                 break
             for precision in ("2bit", "fp16"):
-                checks = [s for s in pending if s.phase == CHECK] if precision == "fp16" else []
-                for start in range(0, len(checks), self.sampling.batch_size):
-                    self._check_batch(checks[start : start + self.sampling.batch_size])
-                group = [s for s in pending if s.model == precision and s.phase not in (DONE, CHECK)]
+                group = [s for s in pending if s.model == precision and s.phase != DONE]
                 for start in range(0, len(group), self.sampling.batch_size):
                     self._decode_batch(group[start : start + self.sampling.batch_size], precision, generator)
                     finished = sum(s.phase == DONE for s in states)
@@ -336,6 +352,7 @@ class Controller:
         stops: dict[int, _Stop] = {}
         counts = [0] * len(batch)
         recent: list[list[int]] = [[] for _ in batch]
+        new: list[list[int]] = [[] for _ in batch]
 
         def hook(view) -> torch.Tensor:
             rows = view.rows.tolist()
@@ -344,6 +361,7 @@ class Controller:
             observe_at, observe_rows = [], []
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 counts[row] += 1
+                new[row].append(token)
                 if planning[row]:
                     recent[row].append(token)
                 if token == self.think_close:
@@ -359,16 +377,19 @@ class Controller:
                     view.tokens[index], {k: v[index] for k, v in view.hidden.items()},
                     None if view.top_prob is None else view.top_prob[index])
                 alarms = {row: alarm for row, alarm in zip(observe_rows, seen) if alarm is not None}
+                self._check_inline(batch, alarms, bases, new, stops)
             for i, row in enumerate(rows):
                 state = batch[row]
-                if counts[row] >= state.limit or (to_break[row] and self._closes_step(tokens[i])):
+                if row in stops and stops[row].kind == "rejected":
+                    stop[i] = True
+                elif counts[row] >= state.limit or (to_break[row] and self._closes_step(tokens[i])):
                     stops[row], stop[i] = _Stop("limit"), True
                 elif planning[row] and self._plan_complete(recent[row]):
                     stops[row], stop[i] = _Stop("plan_done"), True
                 elif row in alarms and state.phase == REASON:
                     stops[row], stop[i] = _Stop("alarm", alarms[row]), True
             live = [row for i, row in enumerate(rows) if not stop[i] and tokens[i] not in self.eos]
-            waiting = sum(1 for s in stops.values() if s.kind == "alarm")
+            waiting = sum(1 for s in stops.values() if s.kind in ("alarm", "rejected"))
             if waiting and waiting >= len(live):
                 for i, row in enumerate(rows):
                     if row in live:

@@ -283,6 +283,12 @@ def test_a_step_check_accepts_a_result_fp16_agrees_with_and_rewrites_from_the_fi
         # The padded batch read the same probabilities as one unpadded pass over the checked trace.
         assert record["min_prob"] == pytest.approx(min(_fp16_probs(models, state, 6, 9, sampling.temperature)),
                                                    abs=2e-4)
+    # An accepted check does not stop the trace: with every check accepted, each trace is token for token
+    # the naive 2-bit one and the 2-bit model prefilled only the prompt.
+    naive = run_method(models["2bit"], tokenizer, _problems(4), method="2bit", sampling=sampling, progress=False)
+    for state, plain in zip(states, naive):
+        assert tokenizer.decode(state.generated, skip_special_tokens=True) == plain.text
+        assert state.prefill["2bit"] == len(state.prompt_ids)
     # Rejecting everything (threshold 1): the cut is at the result's first token and FP16 rewrites from there.
     rejecting = Controller(models, tokenizer, StepChecked(), ControlConfig(step_check_min_prob=1.0), sampling,
                            "learned")
