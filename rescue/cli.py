@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(compare)
     compare.add_argument("--methods", default=None,
                          help=f"comma-separated list of {','.join(METHODS)}, learned@B (the learned trigger at FP16 "
-                              "budget B) and the oracle ceilings ceiling-loop, ceiling-step (default: every method, "
-                              "learned at each of rescue.curve_budgets, and the ceilings)")
+                              "budget B), rule@B (the rule tuned for FP16 budget B on the detector's validation "
+                              "traces) and the oracle ceilings ceiling-loop, ceiling-step (default: every method, "
+                              "rule@ at rescue.fp16_budget, learned at each of rescue.curve_budgets, and the ceilings)")
     compare.add_argument("--limit", type=int, default=None, help="only the first N problems")
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/<model>/compare-...)")
     compare.add_argument("--costs", default=None, metavar="DECODE_JSON",
