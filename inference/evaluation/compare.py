@@ -39,25 +39,9 @@ from inference.config import METHODS  # noqa: F401  (re-exported: the methods co
 CONTROLLED = ("rule", "learned", "plan-only", "rescue-only")
 
 
-def learned_budget(method: str, config) -> float | None:
-    """The FP16 budget a learned method runs at: `learned@B` names it, `learned` takes `rescue.fp16_budget`;
-    None for any other method."""
-    if method == "learned":
-        return config.rescue.fp16_budget
-    if method.startswith("learned@"):
-        try:
-            budget = float(method.split("@", 1)[1])
-        except ValueError:
-            budget = -1.0
-        if not 0.0 <= budget <= 1.0:
-            raise ValueError(f"method {method!r}: the FP16 budget after '@' must be a number in [0, 1]")
-        return budget
-    return None
-
-
-def rule_budget(method: str) -> float | None:
-    """The FP16 budget `rule@B` names; None for any other method."""
-    if not method.startswith("rule@"):
+def _budget_after(method: str, prefix: str) -> float | None:
+    """The FP16 budget B of a method named `<prefix>@B`; None for a method not so named."""
+    if not method.startswith(f"{prefix}@"):
         return None
     try:
         budget = float(method.split("@", 1)[1])
@@ -66,6 +50,17 @@ def rule_budget(method: str) -> float | None:
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"method {method!r}: the FP16 budget after '@' must be a number in [0, 1]")
     return budget
+
+
+def learned_budget(method: str, config) -> float | None:
+    """The FP16 budget a learned method runs at: `learned@B` names it, `learned` takes `rescue.fp16_budget`;
+    None for any other method."""
+    return config.rescue.fp16_budget if method == "learned" else _budget_after(method, "learned")
+
+
+def rule_budget(method: str) -> float | None:
+    """The FP16 budget `rule@B` names; None for any other method."""
+    return _budget_after(method, "rule")
 
 
 def tuned_rule(detector, budget: float) -> dict | None:
