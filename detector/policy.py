@@ -188,6 +188,30 @@ def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_thresho
             "committed": committed / count, "fell_back": fell_back / count, "step_rewrites": rewrites / count}
 
 
+def reference_length(traces) -> float:
+    """The length a fallback is modeled to finish at: the mean length of the correct traces (of all, if none
+    is correct). `traces`: anything with `length` and `correct`."""
+    lengths = [t.length for t in traces if t.correct] or [t.length for t in traces]
+    return float(np.mean(lengths))
+
+
+def best_within_budgets(outcomes: Sequence, budgets: Sequence[float], traces: int, share, accuracy,
+                        order=lambda outcome: ()) -> list[tuple[float, object]]:
+    """Per budget (ascending), the choice among `outcomes` (each read by `share` and `accuracy`) with the best
+    modeled accuracy within it: a gain of less than one of the `traces` validation traces is not a gain, so
+    the cheapest choice within that of the best wins (then `order`). A budget below every choice's share
+    gets the cheapest."""
+    tolerance = (1.0 - 1e-9) / traces
+    cheapest = min(map(share, outcomes))
+    chosen = []
+    for budget in sorted(budgets):
+        within = [o for o in outcomes if share(o) <= max(budget, cheapest) + 1e-12]
+        top = max(map(accuracy, within))
+        near = [o for o in within if accuracy(o) >= top - tolerance]
+        chosen.append((budget, min(near, key=lambda o: (share(o), -accuracy(o), *order(o)))))
+    return chosen
+
+
 def _threshold_grid(values: np.ndarray, steps: int) -> list[float]:
     values = values[np.isfinite(values)]
     if not len(values):
@@ -208,8 +232,7 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
     `PolicyChoice` per budget, budgets ascending."""
     if not traces:
         raise ValueError("no validation traces to choose the action policy on")
-    correct_lengths = [t.length for t in traces if t.correct]
-    reference = float(np.mean(correct_lengths)) if correct_lengths else float(np.mean([t.length for t in traces]))
+    reference = reference_length(traces)
     scored_steps = np.array([s[1] for t in traces for s in t.steps], dtype=float)
     use_steps = use_steps and len(scored_steps) > 0
     if use_steps:
@@ -225,15 +248,10 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
             outcomes += [(w, c, s, simulate(traces, loop_threshold, w, c, patience, fallback_success, reference,
                                             alarm_sets[w], s, rewrites))
                          for c in commit_grid]
-    cheapest = min(o[3]["fp16_share"] for o in outcomes)
-    tolerance = (1.0 - 1e-9) / len(traces)
     choices = []
-    for budget in sorted(budgets):
-        # Loop alarms alone may spend FP16 tokens; a budget below that gets the cheapest choice.
-        within = [o for o in outcomes if o[3]["fp16_share"] <= max(budget, cheapest) + 1e-12]
-        top = max(o[3]["accuracy"] for o in within)
-        near = [o for o in within if o[3]["accuracy"] >= top - tolerance]
-        w, c, s, best = min(near, key=lambda o: (o[3]["fp16_share"], -o[3]["accuracy"], -o[0], -o[2]))
+    # Loop alarms alone may spend FP16 tokens; a budget below that gets the cheapest choice.
+    for budget, (w, c, s, best) in best_within_budgets(outcomes, budgets, len(traces), lambda o: o[3]["fp16_share"],
+                                                       lambda o: o[3]["accuracy"], lambda o: (-o[0], -o[2])):
         choices.append(PolicyChoice(budget, w, c, best["accuracy"], best["fp16_share"],
                                     best["committed"] + best["fell_back"], best["committed"],
                                     best["fell_back"], s, best["step_rewrites"]).to_dict())

@@ -446,15 +446,13 @@ def tune_rule_for_budgets(scored: list[dict[str, Any]], ngram: int, budget_limit
     FP16 tokens (the configured most) and is modeled to change nothing: validation traces hold no plans,
     and `plan-only` measures within noise of naive 2-bit on the embedded family. The rule watches the
     thinking only; the model reads the whole trace (a few answer tokens follow `</think>`)."""
-    from detector.policy import BUDGETS
+    from detector.policy import BUDGETS, best_within_budgets, reference_length
 
-    budgets = sorted(BUDGETS if budgets is None else budgets)
+    budgets = BUDGETS if budgets is None else budgets
     if not scored:
         raise ValueError("no validation traces to tune the rule on")
     labels = [s["labels"] for s in scored]
-    correct_lengths = [label.length for label in labels if label.correct]
-    reference = float(np.mean(correct_lengths or [label.length for label in labels]))
-    tolerance = (1.0 - 1e-9) / len(scored)
+    reference = reference_length(labels)
     outcomes = []
     for window in (w for w in RULE_WINDOWS if w >= ngram):
         repeats = [ngram_repeats(s["generated_ids"], ngram, window) for s in scored]
@@ -486,16 +484,10 @@ def tune_rule_for_budgets(scored: list[dict[str, Any]], ngram: int, budget_limit
                     outcomes.append({"count": count, "window": window, "plan": plan, "on_alarm": on_alarm,
                                      "modeled_accuracy": correct / len(labels),
                                      "modeled_fp16_share": (fp16 + planned) / (total + planned) if total else 0.0,
-                                     "fell_back": sum(a is not None for a in alarms) / len(labels)})
-    cheapest = min(o["modeled_fp16_share"] for o in outcomes)
-    choices = []
-    for budget in budgets:
-        within = [o for o in outcomes if o["modeled_fp16_share"] <= max(budget, cheapest) + 1e-12]
-        top = max(o["modeled_accuracy"] for o in within)
-        near = [o for o in within if o["modeled_accuracy"] >= top - tolerance]
-        best = min(near, key=lambda o: (o["modeled_fp16_share"], -o["modeled_accuracy"], o["count"], o["window"]))
-        choices.append({"fp16_budget": budget, **{k: v for k, v in best.items() if k != "fell_back"},
-                        "alarmed": best["fell_back"]})
+                                     "alarmed": sum(a is not None for a in alarms) / len(labels)})
+    choices = [{"fp16_budget": budget, **best} for budget, best in
+               best_within_budgets(outcomes, budgets, len(scored), lambda o: o["modeled_fp16_share"],
+                                   lambda o: o["modeled_accuracy"], lambda o: (o["count"], o["window"]))]
     return {"ngram": ngram, "budget_limit": budget_limit, "plan_tokens": plan_tokens,
             "reference_length": reference, "fallback_success": fallback_success, "traces": len(scored),
             "budgets": choices}

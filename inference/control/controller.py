@@ -80,8 +80,6 @@ class TraceState:
     interventions: int = 0
     rewritten: set = field(default_factory=set)
     """Onsets FP16 has checked or rewritten a result at (FP16 is not asked twice about one result)."""
-    checks: int = 0
-    """FP16 forward passes that checked a step's result."""
     to_break: bool = False
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
@@ -90,6 +88,11 @@ class TraceState:
     @property
     def step_rewrites(self) -> int:
         return sum(1 for a in self.actions if a["kind"] == "rewrite")
+
+    @property
+    def checks(self) -> int:
+        """FP16 forward passes that checked a step's result."""
+        return sum(1 for a in self.actions if a["kind"] == "check")
 
     @property
     def model(self) -> str:
@@ -254,10 +257,7 @@ class Controller:
         probability (softmax at the sampling temperature) of its tokens from index `starts[i]` on, and the
         index of the first of them below `rescue.step_check_min_prob` (None: all accepted)."""
         model = self.models["fp16"]
-        width = max(map(len, sequences))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
-        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
+        input_ids, mask = self._left_padded(sequences)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Logits of the last `keep` positions: every checked token is predicted from one of them.
         keep = max(len(q) - start for q, start in zip(sequences, starts)) + 1
@@ -295,7 +295,6 @@ class Controller:
         for (row, alarm), sequence, prompt, (lowest, rejected) in zip(wanted, sequences, prompts, verdicts):
             state = batch[row]
             state.rewritten.add(alarm.onset)
-            state.checks += 1
             state.prefill["fp16"] += len(sequence)
             state.wall_seconds += share
             state.actions.append({"kind": "check", "reason": alarm.reason, "position": alarm.position,
@@ -303,6 +302,14 @@ class Controller:
                                   "min_prob": round(lowest, 4), "accepted": rejected is None})
             if rejected is not None:
                 stops[row] = _Stop("rejected", alarm, rejected - prompt)
+
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids and attention mask of `sequences`, left-padded to the longest."""
+        width = max(map(len, sequences))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
+        return input_ids, mask
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -338,10 +345,8 @@ class Controller:
     def _decode_batch(self, batch: list[TraceState], precision: str, generator: torch.Generator) -> None:
         model = self.models[precision]
         sequences = [s.prompt_ids + s.generated for s in batch]
-        width = max(map(len, sequences))
+        input_ids, mask = self._left_padded(sequences)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences], device=self.device)
-        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], device=self.device)
         for state, ids in zip(batch, sequences):
             state.prefill[precision] += len(ids)
         bases = [len(s.generated) for s in batch]
@@ -350,9 +355,8 @@ class Controller:
         planning = [s.phase == PLAN for s in batch]
         to_break = [s.phase == FP16_SPAN and s.to_break for s in batch]
         stops: dict[int, _Stop] = {}
-        counts = [0] * len(batch)
-        recent: list[list[int]] = [[] for _ in batch]
         new: list[list[int]] = [[] for _ in batch]
+        """The tokens each row has added in this batch."""
 
         def hook(view) -> torch.Tensor:
             rows = view.rows.tolist()
@@ -360,10 +364,7 @@ class Controller:
             stop = [False] * len(rows)
             observe_at, observe_rows = [], []
             for i, (row, token) in enumerate(zip(rows, tokens)):
-                counts[row] += 1
                 new[row].append(token)
-                if planning[row]:
-                    recent[row].append(token)
                 if token == self.think_close:
                     watched[row] = False
                 if watched[row] and precision == "2bit":
@@ -373,7 +374,7 @@ class Controller:
             if observe_rows:
                 index = torch.tensor(observe_at, device=view.tokens.device)
                 seen = self.trigger.observe(
-                    [batch[r].index for r in observe_rows], [bases[r] + counts[r] - 1 for r in observe_rows],
+                    [batch[r].index for r in observe_rows], [bases[r] + len(new[r]) - 1 for r in observe_rows],
                     view.tokens[index], {k: v[index] for k, v in view.hidden.items()},
                     None if view.top_prob is None else view.top_prob[index])
                 alarms = {row: alarm for row, alarm in zip(observe_rows, seen) if alarm is not None}
@@ -382,9 +383,9 @@ class Controller:
                 state = batch[row]
                 if row in stops and stops[row].kind == "rejected":
                     stop[i] = True
-                elif counts[row] >= state.limit or (to_break[row] and self._closes_step(tokens[i])):
+                elif len(new[row]) >= state.limit or (to_break[row] and self._closes_step(tokens[i])):
                     stops[row], stop[i] = _Stop("limit"), True
-                elif planning[row] and self._plan_complete(recent[row]):
+                elif planning[row] and self._plan_complete(new[row]):
                     stops[row], stop[i] = _Stop("plan_done"), True
                 elif row in alarms and state.phase == REASON:
                     stops[row], stop[i] = _Stop("alarm", alarms[row]), True
