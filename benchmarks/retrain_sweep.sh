@@ -43,6 +43,7 @@ one_variant() {
     fi
     [ -n "${SWEEP:-}" ] || exit 0
     recipes=(); for recipe in $SWEEP; do recipes+=(--recipe "$recipe"); done
+    [ "${REGIME:-1}" = 1 ] && recipes+=(--no-fp16)  # the regime run measured FP16 already
     python3 benchmarks/quant_sweep.py --config "$1" --model.fp16 "$2/models/$3" --out "$2/sweep-$3" \
       --limit "${LIMIT:-500}" --sampling.batch_size "${BATCH:-500}" --wandb disabled ${EXTRA:-} "${@:4}" "${recipes[@]}"
     ' _ "$size" "$out" "$name" ${flags[@]+"${flags[@]}"} > "$out/$name.log" 2>&1

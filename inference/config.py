@@ -340,6 +340,8 @@ class PretrainConfig:
         "most verification passes one trace may hold", min=1))
     max_trace_chars: int = field(default=750, metadata=_help(
         "longest trace in characters (longer draws are redrawn)", min=50))
+    close_slips: bool = field(default=False, metadata=_help(
+        "the slips verification must catch are off by one only (passes differ in one digit)"))
 
     def trace_style(self):
         """The `training.arith.TraceStyle` these fields describe (its fields not named here keep their defaults)."""

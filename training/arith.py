@@ -71,6 +71,9 @@ class TraceStyle:
     """Slips stop being drawn when the passes needed to agree again would exceed this."""
     max_trace_chars: int = 750
     """A longer trace is redrawn, so prompt and trace fit a 1024-token context."""
+    close_slips: bool = False
+    """Uncorrected slips (the ones verification passes must catch) are off by one only, so an
+    agreeing and a disagreeing pass differ in one digit of their result."""
 
     def __post_init__(self) -> None:
         for name in ("slip_rate", "recheck_rate", "verify_rate", "final_slip_rate"):
@@ -249,11 +252,13 @@ def arith_chain(split: str, index: int, seed: int = 0, spec: ArithSpec | None = 
     raise ValueError(f"ArithSpec {spec} yields no {split} problem in 10000 draws; widen its ranges")
 
 
-def _slipped(rng: random.Random, operation: Operation, value: int, avoid: set[int]) -> int:
-    """A plausible wrong result for one step: off by one, two or ten, or by one operand too many or few."""
+def _slipped(rng: random.Random, operation: Operation, value: int, avoid: set[int], close: bool = False) -> int:
+    """A plausible wrong result for one step: off by one, two or ten, or by one operand too many or few
+    (`close`: off by one only)."""
     result = operation.apply(value)
     multiple = abs(value) if operation.op == "*" else operation.operand
-    candidates = {result + sign * offset for offset in (1, 2, 10, multiple) for sign in (1, -1)}
+    offsets = (1,) if close else (1, 2, 10, multiple)
+    candidates = {result + sign * offset for offset in offsets for sign in (1, -1)}
     return rng.choice(sorted(candidates - avoid - {result}))
 
 
@@ -303,7 +308,7 @@ def _draw_trace(chain: ArithChain, rng: random.Random, style: TraceStyle) -> str
     for index, (operation, value, result) in enumerate(zip(chain.operations, values, values[1:])):
         last = index == steps - 1
         if last and chain_slips_last:
-            chain_result = _slipped(rng, operation, value, avoid=set())
+            chain_result = _slipped(rng, operation, value, avoid=set(), close=style.close_slips)
             lines.append(operation.step_line(value, chain_result))
         elif rng.random() < style.slip_rate:
             wrong = _slipped(rng, operation, value, avoid=set())
@@ -328,7 +333,7 @@ def _draw_trace(chain: ArithChain, rng: random.Random, style: TraceStyle) -> str
             slip_fits = passes + 2 <= style.max_verification_passes
             if slip_fits and rng.random() < style.final_slip_rate:
                 # Differs from the previous result too, so two wrong passes can never agree.
-                result = _slipped(rng, chain.operations[-1], values[-2], avoid={previous})
+                result = _slipped(rng, chain.operations[-1], values[-2], avoid={previous}, close=style.close_slips)
             else:
                 result = answer
             lines.append(f"{opening}: {_verification_pass(chain, result)}.")

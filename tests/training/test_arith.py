@@ -1,3 +1,4 @@
+import dataclasses
 import random
 import re
 import statistics
@@ -256,3 +257,20 @@ def test_a_harder_task_s_traces_check_out_step_by_step():
         assert len(steps) >= 3 and len(wrong) <= corrections + 1  # + a slip that verification outvotes
         assert all(abs(int(s[3])) <= 9999 for s in steps if s not in wrong)
         assert BOXED.search(problem.solution).group(1) == problem.answer
+
+
+def test_close_slips_make_disagreeing_passes_differ_by_one():
+    style = TraceStyle(verify_rate=0.9, final_slip_rate=0.4, max_verification_passes=5, max_trace_chars=2000,
+                       close_slips=True)
+    wide = dataclasses.replace(style, close_slips=False)
+    offsets, wide_offsets = set(), set()
+    for index in range(300):
+        chain = arith_chain("train", index)
+        for target, trace_style in ((offsets, style), (wide_offsets, wide)):
+            trace = write_trace(chain, random.Random(index), trace_style)
+            if "Let me verify" not in trace:
+                continue
+            chain_result, pass_results, _ = verification_results(trace)
+            target.update(abs(result - chain.answer) for result in [chain_result, *pass_results])
+    assert offsets == {0, 1}  # every uncorrected slip is off by one, and some were drawn
+    assert len(wide_offsets) > 2  # the default draws wider slips (two, ten, an operand)
