@@ -26,7 +26,11 @@ The thresholds are chosen on validation traces to maximise *modeled* accuracy un
   modeled to reject a wrong result and accept a right one). A trace with wrong steps whose every wrong
   step is handed to FP16 is correct with probability
   `fallback_success` and as long as `reference`; otherwise the rewrites are spent and the trace goes on
-  as above (a partly repaired trace is modeled as not repaired).
+  as above (a partly repaired trace is modeled as not repaired);
+- a fallback inherits what 2-bit already wrote: where a wrong step that no step action handed to FP16
+  closes before the alarm, FP16's continuation is modeled to end as the 2-bit trace did (it carries the
+  wrong result on), not with `fallback_success`. (Without this the model was optimistic: 70% modeled
+  against 25% measured for a fallback-only rule on tiny-s, whose 2-bit errors are arithmetic.)
 Validation traces hold no FP16 continuations, so the fallback's outcome and length are modeled, not
 replayed; `rescue compare` measures what the chosen thresholds really cost and reach.
 
@@ -63,6 +67,8 @@ class PolicyTrace:
     steps: list[tuple[int, float, bool, int]] = field(default_factory=list)
     """(token closing the step, its `step_wrong` score, whether its result is wrong, FP16 tokens a rewrite
     costs), for the steps whose closing token was scored."""
+    wrong_steps: list[int] = field(default_factory=list)
+    """Token closing each step with a wrong result (every one labeled, scored or not)."""
 
 
 @dataclass
@@ -123,13 +129,21 @@ def step_outcomes(traces: Sequence[PolicyTrace], threshold: float, action: str =
     for trace in traces:
         chosen = [s for s in trace.steps if s[1] >= threshold]
         wrong = [s for s in trace.steps if s[2]]
-        repaired = bool(wrong) and all(s[1] >= threshold for s in wrong)
+        handed = {s[0] for s in chosen if s[2]}
+        repaired = bool(wrong) and all(s[1] >= threshold for s in wrong) and set(trace.wrong_steps) <= handed
         if action == "check":
             spent = len(chosen) + sum(s[3] for s in chosen if s[2])
         else:
             spent = sum(s[3] for s in chosen)
         outcomes.append((repaired, float(spent), len(chosen)))
     return outcomes
+
+
+def first_unrepaired(trace: PolicyTrace, threshold: float) -> int | None:
+    """Token closing the first wrong step that step actions at `threshold` leave to 2-bit, or None."""
+    handed = {s[0] for s in trace.steps if s[2] and s[1] >= threshold}
+    left = [p for p in trace.wrong_steps if p not in handed]
+    return min(left) if left else None
 
 
 def best_candidate(candidates: Sequence[tuple[int, float, bool]], before: int) -> tuple[int, float, bool] | None:
@@ -180,7 +194,8 @@ def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_thresho
         else:
             fell_back += 1
             tokens = max(reference - alarm, reference / 4)
-            correct += fallback_success
+            inherited = first_unrepaired(trace, step_threshold)
+            correct += trace.correct if inherited is not None and inherited < alarm else fallback_success
             fp16 += tokens
             total += alarm + tokens
     count = max(len(traces), 1)
@@ -258,7 +273,8 @@ def choose_policy(traces: Sequence[PolicyTrace], loop_threshold: float, patience
     return {"reference_length": reference, "fallback_success": fallback_success, "patience": patience,
             "loop_threshold": loop_threshold, "traces": len(traces),
             "model": "detector/policy.py: no alarm keeps the trace's outcome; commit is graded; fallback "
-                     "succeeds with fallback_success and costs max(reference - alarm, reference / 4) FP16 tokens"
+                     "succeeds with fallback_success (after an unrepaired wrong step: the trace's own outcome) "
+                     "and costs max(reference - alarm, reference / 4) FP16 tokens"
                      + (f"; handing every wrong step to FP16 ({step_action}) succeeds with fallback_success"
                         if use_steps else ""),
             "step_rewrites": use_steps,

@@ -185,6 +185,7 @@ def calibrate_policy(scored: list[dict[str, Any]], calibration: dict[str, Any], 
             positions=positions, loop=s["scores"][grid, loop], wrong=s["scores"][grid, wrong],
             candidates=candidate_scores(positions, s["scores"][grid, candidate], s["labels"].candidates),
             length=s["labels"].length, correct=s["labels"].correct,
+            wrong_steps=[int(token) for token, wrong, _ in s["labels"].steps if wrong],
             steps=step_scores(s["positions"], s["scores"][:, step], s["labels"].steps) if use_steps else []))
     return choose_policy(traces, calibration["heads"]["loop_within_h"]["threshold"], calibration["patience"],
                          fallback_success, use_steps=use_steps, step_action=step_action)
@@ -442,7 +443,8 @@ def tune_rule_for_budgets(scored: list[dict[str, Any]], ngram: int, budget_limit
     The model of one trace: its first alarm is the first position where the n-gram occurs `count` times
     within `window` tokens, or the budget check where the trace ran that long without closing its
     thinking; no alarm keeps the trace's outcome; a commit is graded; a fallback succeeds with
-    `fallback_success` at `max(reference - alarm, reference / 4)` FP16 tokens. A plan costs `plan_tokens`
+    `fallback_success` at `max(reference - alarm, reference / 4)` FP16 tokens, except after a wrong step
+    written before the alarm (the rule repairs no step), where it ends as the trace did. A plan costs `plan_tokens`
     FP16 tokens (the configured most) and is modeled to change nothing: validation traces hold no plans,
     and `plan-only` measures within noise of naive 2-bit on the embedded family. The rule watches the
     thinking only; the model reads the whole trace (a few answer tokens follow `</think>`)."""
@@ -478,7 +480,9 @@ def tune_rule_for_budgets(scored: list[dict[str, Any]], ngram: int, budget_limit
                         total += alarm + 1  # the thinking closed with no answer stated: modeled wrong
                     else:
                         spent = max(reference - alarm, reference / 4)
-                        correct, fp16, total = correct + fallback_success, fp16 + spent, total + alarm + spent
+                        inherited = any(wrong and token < alarm for token, wrong, _ in label.steps)
+                        success = label.correct if inherited else fallback_success
+                        correct, fp16, total = correct + success, fp16 + spent, total + alarm + spent
                 for plan in ((False, True) if plan_tokens > 0 else (False,)):
                     planned = plan_tokens * len(labels) if plan else 0.0
                     outcomes.append({"count": count, "window": window, "plan": plan, "on_alarm": on_alarm,

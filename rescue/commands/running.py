@@ -221,7 +221,8 @@ def _report_markdown(summary: dict, compare_dir: Path) -> str:
     policy = (summary["detector"].get("calibration") or {}).get("policy") or {}
     if policy.get("budgets"):
         lines += ["", "## Learned action policy (chosen on the validation traces; modeled, not run)", "",
-                  f"Fallback modeled to succeed {policy['fallback_success']:.0%} of the time and to cost "
+                  f"Fallback modeled to succeed {policy['fallback_success']:.0%} of the time (after a wrong step "
+                  "left to 2-bit: as the trace ended) and to cost "
                   f"max({policy['reference_length']:.0f} - alarm, {policy['reference_length'] / 4:.0f}) FP16 tokens "
                   "(`detector/policy.py`)."
                   + (" Steps the step head flags: FP16 "

@@ -138,3 +138,26 @@ def test_a_modeled_gain_of_less_than_one_validation_trace_buys_no_fp16():
     assert noise["modeled_accuracy"] == pytest.approx(0.75)
     gain = choose_policy(_validation(), NEVER, 1, fallback_success=0.6, budgets=(0.5,))["budgets"][0]
     assert gain["fell_back"] == pytest.approx(0.25) and gain["modeled_accuracy"] == pytest.approx(0.75 + 0.25 * 0.6)
+
+
+def test_a_fallback_after_a_wrong_step_left_to_2bit_ends_as_the_trace_did():
+    from detector.policy import first_unrepaired
+
+    # Both traces go wrong at grid step 3 (position 30) with no candidate; one wrote a wrong step first
+    # (closing at token 12), the other only after the alarm (token 50).
+    early, late = _trace(3, False), _trace(3, False)
+    early.wrong_steps, late.wrong_steps = [12], [50]
+    outcome = simulate([early, late], NEVER, 0.5, NEVER, patience=1, fallback_success=1.0, reference=100)
+    assert outcome["fell_back"] == pytest.approx(1.0)
+    assert outcome["accuracy"] == pytest.approx(0.5)  # FP16 carries the early wrong result on
+    # A step action that hands the early step to FP16 repairs it, and the fallback is modeled to succeed.
+    early.steps = [(12, 0.9, True, 3)]
+    assert first_unrepaired(early, 0.5) is None and first_unrepaired(early, 0.95) == 12
+    outcome = simulate([early], NEVER, 0.5, NEVER, patience=1, fallback_success=1.0, reference=100,
+                       step_threshold=0.95)
+    assert outcome["accuracy"] == pytest.approx(0.0)
+    early.steps = [(12, 0.9, True, 3), (40, 0.1, False, 3)]
+    early.wrong_steps = [12, 60]  # every wrong step before the alarm handed over, one left after it
+    outcome = simulate([early], NEVER, 0.5, NEVER, patience=1, fallback_success=1.0, reference=100,
+                       step_threshold=0.5)
+    assert outcome["fell_back"] == pytest.approx(1.0) and outcome["accuracy"] == pytest.approx(1.0)

@@ -168,11 +168,11 @@ def test_the_rule_is_tuned_per_fp16_budget_with_the_learned_policys_model():
     from training.fit import tune_rule_for_budgets
     from training.labels import TraceLabels
 
-    def trace(ids, correct, candidates=(), unclosed=False):
+    def trace(ids, correct, candidates=(), unclosed=False, steps=()):
         label = TraceLabels(length=len(ids), loop_onset=None, loop_period=None, budget_exhausted=False,
                             unclosed_think=unclosed, committed=not unclosed, first_candidate_pos=None,
                             delayed_commitment=False, correct=correct, fails_to_commit=unclosed,
-                            candidates=tuple(candidates))
+                            candidates=tuple(candidates), steps=tuple(steps))
         return {"labels": label, "generated_ids": ids}
 
     healthy = list(range(100))                                   # never repeats
@@ -195,3 +195,9 @@ def test_the_rule_is_tuned_per_fp16_budget_with_the_learned_policys_model():
     checked = tune_rule_for_budgets(stuck, ngram=4, budget_limit=200, plan_tokens=0, fallback_success=1.0,
                                     budgets=(1.0,))["budgets"][0]
     assert checked["modeled_accuracy"] == pytest.approx(1.0) and checked["alarmed"] == pytest.approx(0.25)
+    # A fallback after a wrong step written before the alarm carries it on: the trace ends as it did.
+    inherited = ([trace(healthy, True) for _ in range(6)]
+                 + [trace(looping, False, steps=[(12, True, 10)]) for _ in range(4)])
+    paid = tune_rule_for_budgets(inherited, ngram=4, budget_limit=None, plan_tokens=0, fallback_success=1.0,
+                                 budgets=(1.0,))["budgets"][0]
+    assert paid["modeled_accuracy"] == pytest.approx(0.6)
