@@ -208,6 +208,34 @@ def rescue_goals(methods: dict, ceilings: Sequence[dict] = (), model: str = "") 
     return goals
 
 
+# The regime criterion of MODEL_CARD.md: at least this share of 2-bit traces loop or fail to commit.
+PROCESS_FAILURE_SHARE = 0.15
+
+
+def _failure_kinds(summary: dict) -> list[str]:
+    """What 2-bit breaks in this run's model, from its train traces' labels, and where to see the rest."""
+    rates = (summary["labels"].get("train") or {}).get("rates") or {}
+    process = rates.get("loop_or_fails_to_commit")
+    if process is None:
+        return []
+    arithmetic = rates.get("wrong_step")
+    lines = ["", "## What 2-bit breaks in this model (its train traces)", "",
+             f"Loop or fail to commit (the paper's process failures): {process:.1%}"
+             + (f"; contain a wrong arithmetic step: {arithmetic:.1%}" if arithmetic is not None else "")
+             + f"; end correct: {rates.get('correct', 0.0):.1%}.", ""]
+    if process >= PROCESS_FAILURE_SHARE:
+        lines.append(f"At least {PROCESS_FAILURE_SHARE:.0%} of the 2-bit traces loop or fail to commit: this twin "
+                     "shows the paper's phenomenon, and the loop and commitment heads have failures to act on.")
+    else:
+        lines.append(f"Fewer than {PROCESS_FAILURE_SHARE:.0%} of the 2-bit traces loop or fail to commit, so this "
+                     "model's failures are mostly not the paper's (loops, no commitment)"
+                     + (": they are wrong arithmetic steps, which the step checks act on" if arithmetic else "")
+                     + ". The embedded family's twin that shows the paper's phenomenon is tiny-m's "
+                     "(MODEL_CARD.md, \"The failure regime, measured\": one trained model and one GPTQ draw, "
+                     "not shipped; retrains of its config have not reproduced it, docs/regime/family-retrain.md).")
+    return lines
+
+
 def _report_markdown(summary: dict, compare_dir: Path) -> str:
     lines = [f"# lowbit-rescue run: {summary['model']}", "",
              f"Problems: {summary['limits']['train']} train / {summary['limits']['val']} val traces collected, "
@@ -218,6 +246,7 @@ def _report_markdown(summary: dict, compare_dir: Path) -> str:
     comparison = (compare_dir / "comparison.md").read_text().split("\n", 2)[2] if (compare_dir / "comparison.md").is_file() else ""
     lines += ["", "## Methods on the test split", "", comparison.strip(), "", "## Goals", ""]
     lines += [f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['value']})" for g in summary["goals"]]
+    lines += _failure_kinds(summary)
     policy = (summary["detector"].get("calibration") or {}).get("policy") or {}
     if policy.get("budgets"):
         lines += ["", "## Learned action policy (chosen on the validation traces; modeled, not run)", "",

@@ -34,6 +34,7 @@ def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, caps
         assert (report / name).stat().st_size > 0
     text = (report / "summary.md").read_text()
     assert "| learned |" in text and "## Goals" in text and "## Ceilings" in text
+    assert "## What 2-bit breaks in this model" in text
     assert "learned beats the rule by at least 10 points" in text
     card = json.loads((tmp_path / "runs" / "tiny-s" / "detector" / "card.json").read_text())
     assert card["base_model"]["name"] == "tiny-s"
@@ -45,3 +46,18 @@ def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, caps
     skipped = {stage["stage"].split()[0]: stage["skipped"] for stage in again["stages"]}
     assert skipped["quantize"] and skipped["train"] and not skipped["compare"]
     assert all(s["problems"] == 2 for s in again["comparison"].values())
+
+
+def test_the_report_says_whether_the_model_shows_the_papers_failures():
+    from rescue.commands.running import _failure_kinds
+
+    def summary(loops, wrong_steps):
+        return {"labels": {"train": {"rates": {"loop_or_fails_to_commit": loops, "wrong_step": wrong_steps,
+                                               "correct": 0.2}}}}
+
+    arithmetic = "\n".join(_failure_kinds(summary(0.10, 0.88)))
+    assert "Loop or fail to commit (the paper's process failures): 10.0%" in arithmetic
+    assert "wrong arithmetic steps" in arithmetic and "tiny-m" in arithmetic
+    regime = "\n".join(_failure_kinds(summary(0.26, 0.40)))
+    assert "shows the paper's phenomenon" in regime and "tiny-m" not in regime
+    assert _failure_kinds({"labels": {"train": {"rates": {}}}}) == []  # labels written before the rate existed
