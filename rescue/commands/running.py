@@ -225,7 +225,9 @@ def _failure_kinds(summary: dict) -> list[str]:
              + f"; end correct: {rates.get('correct', 0.0):.1%}.", ""]
     if process >= PROCESS_FAILURE_SHARE:
         lines.append(f"At least {PROCESS_FAILURE_SHARE:.0%} of the 2-bit traces loop or fail to commit: this twin "
-                     "shows the paper's phenomenon, and the loop and commitment heads have failures to act on.")
+                     "shows the paper's phenomenon, and the loop and commitment heads have failures to act on"
+                     + (f"; more of its traces still hold a wrong arithmetic step ({arithmetic:.1%}), which the "
+                        "step checks act on" if arithmetic is not None and arithmetic > process else "") + ".")
     else:
         lines.append(f"Fewer than {PROCESS_FAILURE_SHARE:.0%} of the 2-bit traces loop or fail to commit, so this "
                      "model's failures are mostly not the paper's (loops, no commitment)"

@@ -58,6 +58,9 @@ def test_the_report_says_whether_the_model_shows_the_papers_failures():
     arithmetic = "\n".join(_failure_kinds(summary(0.10, 0.88)))
     assert "Loop or fail to commit (the paper's process failures): 10.0%" in arithmetic
     assert "wrong arithmetic steps" in arithmetic and "tiny-m" in arithmetic
-    regime = "\n".join(_failure_kinds(summary(0.26, 0.40)))
+    regime = "\n".join(_failure_kinds(summary(0.26, 0.20)))
     assert "shows the paper's phenomenon" in regime and "tiny-m" not in regime
+    assert "still hold a wrong arithmetic step" not in regime
+    mixed = "\n".join(_failure_kinds(summary(0.16, 0.88)))
+    assert "shows the paper's phenomenon" in mixed and "still hold a wrong arithmetic step (88.0%)" in mixed
     assert _failure_kinds({"labels": {"train": {"rates": {}}}}) == []  # labels written before the rate existed
