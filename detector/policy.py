@@ -128,9 +128,7 @@ def step_outcomes(traces: Sequence[PolicyTrace], threshold: float, action: str =
     outcomes = []
     for trace in traces:
         chosen = [s for s in trace.steps if s[1] >= threshold]
-        wrong = [s for s in trace.steps if s[2]]
-        handed = {s[0] for s in chosen if s[2]}
-        repaired = bool(wrong) and all(s[1] >= threshold for s in wrong) and set(trace.wrong_steps) <= handed
+        repaired = any(s[2] for s in trace.steps) and first_unrepaired(trace, threshold) is None
         if action == "check":
             spent = len(chosen) + sum(s[3] for s in chosen if s[2])
         else:
@@ -140,9 +138,10 @@ def step_outcomes(traces: Sequence[PolicyTrace], threshold: float, action: str =
 
 
 def first_unrepaired(trace: PolicyTrace, threshold: float) -> int | None:
-    """Token closing the first wrong step that step actions at `threshold` leave to 2-bit, or None."""
-    handed = {s[0] for s in trace.steps if s[2] and s[1] >= threshold}
-    left = [p for p in trace.wrong_steps if p not in handed]
+    """Token closing the first wrong step (scored or only labeled) that step actions at `threshold` leave to
+    2-bit, or None."""
+    wrong = {s[0] for s in trace.steps if s[2]} | set(trace.wrong_steps)
+    left = wrong - {s[0] for s in trace.steps if s[2] and s[1] >= threshold}
     return min(left) if left else None
 
 

@@ -346,7 +346,7 @@ _FLAGS = {
     "correct": lambda t: t.correct,
     "correct_candidate": lambda t: any(ok for _, ok in t.candidates),
     "wrong_step": lambda t: any(wrong for _, wrong, _ in t.steps),
-    "loop_or_fails_to_commit": lambda t: _is_failing(t),
+    "loop_or_fails_to_commit": lambda t: _is_failing(t),  # defined below
 }
 
 
