@@ -32,6 +32,8 @@ from benchmarks.family_regime import (TARGET, calibration_source, device_name, g
                                       labeled_shares)
 from inference.config import load_config
 from inference.errors import RescueError
+from inference.decoding.models import resolve_model_source
+from inference.evaluation.compare import weight_bytes
 from rescue import commands
 from rescue.cli import add_config_flags, config_overrides
 
@@ -64,21 +66,25 @@ def table(sweep: dict) -> str:
     rows = sweep["rows"]
     fp16 = next((r for r in rows if r["recipe"] == "fp16"), None)
     lines = [
-        "| recipe | bits | group | desc_act | damp | calib. | kept FP16 | accuracy | mean tokens | p90 tokens | budget % "
+        "| recipe | bits | group | desc_act | damp | calib. | kept FP16 | weights vs FP16 | accuracy | mean tokens | p90 tokens | budget % "
         "| unclosed think % | loop % | loop-or-no-commit % | labeled loop % | delayed commitment % "
         "| length ratio vs FP16 | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         s, q = row["summary"], row["quantization"]
         ratio = f"{s['mean_generated_tokens'] / fp16['summary']['mean_generated_tokens']:.2f}x" if fp16 else "n/a"
         if row["recipe"] == "fp16":
-            setting = "| 16 | - | - | - | - | - "
+            setting = "| 16 | - | - | - | - | - | 1.00x "
         else:
             kept = ", ".join(f"`{pattern}`" for pattern in q.get("keep_fp16", [])) or "-"
-            setting = (f"| {q['bits']} | {q['group_size']} | {q['desc_act']} | {q['damp_percent']} "
+            wider = ", ".join(f"`{pattern}`" for pattern in q.get("wider", []))
+            bits = f"{q['bits']} ({wider}: {q['wider_bits']})" if wider else f"{q['bits']}"
+            weights = row.get("weights") or {}
+            share = f"{weights['2bit'] / weights['fp16']:.2f}x" if weights.get("2bit") and weights.get("fp16") else "n/a"
+            setting = (f"| {bits} | {q['group_size']} | {q['desc_act']} | {q['damp_percent']} "
                        f"| {q['calibration']['size']} {calibration_source(q['calibration'])} "
-                       f"| {kept} ")
+                       f"| {kept} | {share} ")
         lines.append(
             f"| {row['recipe']} {setting}| {s['accuracy']:.1%} | {s['mean_generated_tokens']:.0f} "
             f"| {s['p90_generated_tokens']:.0f} | {s['budget_share']:.1%} | {s['unclosed_share']:.1%} "
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluate_seconds": round(time.perf_counter() - began, 1),
                 "generated_tokens": generated_tokens(record_dir),
                 "labels": labeled_shares(record_dir, config),
+                # Stored weight bytes against the FP16 checkpoint's: the memory-bound cost of a token.
+                "weights": weight_bytes(resolve_model_source(config.model.fp16), config.quantized_path) if method == "2bit" else None,
             })
             write(sweep, out)
             print(table(sweep).splitlines()[-1], flush=True)

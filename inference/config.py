@@ -111,6 +111,14 @@ class QuantizationConfig:
                        "stay in full precision; a pattern matches anywhere in the name (mlp keeps every MLP, "
                        "^model\\.layers\\.0\\. the first layer); default: quantize every linear", regex=True),
     )
+    wider: list[str] = field(
+        default_factory=list,
+        metadata=_help("regular expressions of module names whose linears are quantized to quantization.wider_bits "
+                       "instead of quantization.bits (mixed precision: mlp gives every MLP more bits); matched as "
+                       "keep_fp16 is, which wins where both match; default: none", regex=True),
+    )
+    wider_bits: int = field(default=4, metadata=_help("weight bits of the linears named by quantization.wider",
+                                                      choices=(2, 3, 4, 8)))
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

@@ -48,7 +48,7 @@ def quantize_model(
         # GPTQModel's default group-aware act-order needs groups; per-channel (-1) has one per row.
         # (Left to its default otherwise: set explicitly, it refuses desc_act.)
         act_group_aware=None if settings.group_size > 0 else False,
-        dynamic=skip_rules(settings.keep_fp16),
+        dynamic=module_rules(settings.keep_fp16, settings.wider, settings.wider_bits),
         offload_to_disk=False,
     )
     started = time.perf_counter()
@@ -57,6 +57,7 @@ def quantize_model(
         with contextlib.chdir(staging), library_output():
             model = GPTQModel.load(str(source.resolve()), quantize_config, device=str(target))
             kept = kept_linears(model.model, settings.keep_fp16, fp16_ref)
+            wider = wider_linears(model.model, settings, kept, fp16_ref)
             with LayerProgress(model.model.config.num_hidden_layers) as model.layer_callback:
                 model.quantize(list(calibration_texts), batch_size=batch_size)
             model.save(str(staging))
@@ -68,6 +69,7 @@ def quantize_model(
             "desc_act": settings.desc_act,
             "calibration_texts": len(calibration_texts),
             "kept_fp16": kept,
+            "wider": wider,
             "quantization": dataclasses.asdict(settings),
             "device": str(target),
             "seconds": round(time.perf_counter() - started, 2),
@@ -97,14 +99,18 @@ class LayerProgress:
             self.bar.update(1)
 
 
-def skip_rules(keep_fp16: Sequence[str]) -> dict[str, dict] | None:
-    """GPTQModel's `dynamic` overrides that leave the linears named by `keep_fp16` unquantized.
+def module_rules(keep_fp16: Sequence[str], wider: Sequence[str] = (), wider_bits: int = 4) -> dict[str, dict] | None:
+    """GPTQModel's `dynamic` overrides: the linears named by `keep_fp16` left unquantized, those named
+    by `wider` quantized to `wider_bits`.
 
     A `-:` key excludes every module whose full name the regex *matches from the start*, both when
-    quantizing and when the saved model is loaded (the rule travels in quantize_config.json). Our
+    quantizing and when the saved model is loaded (the rule travels in quantize_config.json); a `+:` key
+    overrides that module's settings. The first matching key wins, so the exclusions come first. Our
     patterns match anywhere in the name, hence the `.*` in front.
     """
-    return {f"-:.*(?:{pattern})": {} for pattern in keep_fp16} or None
+    rules: dict[str, dict] = {f"-:.*(?:{pattern})": {} for pattern in keep_fp16}
+    rules.update({f"+:.*(?:{pattern})": {"bits": wider_bits} for pattern in wider})
+    return rules or None
 
 
 def kept_linears(model, keep_fp16: Sequence[str], fp16_ref: str) -> list[str]:
@@ -127,3 +133,19 @@ def kept_linears(model, keep_fp16: Sequence[str], fp16_ref: str) -> list[str]:
         raise RescueError(f"quantization.keep_fp16 {list(keep_fp16)} keeps every linear of {fp16_ref} "
                           "in full precision; nothing is left to quantize")
     return kept
+
+
+def wider_linears(model, settings: QuantizationConfig, kept: Sequence[str], fp16_ref: str) -> list[str]:
+    """Names of the linears that `settings.wider` quantizes to `settings.wider_bits` (those kept in full
+    precision aside); a pattern that names no linear is refused."""
+    import torch
+
+    output = model.get_output_embeddings()
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not output]
+    for pattern in settings.wider:
+        if not any(re.search(pattern, name) for name in linears):
+            raise RescueError(f"quantization.wider: {pattern!r} matches no linear of {fp16_ref} "
+                              f"(names look like {linears[0] if linears else 'none'})")
+    return [name for name in linears
+            if name not in kept and any(re.search(pattern, name) for pattern in settings.wider)]

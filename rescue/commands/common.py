@@ -98,8 +98,8 @@ def _quantized_matches(config: RescueConfig) -> bool:
     made = _quantize_record(config)
     if made is None or not _same_model(made.get("fp16"), config.model.fp16):
         return False
-    # Records written before keep_fp16 existed quantized every linear, which is what [] means.
-    recorded = {"keep_fp16": [], **(made.get("quantization") or {})}
+    # Records written before keep_fp16 and wider existed quantized every linear to one width.
+    recorded = {"keep_fp16": [], "wider": [], "wider_bits": 4, **(made.get("quantization") or {})}
     return recorded == asdict(config.quantization)
 
 

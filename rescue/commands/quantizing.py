@@ -26,5 +26,8 @@ def quantize(config: RescueConfig, out: str | None = None) -> dict:
     if summary["kept_fp16"]:
         print(f"kept {len(summary['kept_fp16'])} linears in full precision "
               f"(quantization.keep_fp16 {config.quantization.keep_fp16})")
+    if summary.get("wider"):
+        print(f"quantized {len(summary['wider'])} linears to {config.quantization.wider_bits} bits "
+              f"(quantization.wider {config.quantization.wider})")
     print(f"wrote {summary['out']} in {summary['seconds']:.1f} s")
     return summary

@@ -88,6 +88,41 @@ def test_keep_fp16_that_names_nothing_or_everything_is_refused(tmp_path, tiny_mo
     assert not out.exists() and not out.with_name("never.partial").exists()
 
 
+def test_wider_quantizes_the_named_linears_to_more_bits_and_the_result_loads(tmp_path, tiny_model_dir):
+    # Mixed precision: attention at 2 bits, MLPs at 4 bits, the first layer's up_proj kept in full
+    # precision (keep_fp16 wins where both match). The widths travel in quantize_config.json.
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from inference.decoding.models import load_quantized
+
+    out = tmp_path / "mixed"
+    settings = QuantizationConfig(bits=2, group_size=32, wider=["mlp"], wider_bits=4,
+                                  keep_fp16=[r"layers\.0\.mlp\.up"])
+    summary = quantize_model(str(tiny_model_dir), out, CALIBRATION, settings, device="cpu")
+    assert summary["kept_fp16"] == ["model.layers.0.mlp.up_proj"]
+    assert summary["wider"] == [f"model.layers.{i}.mlp.{name}_proj" for i in (0, 1)
+                                for name in ("gate", "up", "down") if (i, name) != (0, "up")]
+    stored = stored_tensors(out)
+    assert "model.layers.0.mlp.up_proj.weight" in stored
+    # A packed int32 word holds 32 / bits codes: 4-bit rows pack twice as many words as 2-bit rows.
+    down, o = stored["model.layers.1.mlp.down_proj.qweight"], stored["model.layers.1.self_attn.o_proj.qweight"]
+    down_in, o_in = stored["model.layers.1.mlp.down_proj.g_idx"].numel(), stored["model.layers.1.self_attn.o_proj.g_idx"].numel()
+    assert down.shape[0] == down_in * 4 // 32 and o.shape[0] == o_in * 2 // 32
+    model, _ = load_quantized(str(out), "cpu", kernel="gptq")
+    layer = model.model.layers[1]
+    assert layer.mlp.down_proj.bits == 4 and layer.self_attn.o_proj.bits == 2
+    assert isinstance(layer.mlp.gate_proj, TorchLinear) and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    plain, _ = load_quantized(str(out), "cpu", kernel="dequantized")
+    assert torch.isfinite(plain(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_wider_that_names_nothing_is_refused(tmp_path, tiny_model_dir):
+    out = tmp_path / "never"
+    with pytest.raises(RescueError, match="quantization.wider: 'mpl' matches no linear of"):
+        quantize_model(str(tiny_model_dir), out, CALIBRATION, QuantizationConfig(wider=["mpl"]), device="cpu")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("group_size, desc_act", [(-1, False), (-1, True), (32, True)])
 def test_per_channel_2bit_quantizes_and_loads(tmp_path, tiny_model_dir, group_size, desc_act):
     # group_size -1 (one scale per output row) is a documented setting; GPTQModel's default

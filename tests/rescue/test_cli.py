@@ -56,11 +56,12 @@ def test_a_2bit_model_is_up_to_date_only_for_the_modules_it_kept_in_full_precisi
 
     assert _quantized_matches(load_config(tiny_config))
     assert not _quantized_matches(load_config(tiny_config, {"quantization.keep_fp16": ["mlp"]}))
-    # A record from before keep_fp16 existed quantized every linear: still up to date.
+    assert not _quantized_matches(load_config(tiny_config, {"quantization.wider": ["mlp"]}))
+    # A record from before keep_fp16 and wider existed quantized every linear to one width: still up to date.
     record = quantized_dir / "rescue_quantize.json"
     text = record.read_text()
     made = json.loads(text)
-    del made["quantization"]["keep_fp16"]
+    del made["quantization"]["keep_fp16"], made["quantization"]["wider"], made["quantization"]["wider_bits"]
     record.write_text(json.dumps(made))
     try:
         assert _quantized_matches(load_config(tiny_config))
