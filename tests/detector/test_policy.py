@@ -161,3 +161,30 @@ def test_a_fallback_after_a_wrong_step_left_to_2bit_ends_as_the_trace_did():
     outcome = simulate([early], NEVER, 0.5, NEVER, patience=1, fallback_success=1.0, reference=100,
                        step_threshold=0.5)
     assert outcome["fell_back"] == pytest.approx(1.0) and outcome["accuracy"] == pytest.approx(1.0)
+
+
+def test_the_alarms_watch_a_repaired_trace_too_and_its_fallback_costs_fp16():
+    # One wrong step (closing at token 12) that the step action hands to FP16: the trace is repaired. Its
+    # wrong-answer score rises at grid step 3 (position 30), as a 2-bit trace's does after a wrong step.
+    def repaired(candidate=None):
+        trace = _trace(3, False, candidate)
+        trace.steps, trace.wrong_steps = [(12, 0.9, True, 3)], [12]
+        return trace
+
+    quiet = simulate([repaired()], NEVER, NEVER, NEVER, patience=1, fallback_success=1.0, reference=100,
+                     step_threshold=0.5)
+    assert quiet["fell_back"] == 0.0 and quiet["accuracy"] == pytest.approx(1.0)
+    alarmed = simulate([repaired()], NEVER, 0.5, NEVER, patience=1, fallback_success=1.0, reference=100,
+                       step_threshold=0.5)
+    # The fallback still ends right, but its FP16 tokens (100 - 30) come on top of the step's rewrite (3).
+    assert alarmed["fell_back"] == pytest.approx(1.0) and alarmed["accuracy"] == pytest.approx(1.0)
+    assert alarmed["fp16_share"] == pytest.approx((3 + 70) / (30 + 70))
+    assert alarmed["fp16_share"] > quiet["fp16_share"]
+    # A commit on a repaired trace is graded as the 2-bit trace stated the candidate.
+    committed = simulate([repaired((15, 0.95, False))], NEVER, 0.5, 0.9, patience=1, fallback_success=1.0,
+                         reference=100, step_threshold=0.5)
+    assert committed["committed"] == pytest.approx(1.0) and committed["accuracy"] == 0.0
+    # So a wrong-answer threshold that fires on repaired traces is priced, and a small budget refuses it.
+    traces = [repaired() for _ in range(4)] + [_trace(None, True) for _ in range(4)]
+    cheap = choose_policy(traces, NEVER, 1, fallback_success=1.0, use_steps=True, budgets=(0.1,))["budgets"][0]
+    assert cheap["fell_back"] == 0.0 and cheap["step_threshold"] <= 0.9 and cheap["modeled_accuracy"] == 1.0
