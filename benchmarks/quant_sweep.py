@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 "generated_tokens": generated_tokens(record_dir),
                 "labels": labeled_shares(record_dir, config),
                 # Stored weight bytes against the FP16 checkpoint's: the memory-bound cost of a token.
-                "weights": weight_bytes(resolve_model_source(config.model.fp16), config.quantized_path) if method == "2bit" else None,
+                "weights": (weight_bytes(resolve_model_source(config.model.fp16), config.quantized_path)
+                            if method == "2bit" else None),
             })
             write(sweep, out)
             print(table(sweep).splitlines()[-1], flush=True)

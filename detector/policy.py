@@ -182,42 +182,26 @@ def simulate(traces: Sequence[PolicyTrace], loop_threshold: float, wrong_thresho
     for trace, alarm, (repaired, step_tokens, count) in zip(traces, alarms, steps):
         fp16 += step_tokens
         rewrites += count
-        if repaired and alarm is None:
-            correct += fallback_success
-            total += max(reference, step_tokens)
-            continue
-        if repaired:
-            # The alarms still watch a repaired trace (its 2-bit scores stand in for the repaired trace's):
-            # it commits to its best candidate (graded as the 2-bit trace stated it) or falls back, and
-            # the fallback's FP16 tokens are spent on top of the step actions.
-            best = best_candidate(trace.candidates, alarm + 1)
-            if best is not None and best[1] >= commit_threshold:
-                committed += 1
-                correct += best[2]
-                total += max(alarm + 1, step_tokens)
-            else:
-                fell_back += 1
-                tokens = max(reference - alarm, reference / 4)
-                correct += fallback_success
-                fp16 += tokens
-                total += max(alarm, step_tokens) + tokens
-            continue
         if alarm is None:
-            correct += trace.correct
-            total += trace.length
+            correct += fallback_success if repaired else trace.correct
+            total += max(reference, step_tokens) if repaired else trace.length
             continue
+        # The alarms also watch a repaired trace (its 2-bit scores stand in for the repaired trace's): a
+        # commit is graded as the 2-bit trace stated the candidate, a fallback's FP16 tokens come on top
+        # of the step actions, and a repaired trace's tokens are at least its step actions'.
+        floor = step_tokens if repaired else 0
         best = best_candidate(trace.candidates, alarm + 1)
         if best is not None and best[1] >= commit_threshold:
             committed += 1
             correct += best[2]
-            total += alarm + 1
+            total += max(alarm + 1, floor)
         else:
             fell_back += 1
             tokens = max(reference - alarm, reference / 4)
-            inherited = first_unrepaired(trace, step_threshold)
+            inherited = first_unrepaired(trace, step_threshold)  # None for a repaired trace
             correct += trace.correct if inherited is not None and inherited < alarm else fallback_success
             fp16 += tokens
-            total += alarm + tokens
+            total += max(alarm, floor) + tokens
     count = max(len(traces), 1)
     return {"accuracy": correct / count, "fp16_share": fp16 / total if total else 0.0,
             "committed": committed / count, "fell_back": fell_back / count, "step_rewrites": rewrites / count}

@@ -119,16 +119,8 @@ def kept_linears(model, keep_fp16: Sequence[str], fp16_ref: str) -> list[str]:
     A pattern that names no linear (most likely a misspelt module name), or patterns that leave
     nothing to quantize, are refused.
     """
-    import torch
-
-    output = model.get_output_embeddings()
-    linears = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not output]
-    for pattern in keep_fp16:
-        if not any(re.search(pattern, name) for name in linears):
-            raise RescueError(f"quantization.keep_fp16: {pattern!r} matches no linear of {fp16_ref} "
-                              f"(names look like {linears[0] if linears else 'none'})")
-    kept = [name for name in linears if any(re.search(pattern, name) for pattern in keep_fp16)]
+    linears = _quantizable_linears(model)
+    kept = _named_by(linears, keep_fp16, "quantization.keep_fp16", fp16_ref)
     if linears and len(kept) == len(linears):
         raise RescueError(f"quantization.keep_fp16 {list(keep_fp16)} keeps every linear of {fp16_ref} "
                           "in full precision; nothing is left to quantize")
@@ -138,14 +130,23 @@ def kept_linears(model, keep_fp16: Sequence[str], fp16_ref: str) -> list[str]:
 def wider_linears(model, settings: QuantizationConfig, kept: Sequence[str], fp16_ref: str) -> list[str]:
     """Names of the linears that `settings.wider` quantizes to `settings.wider_bits` (those kept in full
     precision aside); a pattern that names no linear is refused."""
+    named = _named_by(_quantizable_linears(model), settings.wider, "quantization.wider", fp16_ref)
+    return [name for name in named if name not in kept]
+
+
+def _quantizable_linears(model) -> list[str]:
+    """Names of the model's linears, the output head aside (GPTQ leaves it in full precision)."""
     import torch
 
     output = model.get_output_embeddings()
-    linears = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not output]
-    for pattern in settings.wider:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not output]
+
+
+def _named_by(linears: Sequence[str], patterns: Sequence[str], field: str, fp16_ref: str) -> list[str]:
+    """The `linears` that any of `patterns` matches anywhere in the name; a pattern matching none is refused."""
+    for pattern in patterns:
         if not any(re.search(pattern, name) for name in linears):
-            raise RescueError(f"quantization.wider: {pattern!r} matches no linear of {fp16_ref} "
+            raise RescueError(f"{field}: {pattern!r} matches no linear of {fp16_ref} "
                               f"(names look like {linears[0] if linears else 'none'})")
-    return [name for name in linears
-            if name not in kept and any(re.search(pattern, name) for pattern in settings.wider)]
+    return [name for name in linears if any(re.search(pattern, name) for pattern in patterns)]
