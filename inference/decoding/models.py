@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from inference.config import REPO_ROOT
+from inference.decoding.attention import use_grouped_attention
 from inference.errors import ModelUnavailableError
 
 REQUIRED_MODEL_FILES = ("config.json",)
@@ -113,6 +114,8 @@ def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"model folder {source} cannot be loaded: {str(error).splitlines()[0]}") from None
     model = model.to(target).eval()
+    if target.type == "cuda":
+        use_grouped_attention(model)
     tokenizer = load_tokenizer(source)
     check_tokenizer_matches(model, tokenizer, source)
     return model, tokenizer
@@ -200,6 +203,8 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
             fuse_2bit_linears(model)
         except ValueError as error:
             raise ModelUnavailableError(f"2-bit model folder {source}: {error}") from None
+    if target.type == "cuda":
+        use_grouped_attention(model)
     tokenizer = load_tokenizer(source)
     check_tokenizer_matches(model, tokenizer, source)
     return model, tokenizer
