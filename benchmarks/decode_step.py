@@ -194,6 +194,8 @@ def step_parts(model, batch: int, context: int, steps: int) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
+    from inference.decoding.attention import grouped_attention
+
     config, device, dtype = model.config, model.device, model.dtype
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     hidden, length = config.hidden_size, context + steps + 8
@@ -208,9 +210,12 @@ def step_parts(model, batch: int, context: int, steps: int) -> dict:
     mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
     mask[..., :context + 1] = True
     query = randn(batch, heads, 1, head_dim)
-    parts["attention"] = timed(lambda: [sdpa_attention_forward(layer.self_attn, query, k, v, mask, dropout=0.0,
-                                                               scaling=layer.self_attn.scaling)
+    parts["attention"] = timed(lambda: [grouped_attention(layer.self_attn, query, k, v, mask, dropout=0.0,
+                                                          scaling=layer.self_attn.scaling)
                                         for layer, k, v in zip(layers, keys, values)])
+    parts["attention_hf"] = timed(lambda: [sdpa_attention_forward(layer.self_attn, query, k, v, mask, dropout=0.0,
+                                                                  scaling=layer.self_attn.scaling)
+                                           for layer, k, v in zip(layers, keys, values)])
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     positions = torch.full((batch, 1), context, dtype=torch.long, device=device)
     slot = torch.tensor([context], device=device)
@@ -252,7 +257,7 @@ def part_floors(spec: dict, bits: int, batch: int, context: int, bandwidth: floa
     activations = batch * spec["num_hidden_layers"] * 2 * spec["num_key_value_heads"] * spec["head_dim"] * 2
     logits = batch * spec["vocab_size"] * 2
     return {"linears": size["linears"] / bandwidth, "attention": size["kv_cache"] / bandwidth,
-            "norms_rotary_elementwise": (size["norms"] + activations) / bandwidth, "head": size["head"] / bandwidth,
+            "attention_hf": size["kv_cache"] / bandwidth, "norms_rotary_elementwise": (size["norms"] + activations) / bandwidth, "head": size["head"] / bandwidth,
             "sampling_greedy": logits / bandwidth, "sampling_t0.6_k20_p0.95": logits / bandwidth,
             "step": size["total"] / bandwidth}
 
@@ -315,8 +320,13 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: gemlite, probe, collection, "
-                        "agreement, compile")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
+                        "gemlite, probe, collection, agreement, compile")
+    parser.add_argument("--attention", nargs="+", default=["grouped", "hf"], choices=["grouped", "hf"],
+                        help="decode attention compared in the step and its breakdown: the project's grouped one "
+                        "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
+    parser.add_argument("--compile-batches", nargs="*", type=int, default=[1],
+                        help="batch sizes at which each precision's step is also measured through torch.compile")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which optional sections are skipped")
     parser.add_argument("--out", default="decode-step.json")
     args = parser.parse_args()
@@ -364,18 +374,33 @@ def main():
                 torch.cuda.empty_cache()
         kernel = "cuBLAS" if bits == 16 else "fused"
         for batch in args.batches:
-            for cache, windowed in ((None, True), (args.context + args.budget, False), (args.context + args.budget, True)):
+            points = [(None, True, attention) for attention in args.attention]
+            if "window" not in args.skip:
+                points += [(args.context + args.budget, False, args.attention[0]),
+                           (args.context + args.budget, True, args.attention[0])]
+            for cache, windowed, attention in points:
                 row = {"precision": precision, "kernel": kernel, "batch": batch, "context": args.context,
-                       "cache": cache or args.context + args.steps + 8, "windowed": windowed,
+                       "cache": cache or args.context + args.steps + 8, "windowed": windowed, "attention": attention,
                        "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+                set_attention(model, attention)
                 guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, max_length=cache,
                                                              windowed=windowed), row)
                 report["steps"].append(row)
-        for batch in args.batches:
+            set_attention(model, args.attention[0])
+        for batch in args.compile_batches if "compile" not in args.skip and CUDA else ():
+            if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
+                break
+            row = {"precision": precision, "kernel": kernel + " + compile", "batch": batch, "context": args.context,
+                   "cache": args.context + args.steps + 8, "windowed": True, "attention": args.attention[0],
+                   "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+            guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=True,
+                                                         timings=row), row)
+            report["steps"].append(row)
+        for batch in args.batches if "breakdown" not in args.skip else ():
             guarded(f"{precision}_b{batch}", lambda: breakdown(model, spec, bits, batch, args.context, args.steps,
                                                                 bandwidth), report["breakdown"])
         linears = [layer_linears(layer) for layer in model.model.layers]
-        for rows in args.rows:
+        for rows in args.rows if "linears" not in args.skip else ():
             guarded(f"{kernel}_rows{rows}", lambda: {"seconds_per_layer": linears_seconds(linears, rows, model.dtype)
                                                      / len(linears),
                                                      "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
@@ -413,14 +438,18 @@ def main():
                     break
             return result
         guarded("gemlite", gemlite_section)
-    if "compile" not in args.skip and CUDA and left() > 240:
-        row = {"precision": "2bit", "kernel": "fused + compile", "batch": 1, "context": args.context,
-               "cache": args.context + args.steps + 8, "windowed": True,
-               "floor_seconds": decode_step_bytes(spec, 2, 128, 1, args.context)["total"] / bandwidth}
-        guarded("step_seconds", lambda: step_latency(model, 1, args.context, args.steps, compile=True, timings=row), row)
-        report["steps"].append(row)
     save()
     print(tables(report))
+
+
+def set_attention(model, attention: str) -> None:
+    """Decode attention of the benchmark's model: "grouped" (the project's) or "hf" (HF's SDPA function)."""
+    from inference.decoding.attention import use_grouped_attention, use_hf_attention
+
+    if attention == "grouped":
+        use_grouped_attention(model)
+    else:
+        use_hf_attention(model)
 
 
 def has_gptqmodel() -> bool:
@@ -454,16 +483,16 @@ def tables(report: dict) -> str:
     ms = 1e3
     lines = [f"{report['device']}, copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"{report['shape']}, context {report['context']}", "",
-             "| precision | kernel | batch | cache | windowed | ms / step | floor ms | x floor |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| precision | kernel | attention | batch | cache | windowed | ms / step | floor ms | x floor |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in report["steps"]:
         seconds = r.get("step_seconds")
         if not isinstance(seconds, float):
-            lines.append(f"| {r['precision']} | {r['kernel']} | {r['batch']} | {r['cache']} | {r['windowed']} | "
-                         f"{seconds} | {r['floor_seconds'] * ms:.3f} | - |")
+            lines.append(f"| {r['precision']} | {r['kernel']} | {r.get('attention', 'hf')} | {r['batch']} | "
+                         f"{r['cache']} | {r['windowed']} | {seconds} | {r['floor_seconds'] * ms:.3f} | - |")
             continue
-        lines.append(f"| {r['precision']} | {r['kernel']} | {r['batch']} | {r['cache']} | {r['windowed']} | "
-                     f"{seconds * ms:.3f} | {r['floor_seconds'] * ms:.3f} | {seconds / r['floor_seconds']:.2f} |")
+        lines.append(f"| {r['precision']} | {r['kernel']} | {r.get('attention', 'hf')} | {r['batch']} | "
+                     f"{r['cache']} | {r['windowed']} | {seconds * ms:.3f} | {r['floor_seconds'] * ms:.3f} | {seconds / r['floor_seconds']:.2f} |")
     lines += ["", "| step at | part | ms | floor ms | x floor | share of step |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for point, parts in report["breakdown"].items():
         if "error" in parts:

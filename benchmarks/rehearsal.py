@@ -124,6 +124,7 @@ def time_decode(model, tokenizer, questions, budget: int, layers, steps: int, ba
 
 def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
     from inference.config import load_config
+    from inference.decoding.attention import use_grouped_attention, use_hf_attention
     from inference.decoding.models import load_full_precision, load_quantized
     from rescue import commands
     from training.rehearsal import build_rehearsal_model, math500_texts, write_gptq_v1_checkpoint
@@ -178,14 +179,20 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
             rows = {}
             try:
                 for budget in args.decode_budgets:
-                    if clock.left() < 20:
-                        break
-                    try:
-                        rows[str(budget)] = time_decode(model, tokenizer, questions, budget, layers, args.decode_steps,
-                                                        args.batch_size)
-                    except Exception as error:
-                        rows[str(budget)] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-                    print(json.dumps({shape: {precision: rows[str(budget)]}}), flush=True)
+                    for attention in args.decode_attention:
+                        if clock.left() < 20:
+                            break
+                        # The project's grouped attention is what the loaders set on CUDA; "hf" is HF's SDPA function.
+                        key = str(budget) if attention == "grouped" else f"{budget} {attention}"
+                        (use_grouped_attention if attention == "grouped" else use_hf_attention)(model)
+                        try:
+                            rows[key] = time_decode(model, tokenizer, questions, budget, layers, args.decode_steps,
+                                                    args.batch_size)
+                            rows[key]["attention"] = model.config._attn_implementation
+                        except Exception as error:
+                            rows[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+                        print(json.dumps({shape: {precision: {key: rows[key]}}}), flush=True)
+                    use_grouped_attention(model)
             finally:
                 del model
             return {"budgets": rows}
@@ -240,22 +247,25 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
 
 
 def timing_labels(traces: Path) -> dict:
-    """Random weights never loop or commit, and the detector needs both classes (positives to fit, healthy
-    traces to calibrate on): for timing its fit, every second trace gets a loop onset at its midpoint
-    and every other one is marked committed (the token ids and hidden states are untouched)."""
+    """Random weights never loop, commit or answer correctly, and the detector needs both classes of every
+    head (positives to fit, healthy traces to calibrate on): for timing its fit, every second trace gets a
+    loop onset at its midpoint and every other one is marked committed and correct, and each states one
+    answer at a third of its length, right on the correct ones (the token ids and hidden states are untouched)."""
     from training.traces import LABELS
 
     path = traces / LABELS
     record = json.loads(path.read_text())
     for number, labels in enumerate(record["traces"].values()):
+        labels["candidates"] = [[labels["length"] // 3, number % 2 == 1]]  # one stated answer, right on odd traces
         if number % 2 == 0:
             labels.update(loop_onset=labels["length"] // 2, loop_period=16)
         else:
             labels.update(loop_onset=None, loop_period=None, committed=True, fails_to_commit=False,
-                          budget_exhausted=False, unclosed_think=False)
+                          budget_exhausted=False, unclosed_think=False, correct=True)
     path.write_text(json.dumps(record))
     return {"relabelled_for_timing": len(record["traces"]),
-            "how": "even traces loop from their midpoint, odd traces committed"}
+            "how": "even traces loop from their midpoint, odd traces committed and correct; each states one "
+                   "answer at a third of its length, right on odd traces"}
 
 
 def time_gptq(shape: str, args, clock: Clock, results: dict, save) -> None:
@@ -307,12 +317,15 @@ def main(argv=None) -> int:
     parser.add_argument("--collect-large", action="store_true", help="also collect with the 8B shape")
     parser.add_argument("--decode-budgets", default="8192,32768")
     parser.add_argument("--decode-steps", type=int, default=128)
+    parser.add_argument("--decode-attention", default="grouped,hf",
+                        help="decode attentions timed side by side: grouped (the project's), hf (HF's SDPA function)")
     parser.add_argument("--detector-epochs", type=int, default=5)
     parser.add_argument("--gptq-seconds", type=float, default=0, help="time GPTQModel on the 0.6B shape (0: no)")
     parser.add_argument("--gptq-texts", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="shrink the shapes (CPU check of this script)")
     args = parser.parse_args(argv)
     args.decode_budgets = [int(b) for b in args.decode_budgets.split(",")]
+    args.decode_attention = [a for a in args.decode_attention.split(",") if a]
     args.overrides = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, vocab_size=8192) if args.tiny else {})
     clock = Clock(args.seconds)

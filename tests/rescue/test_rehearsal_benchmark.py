@@ -46,4 +46,5 @@ def test_timing_labels_give_the_detector_both_classes(tmp_path):
     traces = json.loads((tmp_path / "labels.json").read_text())["traces"]
     assert [t["loop_onset"] for t in traces.values()] == [50, None, 50, None]
     assert [t["fails_to_commit"] for t in traces.values()] == [True, False, True, False]
+    assert [t["correct"] for t in traces.values()] == [False, True, False, True]  # ends_wrong has both classes
     assert all(t["length"] == 100 for t in traces.values())  # the traces themselves are untouched
