@@ -60,6 +60,11 @@ except ImportError:  # CPU installs without Triton: this module imports, gptq2_m
 MAX_ROWS = 16
 """Most activation rows the fused kernel takes: one tl.dot tile of 16 rows (decoding batches)."""
 
+MAX_DECODE_ROWS = 64
+"""Most rows `Fused2BitLinear` runs through the kernel, MAX_ROWS at a time: each call rereads the packed
+weight, and four reads of 2 bits a weight still cost half a bf16 read, where GPTQModel's dequantizing
+forward writes and reads a 16-bit copy of the whole weight. More rows (prefill) go to that forward."""
+
 H100_SMS = 132
 TARGET_PROGRAMS = 3 * H100_SMS
 """Programs to aim for with split-K: about three per SM of an H100 (measured best among one to
@@ -332,8 +337,8 @@ def _fusable_gptq_types() -> tuple[type, ...]:
 
 
 class Fused2BitLinear(nn.Module):
-    """A GPTQModel 2-bit linear whose decoding calls (at most MAX_ROWS rows) run `gptq2_matmul` on
-    its packed buffers; bigger calls (prefill) go to the module's own forward.
+    """A GPTQModel 2-bit linear whose decoding calls (at most MAX_DECODE_ROWS rows, MAX_ROWS at a time)
+    run `gptq2_matmul` on its packed buffers; bigger calls (prefill) go to the module's own forward.
 
     The GPTQ module stays a submodule (`.gptq`), so `.to()` moves the buffers both paths read and
     they appear in the state dict under `<name>.gptq.`.
@@ -373,10 +378,16 @@ class Fused2BitLinear(nn.Module):
         return self.gptq.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > MAX_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if rows > MAX_DECODE_ROWS:
             return self.gptq(x)
         gptq = self.gptq
-        return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias)
+        if rows <= MAX_ROWS:
+            return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        parts = [gptq2_matmul(flat[start:start + MAX_ROWS], gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size,
+                              bias=gptq.bias) for start in range(0, rows, MAX_ROWS)]
+        return torch.cat(parts).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.gptq.group_size}"

@@ -170,7 +170,7 @@ def test_gptq2_matmul_rejects_more_than_16_rows(kernels):
 def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(kernels, monkeypatch):
     module = random_2bit_linear(128, 64, group_size=64, bias=True)
     fused = kernels.Fused2BitLinear.from_gptq(module)
-    decode, prefill = torch.randn(1, 4, 128), torch.randn(1, 17, 128)
+    decode, prefill = torch.randn(1, 4, 128), torch.randn(1, 65, 128)
     expected_prefill = prefill @ dequantized(module) + module.bias.float()
     monkeypatch.setattr(module, "dequantize_weight", lambda num_itr=1: dequantized(module))
 
@@ -179,6 +179,22 @@ def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(ke
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "gptq2_matmul", lambda *args, **kwargs: pytest.fail("prefill used the kernel"))
         torch.testing.assert_close(fused(prefill), expected_prefill, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(17, 128), (2, 20, 128), (64, 128)])
+def test_fused_linear_runs_a_decoding_batch_of_up_to_64_rows_as_16_row_calls(kernels, monkeypatch, shape):
+    module = random_2bit_linear(128, 48, group_size=64, bias=True)
+    fused = kernels.Fused2BitLinear.from_gptq(module)
+    x = torch.randn(*shape)
+    calls = []
+    real = kernels.gptq2_matmul
+    monkeypatch.setattr(kernels, "gptq2_matmul", lambda x, *args, **kwargs: calls.append(x.shape[0]) or real(x, *args, **kwargs))
+    monkeypatch.setattr(module, "forward", lambda x: pytest.fail("a decoding batch used the dequantizing forward"))
+    out = fused(x)
+    rows = x.numel() // 128
+    assert out.shape == (*shape[:-1], 48)
+    assert calls == [16] * (rows // 16) + ([rows % 16] if rows % 16 else [])
+    torch.testing.assert_close(out, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_from_gptq_refuses_desc_act(kernels):
