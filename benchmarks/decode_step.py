@@ -327,6 +327,9 @@ def main():
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
     parser.add_argument("--compile-batches", nargs="*", type=int, default=[1],
                         help="batch sizes at which each precision's step is also measured through torch.compile")
+    parser.add_argument("--max-decode-rows", type=int, default=None,
+                        help="most rows the fused linears run through the kernel, 16 at a time (default "
+                        "inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before 2026-12-02)")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which optional sections are skipped")
     parser.add_argument("--out", default="decode-step.json")
     args = parser.parse_args()
@@ -338,12 +341,16 @@ def main():
 
     import transformers
 
+    if args.max_decode_rows is not None:
+        import inference.decoding.kernels as kernels
+
+        kernels.MAX_DECODE_ROWS = args.max_decode_rows
     overrides = {field: int(value) for field, value in (item.split("=") for item in args.override)}
     spec = {**QWEN3_SHAPES[args.shape], **overrides}
     bandwidth = copy_bandwidth() if CUDA else 1e11
     report = {"device": torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-              "shape": args.shape, "spec": spec, "context": args.context, "copy_bandwidth_bytes_per_s": bandwidth,
+              "shape": args.shape, "spec": spec, "context": args.context, "max_decode_rows": args.max_decode_rows, "copy_bandwidth_bytes_per_s": bandwidth,
               "steps": [], "breakdown": {}, "linears": {}, "errors": {}}
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
 
