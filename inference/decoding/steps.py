@@ -30,7 +30,7 @@ DECODE_PATHS = ("dynamic", "static", "compiled")
 step is captured in a CUDA graph (on a CPU it runs eagerly, which is how tests check that both paths
 choose the same tokens). `compiled`: `static` with the decode step through torch.compile first; it
 recompiles for every new batch size and cache length (98 s for the Qwen3-8B shape in bf16 on the H100,
-190 s with the fused 2-bit kernel), so it suits fixed-shape work (collection, benchmarks), not the
+190 s with the fused 2-bit kernel; 48 s and 165 s on an H200), so it suits fixed-shape work (collection, benchmarks), not the
 controller's rounds of varying lengths."""
 
 MIN_WINDOW = 256

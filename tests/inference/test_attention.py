@@ -80,3 +80,11 @@ def test_only_an_sdpa_model_is_switched():
     eager = tiny_gqa(attn="eager")
     assert not use_grouped_attention(eager)
     assert eager.config._attn_implementation == "eager"
+
+
+def test_the_loaders_keep_hf_attention_on_the_cpu(tiny_model_dir):
+    """Grouped attention is for CUDA; on a CPU the embedded models' recorded traces keep HF's SDPA."""
+    from inference.decoding.models import load_full_precision
+
+    model, _ = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert model.config._attn_implementation == "sdpa"
