@@ -75,8 +75,9 @@ class SamplingConfig:
     batch_size: int = field(default=8, metadata=_help("sequences decoded together", min=1))
     decode: str = field(default="dynamic", metadata=_help(
         "decoding path: dynamic (growing KV cache), static (static KV cache; on a GPU every decode step "
-        "is one CUDA-graph replay) or compiled (static, the step through torch.compile first: about a "
-        "minute of compilation per model and batch size); all choose the same greedy tokens",
+        "is one CUDA-graph replay) or compiled (static, the step through torch.compile first: one to three "
+        "minutes of compilation per model, batch size and window size, reused by later calls of the process); "
+        "all choose the same greedy tokens",
         choices=("dynamic", "static", "compiled")))
 
 

@@ -28,13 +28,21 @@ from transformers import DynamicCache, StaticCache
 DECODE_PATHS = ("dynamic", "static", "compiled")
 """`dynamic`: HF's DynamicCache, one eager forward per step. `static`: a StaticCache; on CUDA the decode
 step is captured in a CUDA graph (on a CPU it runs eagerly, which is how tests check that both paths
-choose the same tokens). `compiled`: `static` with the decode step through torch.compile first; it
-recompiles for every new batch size and cache length (98 s for the Qwen3-8B shape in bf16 on the H100,
-190 s with the fused 2-bit kernel; 48 s and 165 s on an H200), so it suits fixed-shape work (collection, benchmarks), not the
-controller's rounds of varying lengths."""
+choose the same tokens). `compiled`: `static` with the decode step through torch.compile first. A compile
+costs 98 s for the Qwen3-8B shape in bf16 on the H100, 190 s with the fused 2-bit kernel (48 s and 165 s on an
+H200), once per batch size and step shape in a process: its cache is sized up to a multiple of
+`CACHE_BUCKET` positions, so calls of one batch size whose prompts and budgets differ (the controller's
+rounds) reuse the compiled steps of the window sizes they share. A new batch size still compiles anew."""
 
 MIN_WINDOW = 256
 """Fewest cache positions a windowed decode step attends over (see `StaticSteps`)."""
+
+CACHE_BUCKET = MIN_WINDOW
+"""The compiled path's static cache holds a multiple of this many positions (fewer than this many past
+prompt + budget), so that its step shapes repeat across calls."""
+
+COMPILE_BACKEND = "inductor"
+"""torch.compile's backend for the compiled path (tests count compiles with a counting backend)."""
 
 StepProbe = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
@@ -116,6 +124,8 @@ class StaticSteps:
                  min_window: int = MIN_WINDOW):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
         self.top_prob, self.stack_dtype = top_prob, stack_dtype
+        if compile:
+            max_length = -(-max_length // CACHE_BUCKET) * CACHE_BUCKET
         self.max_length = max_length
         self.cache = WindowedStaticCache(config=model.config, max_cache_len=max_length)
         self.graph = graph
@@ -218,10 +228,10 @@ _COMPILED = None
 def _compiled_step():
     """`_step` through torch.compile (inductor fuses the small elementwise kernels of every layer:
     norms, rotary embedding, residual adds, activation), shared by every StaticSteps so that a model
-    compiles once per batch size and cache length."""
+    compiles once per batch size and step shape."""
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(_step, dynamic=False)
+        _COMPILED = torch.compile(_step, dynamic=False, backend=COMPILE_BACKEND)
     return _COMPILED
 
 

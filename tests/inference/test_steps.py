@@ -56,3 +56,32 @@ def test_window_is_the_least_power_of_two_holding_every_written_slot(model_and_b
     assert [steps.window_for(slot) for slot in (0, 255, 256, 511, 512, 999)] == [256, 256, 512, 512, 1000, 1000]
     whole = StaticSteps(model, [], [], max_length=1000, windowed=False)
     assert whole.window_for(3) == 1000
+
+
+def test_compiled_steps_of_one_batch_size_compile_once_across_prompt_lengths_and_budgets(monkeypatch):
+    """The controller's rounds: the same rows, other prompt lengths and budgets, one compile of the decode step."""
+    import torch._dynamo.testing
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import inference.decoding.steps as steps
+    from inference.decoding.generate import generate
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(config).eval()
+    counter = torch._dynamo.testing.CompileCounter()
+    monkeypatch.setattr(steps, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(steps, "_COMPILED", None)
+    compiles = []
+    for prompt, budget in ((7, 12), (11, 12), (9, 20)):
+        ids = torch.randint(1, 64, (3, prompt), generator=torch.Generator().manual_seed(prompt))
+        mask = torch.ones_like(ids)
+        run = lambda decode: generate(model, ids, mask, max_new_tokens=budget, eos_token_ids=[], pad_token_id=0,
+                                      decode=decode).generated_ids
+        assert run("compiled") == run("static")
+        compiles.append(counter.frame_count)
+    assert compiles[0] >= 1 and compiles == [compiles[0]] * 3  # cache lengths 19-29, all in one bucket of 256
+    monkeypatch.setattr(steps, "_COMPILED", None)
+    torch._dynamo.reset()
