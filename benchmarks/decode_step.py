@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, step_latency  # noqa: E402
 
+from inference.decoding.attention import DECODE_ATTENTIONS, use_decode_attention  # noqa: E402
 from inference.decoding.generate import Sampler  # noqa: E402
 from inference.decoding.kernels import Fused2BitLinear  # noqa: E402
 from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
@@ -257,7 +258,8 @@ def part_floors(spec: dict, bits: int, batch: int, context: int, bandwidth: floa
     activations = batch * spec["num_hidden_layers"] * 2 * spec["num_key_value_heads"] * spec["head_dim"] * 2
     logits = batch * spec["vocab_size"] * 2
     return {"linears": size["linears"] / bandwidth, "attention": size["kv_cache"] / bandwidth,
-            "attention_hf": size["kv_cache"] / bandwidth, "norms_rotary_elementwise": (size["norms"] + activations) / bandwidth, "head": size["head"] / bandwidth,
+            "attention_hf": size["kv_cache"] / bandwidth,
+            "norms_rotary_elementwise": (size["norms"] + activations) / bandwidth, "head": size["head"] / bandwidth,
             "sampling_greedy": logits / bandwidth, "sampling_t0.6_k20_p0.95": logits / bandwidth,
             "step": size["total"] / bandwidth}
 
@@ -322,7 +324,7 @@ def main():
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
                         "gemlite, probe, collection, agreement, compile")
-    parser.add_argument("--attention", nargs="+", default=["grouped", "hf"], choices=["grouped", "hf"],
+    parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
     parser.add_argument("--compile-batches", nargs="*", type=int, default=[1],
@@ -350,7 +352,8 @@ def main():
     bandwidth = copy_bandwidth() if CUDA else 1e11
     report = {"device": torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-              "shape": args.shape, "spec": spec, "context": args.context, "max_decode_rows": args.max_decode_rows, "copy_bandwidth_bytes_per_s": bandwidth,
+              "shape": args.shape, "spec": spec, "context": args.context, "max_decode_rows": args.max_decode_rows,
+              "copy_bandwidth_bytes_per_s": bandwidth,
               "steps": [], "breakdown": {}, "linears": {}, "errors": {}}
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
 
@@ -389,11 +392,11 @@ def main():
                 row = {"precision": precision, "kernel": kernel, "batch": batch, "context": args.context,
                        "cache": cache or args.context + args.steps + 8, "windowed": windowed, "attention": attention,
                        "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
-                set_attention(model, attention)
+                use_decode_attention(model, attention)
                 guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, max_length=cache,
                                                              windowed=windowed), row)
                 report["steps"].append(row)
-            set_attention(model, args.attention[0])
+            use_decode_attention(model, args.attention[0])
         for batch in args.compile_batches if "compile" not in args.skip and CUDA else ():
             if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
                 break
@@ -449,16 +452,6 @@ def main():
     print(tables(report))
 
 
-def set_attention(model, attention: str) -> None:
-    """Decode attention of the benchmark's model: "grouped" (the project's) or "hf" (HF's SDPA function)."""
-    from inference.decoding.attention import use_grouped_attention, use_hf_attention
-
-    if attention == "grouped":
-        use_grouped_attention(model)
-    else:
-        use_hf_attention(model)
-
-
 def has_gptqmodel() -> bool:
     try:
         import gptqmodel  # noqa: F401
@@ -499,7 +492,8 @@ def tables(report: dict) -> str:
                          f"{r['cache']} | {r['windowed']} | {seconds} | {r['floor_seconds'] * ms:.3f} | - |")
             continue
         lines.append(f"| {r['precision']} | {r['kernel']} | {r.get('attention', 'hf')} | {r['batch']} | "
-                     f"{r['cache']} | {r['windowed']} | {seconds * ms:.3f} | {r['floor_seconds'] * ms:.3f} | {seconds / r['floor_seconds']:.2f} |")
+                     f"{r['cache']} | {r['windowed']} | {seconds * ms:.3f} | {r['floor_seconds'] * ms:.3f} | "
+                     f"{seconds / r['floor_seconds']:.2f} |")
     lines += ["", "| step at | part | ms | floor ms | x floor | share of step |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for point, parts in report["breakdown"].items():
         if "error" in parts:

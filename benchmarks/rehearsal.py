@@ -124,7 +124,7 @@ def time_decode(model, tokenizer, questions, budget: int, layers, steps: int, ba
 
 def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
     from inference.config import load_config
-    from inference.decoding.attention import use_grouped_attention, use_hf_attention
+    from inference.decoding.attention import use_decode_attention
     from inference.decoding.models import load_full_precision, load_quantized
     from rescue import commands
     from training.rehearsal import build_rehearsal_model, math500_texts, write_gptq_v1_checkpoint
@@ -184,7 +184,7 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                             break
                         # The project's grouped attention is what the loaders set on CUDA; "hf" is HF's SDPA function.
                         key = str(budget) if attention == "grouped" else f"{budget} {attention}"
-                        (use_grouped_attention if attention == "grouped" else use_hf_attention)(model)
+                        use_decode_attention(model, attention)
                         try:
                             rows[key] = time_decode(model, tokenizer, questions, budget, layers, args.decode_steps,
                                                     args.batch_size)
@@ -192,7 +192,7 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                         except Exception as error:
                             rows[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
                         print(json.dumps({shape: {precision: {key: rows[key]}}}), flush=True)
-                    use_grouped_attention(model)
+                    use_decode_attention(model, "grouped")
             finally:
                 del model
             return {"budgets": rows}
@@ -326,6 +326,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.decode_budgets = [int(b) for b in args.decode_budgets.split(",")]
     args.decode_attention = [a for a in args.decode_attention.split(",") if a]
+    from inference.decoding.attention import DECODE_ATTENTIONS
+
+    if not set(args.decode_attention) <= set(DECODE_ATTENTIONS):
+        parser.error(f"--decode-attention: each must be one of {', '.join(DECODE_ATTENTIONS)}, "
+                     f"got {','.join(args.decode_attention)}")
     args.overrides = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, vocab_size=8192) if args.tiny else {})
     clock = Clock(args.seconds)

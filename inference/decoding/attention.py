@@ -73,3 +73,17 @@ def use_hf_attention(model) -> None:
     """Back to HF's own SDPA function (benchmarks compare the two on one model)."""
     if getattr(model.config, "_attn_implementation", None) == GROUPED:
         model.set_attn_implementation("sdpa")
+
+
+DECODE_ATTENTIONS = ("grouped", "hf")
+"""The attentions benchmarks compare by name: `grouped` (this module's) and `hf` (HF's SDPA function)."""
+
+
+def use_decode_attention(model, name: str) -> None:
+    """Switch a model to one of DECODE_ATTENTIONS."""
+    if name not in DECODE_ATTENTIONS:
+        raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTIONS)}, got {name!r}")
+    if name == "grouped":
+        use_grouped_attention(model)
+    else:
+        use_hf_attention(model)

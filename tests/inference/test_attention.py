@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from inference.decoding.attention import GROUPED, grouped_attention, use_grouped_attention, use_hf_attention
+from inference.decoding.attention import (GROUPED, grouped_attention, use_decode_attention, use_grouped_attention,
+                                         use_hf_attention)
 from inference.decoding.generate import generate
 
 
@@ -88,3 +89,13 @@ def test_the_loaders_keep_hf_attention_on_the_cpu(tiny_model_dir):
 
     model, _ = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_benchmarks_switch_decode_attention_by_name():
+    model = tiny_gqa()
+    use_decode_attention(model, "grouped")
+    assert model.config._attn_implementation == GROUPED
+    use_decode_attention(model, "hf")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="grouped, hf"):
+        use_decode_attention(model, "flash")
