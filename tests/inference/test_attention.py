@@ -1,11 +1,16 @@
-"""Grouped decode attention: the same outputs as HF's SDPA path, without copying the cache per query head."""
+"""Grouped decode attention: the same outputs as HF's SDPA path, without copying the cache per query head;
+the split-cache Triton kernel run on the CPU by Triton's interpreter."""
+
+import importlib.util
+import warnings
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from inference.decoding.attention import (GROUPED, grouped_attention, use_decode_attention, use_grouped_attention,
-                                         use_hf_attention)
+from inference.decoding import attention as attention_module
+from inference.decoding.attention import (GROUPED, SPLIT_KV, attention_plan, grouped_attention, use_decode_attention,
+                                         use_grouped_attention, use_hf_attention)
 from inference.decoding.generate import generate
 
 
@@ -54,7 +59,7 @@ def test_grouped_attention_chooses_hf_sdpa_greedy_tokens_on_a_padded_batch(decod
     run = lambda: generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[], pad_token_id=0, decode=decode,
                            layers=[1]).generated_ids
     hf = run()
-    assert use_grouped_attention(model)
+    assert use_grouped_attention(model, kernel=False)
     assert model.config._attn_implementation == GROUPED
     queries = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -71,7 +76,7 @@ def test_grouped_attention_logits_match_through_prefill_and_decode():
     ids, mask = padded_batch()
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-        use_grouped_attention(model)
+        use_grouped_attention(model, kernel=False)
         after = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(after[real], before[real], rtol=1e-5, atol=1e-5)
@@ -95,7 +100,110 @@ def test_benchmarks_switch_decode_attention_by_name():
     model = tiny_gqa()
     use_decode_attention(model, "grouped")
     assert model.config._attn_implementation == GROUPED
+    use_decode_attention(model, "split")
+    assert model.config._attn_implementation == (SPLIT_KV if attention_module.triton is not None else GROUPED)
     use_decode_attention(model, "hf")
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(ValueError, match="grouped, hf"):
+    with pytest.raises(ValueError, match="split, grouped, hf"):
         use_decode_attention(model, "flash")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """A private copy of inference.decoding.attention whose kernels run in Triton's CPU interpreter (as
+    tests/inference/test_kernels.py makes one of kernels.py); the real module's registration is restored after."""
+    pytest.importorskip("triton")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.find_spec("inference.decoding.attention")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert type(module._split_kv_kernel).__name__ == "InterpretedFunction"
+        yield module
+    attention_module.register()
+
+
+def repeated_reference(query, key, value, mask, scale):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,mask_kind", [
+    (3, 8, 2, 200, 16, "bool"),     # 4 chunks of 64, the last one partial
+    (1, 32, 8, 300, 128, "bool"),   # Qwen3-8B's heads; 5 chunks
+    (2, 4, 2, 70, 32, "float"),     # an additive mask
+    (2, 4, 4, 70, 32, "none"),      # one query head per key/value head, no mask
+    (70, 4, 2, 40, 16, "bool"),     # enough rows for one chunk: the first kernel writes the output
+    (1, 12, 4, 1, 16, "bool"),      # one cached position
+])
+def test_split_kv_kernel_matches_sdpa_over_repeated_heads(interpreted, batch, heads, kv_heads, length, dim,
+                                                         mask_kind):
+    generator = torch.Generator().manual_seed(length)
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    mask = None
+    if mask_kind != "none":
+        keep = torch.rand(batch, 1, 1, length, generator=generator) > 0.3
+        keep[..., -1] = True  # a decode query always sees its own position
+        mask = keep if mask_kind == "bool" else torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy: finfo.min * log2(e) overflows to -inf, as meant
+        output = interpreted.decode_attention(query, key, value, mask, dim ** -0.5)
+    assert output.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(output, repeated_reference(query, key, value, mask, dim ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_split_kv_kernel_reads_a_strided_cache_window(interpreted):
+    """The static cache's window is a slice of a longer cache (non-contiguous keys and values)."""
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 8, 1, 16, generator=generator)
+    key, value = (torch.randn(2, 2, 256, 16, generator=generator)[:, :, :130] for _ in range(2))
+    mask = torch.ones(2, 1, 1, 130, dtype=torch.bool)
+    mask[0, ..., :7] = False
+    output = interpreted.decode_attention(query, key, value, mask, 0.25)
+    torch.testing.assert_close(output, repeated_reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_plan_fills_the_gpu_with_chunks_that_cover_the_cache():
+    for batch, kv_heads, length in [(1, 8, 1062), (16, 8, 1062), (64, 8, 8200), (1, 8, 40), (256, 8, 9000)]:
+        plan = attention_plan(batch, kv_heads, length)
+        chunk, splits = plan["chunk"], plan["splits"]
+        assert chunk % attention_module.BLOCK_N == 0
+        assert (splits - 1) * chunk < length <= splits * chunk
+        assert plan["grid"] == (batch * kv_heads, splits)
+    assert attention_plan(1, 8, 1062)["splits"] == 17  # one 8B row: 136 programs, not SDPA's 8
+    assert attention_plan(64, 8, 8200)["splits"] == 2
+    assert attention_plan(256, 8, 9000)["splits"] == 1
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_split_kv_attention_chooses_hf_sdpa_greedy_tokens_on_a_padded_batch(interpreted, decode, monkeypatch):
+    model = tiny_gqa(kv_heads=2)
+    ids, mask = padded_batch()
+    run = lambda: generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[], pad_token_id=0, decode=decode,
+                           layers=[1]).generated_ids
+    hf = run()
+    assert interpreted.use_grouped_attention(model)
+    assert model.config._attn_implementation == SPLIT_KV
+    calls = []
+    kernel = interpreted.decode_attention
+    monkeypatch.setattr(interpreted, "decode_attention", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    assert run() == hf
+    assert calls and all(shape[2] == 1 for shape in calls)  # every decode step's attention ran the kernel
+
+
+def test_without_a_gpu_split_kv_attention_runs_packed_sdpa():
+    """On CPU tensors (no interpreter) the kernel is not used and the packed SDPA result comes back."""
+    model = tiny_gqa(kv_heads=2)
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(3, 8, 1, 16, generator=generator)
+    key, value = torch.randn(3, 2, 20, 16, generator=generator), torch.randn(3, 2, 20, 16, generator=generator)
+    mask = torch.rand(3, 1, 1, 20, generator=generator) > 0.3
+    assert not attention_module.kernel_runs(query, key, 4)
+    output, _ = attention_module.split_kv_attention(module, query, key, value, mask, scaling=0.25)
+    expected, _ = grouped_attention(module, query, key, value, mask, scaling=0.25)
+    assert torch.equal(output, expected)
