@@ -6,7 +6,8 @@ In one process, for the shape's bf16 model and then its 2-bit twin (random weigh
   past what it fills, and over a long budget's cache (context + 4096) with and without the windowed
   attention of `StaticSteps`;
 - a breakdown of the step: the decoder layers' linears (all of them, in order, one CUDA graph),
-  attention (HF's SDPA call of every layer over the same cache), norms / rotary / KV writes /
+  attention (every layer over the same cache: the split-cache kernel, packed SDPA and HF's SDPA call;
+  `inference/decoding/attention.py`), norms / rotary / KV writes /
   residuals / activation (the step's own modules), the output head, and sampling as `generate` does it
   (eagerly, after the replay); each part's floor is the bytes it must read over the copy rate;
 - the linears of one decoder layer (the 36 layers' in turn, so no weight is in L2 twice) at 1, 4 and
@@ -195,7 +196,7 @@ def step_parts(model, batch: int, context: int, steps: int) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-    from inference.decoding.attention import grouped_attention
+    from inference.decoding.attention import decode_attention, grouped_attention
 
     config, device, dtype = model.config, model.device, model.dtype
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -211,12 +212,18 @@ def step_parts(model, batch: int, context: int, steps: int) -> dict:
     mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
     mask[..., :context + 1] = True
     query = randn(batch, heads, 1, head_dim)
-    parts["attention"] = timed(lambda: [grouped_attention(layer.self_attn, query, k, v, mask, dropout=0.0,
-                                                          scaling=layer.self_attn.scaling)
+    parts["attention"] = timed(lambda: [decode_attention(query, k, v, mask, layer.self_attn.scaling)
                                         for layer, k, v in zip(layers, keys, values)])
+    parts["attention_grouped"] = timed(lambda: [grouped_attention(layer.self_attn, query, k, v, mask, dropout=0.0,
+                                                                  scaling=layer.self_attn.scaling)
+                                                for layer, k, v in zip(layers, keys, values)])
     parts["attention_hf"] = timed(lambda: [sdpa_attention_forward(layer.self_attn, query, k, v, mask, dropout=0.0,
                                                                   scaling=layer.self_attn.scaling)
                                            for layer, k, v in zip(layers, keys, values)])
+    # The kernel's largest difference from packed SDPA over the first layer, relative to the largest output.
+    kernel = decode_attention(query, keys[0], values[0], mask, layers[0].self_attn.scaling).float()
+    sdpa = grouped_attention(layers[0].self_attn, query, keys[0], values[0], mask, scaling=layers[0].self_attn.scaling)[0]
+    parts_error = float((kernel - sdpa.float()).abs().max() / sdpa.float().abs().max())
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     positions = torch.full((batch, 1), context, dtype=torch.long, device=device)
     slot = torch.tensor([context], device=device)
@@ -249,7 +256,7 @@ def step_parts(model, batch: int, context: int, steps: int) -> dict:
     parts["sampling_greedy"] = eager_seconds(lambda: greedy.choose(logits, None))
     parts["sampling_t0.6_k20_p0.95"] = eager_seconds(lambda: sampler.choose(logits, generator))
     del keys, values
-    return parts
+    return parts, parts_error
 
 
 def part_floors(spec: dict, bits: int, batch: int, context: int, bandwidth: float) -> dict:
@@ -258,7 +265,7 @@ def part_floors(spec: dict, bits: int, batch: int, context: int, bandwidth: floa
     activations = batch * spec["num_hidden_layers"] * 2 * spec["num_key_value_heads"] * spec["head_dim"] * 2
     logits = batch * spec["vocab_size"] * 2
     return {"linears": size["linears"] / bandwidth, "attention": size["kv_cache"] / bandwidth,
-            "attention_hf": size["kv_cache"] / bandwidth,
+            "attention_grouped": size["kv_cache"] / bandwidth, "attention_hf": size["kv_cache"] / bandwidth,
             "norms_rotary_elementwise": (size["norms"] + activations) / bandwidth, "head": size["head"] / bandwidth,
             "sampling_greedy": logits / bandwidth, "sampling_t0.6_k20_p0.95": logits / bandwidth,
             "step": size["total"] / bandwidth}
@@ -268,13 +275,14 @@ def breakdown(model, spec: dict, bits: int, batch: int, context: int, steps: int
     """The graph step and its parts at one point, each with its floor; `unaccounted` is the step less
     the parts inside the graph (launch gaps within the graph, copies, masks, what the parts miss)."""
     step = step_latency(model, batch, context, steps)
-    parts = step_parts(model, batch, context, steps)
+    parts, attention_error = step_parts(model, batch, context, steps)
     floors = part_floors(spec, bits, batch, context, bandwidth)
     inside = ("linears", "attention", "norms_rotary_elementwise", "head")
     result = {"step": {"seconds": step, "floor_seconds": floors["step"]}}
     for name, seconds in parts.items():
         result[name] = {"seconds": seconds, "floor_seconds": floors[name]}
     result["unaccounted"] = {"seconds": step - sum(parts[name] for name in inside), "floor_seconds": 0.0}
+    result["attention_kernel_vs_sdpa_max_error"] = attention_error
     return result
 
 
@@ -501,6 +509,9 @@ def tables(report: dict) -> str:
             continue
         step = parts["step"]["seconds"]
         for name, part in parts.items():
+            if not isinstance(part, dict):
+                lines.append(f"| {point} | {name} | {part:.2e} | | | |")
+                continue
             floor = part["floor_seconds"]
             ratio = f"{part['seconds'] / floor:.1f}" if floor else "-"
             lines.append(f"| {point} | {name} | {part['seconds'] * ms:.3f} | {floor * ms:.4f} | {ratio} | "

@@ -182,8 +182,8 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                     for attention in args.decode_attention:
                         if clock.left() < 20:
                             break
-                        # The project's grouped attention is what the loaders set on CUDA; "hf" is HF's SDPA function.
-                        key = str(budget) if attention == "grouped" else f"{budget} {attention}"
+                        # The split-cache kernel is what the loaders set on CUDA; "grouped" is packed SDPA, "hf" HF's.
+                        key = str(budget) if attention == "split" else f"{budget} {attention}"
                         use_decode_attention(model, attention)
                         try:
                             rows[key] = time_decode(model, tokenizer, questions, budget, layers, args.decode_steps,
@@ -192,7 +192,7 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                         except Exception as error:
                             rows[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
                         print(json.dumps({shape: {precision: {key: rows[key]}}}), flush=True)
-                    use_decode_attention(model, "grouped")
+                    use_decode_attention(model, "split")
             finally:
                 del model
             return {"budgets": rows}
@@ -317,8 +317,9 @@ def main(argv=None) -> int:
     parser.add_argument("--collect-large", action="store_true", help="also collect with the 8B shape")
     parser.add_argument("--decode-budgets", default="8192,32768")
     parser.add_argument("--decode-steps", type=int, default=128)
-    parser.add_argument("--decode-attention", default="grouped,hf",
-                        help="decode attentions timed side by side: grouped (the project's), hf (HF's SDPA function)")
+    parser.add_argument("--decode-attention", default="split,grouped",
+                        help="decode attentions timed side by side: split (the project's split-cache kernel, the "
+                        "loaders' choice on CUDA), grouped (packed SDPA), hf (HF's SDPA function)")
     parser.add_argument("--detector-epochs", type=int, default=5)
     parser.add_argument("--gptq-seconds", type=float, default=0, help="time GPTQModel on the 0.6B shape (0: no)")
     parser.add_argument("--gptq-texts", type=int, default=16)
