@@ -30,6 +30,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -336,7 +337,8 @@ def main():
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
     parser.add_argument("--compile-batches", nargs="*", type=int, default=[1],
-                        help="batch sizes at which each precision's step is also measured through torch.compile")
+                        help="batch sizes at which each precision's step is also measured through torch.compile "
+                        "(with each --attention)")
     parser.add_argument("--max-decode-rows", type=int, default=None,
                         help="most rows the fused linears run through the kernel, 16 at a time (default "
                         "inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before 2026-12-02)")
@@ -374,6 +376,7 @@ def main():
         try:
             target[key] = work()
         except Exception as error:  # noqa: BLE001 - a benchmark reports every failure and goes on
+            traceback.print_exc()
             target[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
             if CUDA:
                 torch.cuda.empty_cache()
@@ -405,15 +408,18 @@ def main():
                                                              windowed=windowed), row)
                 report["steps"].append(row)
             use_decode_attention(model, args.attention[0])
-        for batch in args.compile_batches if "compile" not in args.skip and CUDA else ():
+        compiles = [(batch, attention) for batch in args.compile_batches for attention in args.attention]
+        for batch, attention in compiles if "compile" not in args.skip and CUDA else ():
             if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
                 break
             row = {"precision": precision, "kernel": kernel + " + compile", "batch": batch, "context": args.context,
-                   "cache": args.context + args.steps + 8, "windowed": True, "attention": args.attention[0],
+                   "cache": args.context + args.steps + 8, "windowed": True, "attention": attention,
                    "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+            use_decode_attention(model, attention)
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=True,
                                                          timings=row), row)
             report["steps"].append(row)
+        use_decode_attention(model, args.attention[0])
         for batch in args.batches if "breakdown" not in args.skip else ():
             guarded(f"{precision}_b{batch}", lambda: breakdown(model, spec, bits, batch, args.context, args.steps,
                                                                 bandwidth), report["breakdown"])

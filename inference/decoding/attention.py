@@ -199,13 +199,24 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     dim] (query head h reads key/value head h // (heads / kv_heads)), mask [batch or 1, 1, 1, length]
     (boolean, True attends; or additive float) or None. Returns [batch, 1, heads, dim] in query's dtype.
 
-    No host sync and a grid fixed by the shapes, so CUDA graphs capture it and torch.compile traces it."""
+    No host sync and a grid fixed by the shapes, so CUDA graphs capture it. Under torch.compile it is one
+    opaque operator (`lowbit::decode_attention`): inductor calls the two launches as they are instead of
+    recompiling the kernels' source in its own workers, which failed for this kernel on an H200
+    (torch 2.11, `InductorError: SubprocException`)."""
+    if torch.compiler.is_compiling():
+        return _decode_attention_op(query, key, value, mask, scale)
+    return _launch(query, key, value, mask, scale)
+
+
+def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     plan = attention_plan(batch, kv_heads, length)
     splits = plan["splits"]
-    out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
+    # [batch, 1, heads, dim] is [batch, kv_heads, groups, dim] in memory: query head h = kv head * groups + g.
+    out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
     if mask is None:
         mask_kind, mask_arg, strides = 0, out, (0, 0)
     else:
@@ -229,7 +240,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if not direct:
         _combine_kernel[(batch * kv_heads * groups,)](acc, stat, out, groups, splits,
                                                       SPLITS=triton.next_power_of_2(splits), HEAD_DIM=dim)
-    return out.reshape(batch, 1, heads, dim)
+    return out
+
+
+# A module loaded with TRITON_INTERPRET=1 (the tests' private copy) registers its own operator.
+@torch.library.custom_op("lowbit::decode_attention" + ("_interpreted" if _INTERPRETED else ""), mutates_args=())
+def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    return _launch(query, key, value, mask, scale)
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, mask, scale):
+    batch, heads, _, dim = query.shape
+    return query.new_empty(batch, 1, heads, dim)
 
 
 def split_kv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

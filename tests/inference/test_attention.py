@@ -167,6 +167,30 @@ def test_split_kv_kernel_reads_a_strided_cache_window(interpreted):
     torch.testing.assert_close(output, repeated_reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-5)
 
 
+def test_split_kv_kernel_is_one_operator_under_torch_compile(interpreted):
+    """torch.compile traces the kernel's launches as one custom operator with a fake (shape-only) version, so
+    the compiled graph calls the same launches and gives the eager result."""
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 8, 1, 16, generator=generator)
+    key, value = (torch.randn(2, 2, 150, 16, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, 1, 150, generator=generator) > 0.2
+    mask[..., -1] = True
+    step = lambda q: interpreted.decode_attention(q * 2.0, key, value, mask, 0.25) + 1.0
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(graph, inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(query), step(query), rtol=0, atol=0)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("decode_attention_interpreted" in target for target in targets) == 1
+    torch.testing.assert_close(compiled(query), repeated_reference(query * 2.0, key, value, mask, 0.25) + 1.0,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_attention_plan_fills_the_gpu_with_chunks_that_cover_the_cache():
     for batch, kv_heads, length in [(1, 8, 1062), (16, 8, 1062), (64, 8, 8200), (1, 8, 40), (256, 8, 9000)]:
         plan = attention_plan(batch, kv_heads, length)
