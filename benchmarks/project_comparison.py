@@ -10,6 +10,10 @@ script refuses a comparison whose budget could take a trace past that point.
 
     python benchmarks/project_comparison.py docs/compare/run-tiny-m-cpu.json \
         benchmarks/results/decode-h200-run1.json --shapes qwen3-8b qwen3-32b --budget 1024
+
+`--steps F` (a `benchmarks/decode_step.py` JSON of the same shape) replaces the decode costs at each
+batch it measured by its fastest step per precision there (a compiled one, say); prefill costs stay
+the decode.py file's.
 """
 
 from __future__ import annotations
@@ -42,6 +46,20 @@ def projected_seconds(summary: dict, costs: ProjectedCosts, prefill: bool = True
     return summary["problems"] * seconds
 
 
+def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
+    """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
+    report = json.loads(path.read_text())
+    if report.get("shape") != shape:
+        sys.exit(f"{path}: measured shape {report.get('shape')!r}, not {shape!r}")
+    best = {}
+    for row in report.get("steps", []):
+        if isinstance(row.get("step_seconds"), float) and row.get("context") is not None:
+            key, per_token = (row["precision"], row["batch"]), row["step_seconds"] / row["batch"]
+            if key not in best or per_token < best[key][1]:
+                best[key] = (row["context"], per_token, f"{row['kernel']}, {row.get('attention', '?')}")
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("comparison", type=Path)
@@ -50,6 +68,8 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 1])
     parser.add_argument("--budget", type=int, required=True, help="the comparison's token budget")
     parser.add_argument("--prompt-max", type=int, default=512, help="longest prompt in tokens (at most)")
+    parser.add_argument("--steps", type=Path, help="a benchmarks/decode_step.py JSON whose fastest steps replace "
+                        "the decode costs at the batches it measured")
     args = parser.parse_args()
     summaries = method_summaries(args.comparison)
     lines = [f"Projection of {args.comparison} to per-token costs of {args.costs}", "",
@@ -58,6 +78,11 @@ def main():
     for shape in args.shapes:
         for batch in args.batches:
             costs = load_projection(args.costs, shape, batch)
+            steps = fastest_steps(args.steps, shape) if args.steps else {}
+            for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
+                if (name, costs.batch) in steps:
+                    context, per_token, kernel = steps[name, costs.batch]
+                    costs.points[precision], costs.kernels[precision] = [(context, per_token)], kernel
             lowest = min(points[0][0] for points in costs.points.values())
             if args.prompt_max + args.budget / 2 > lowest:
                 sys.exit(f"{args.comparison}: a trace's context may reach {args.prompt_max + args.budget / 2:.0f}, "
