@@ -100,11 +100,22 @@ class Generation:
     prompt_lengths: list[int] = field(default_factory=list)
 
 
+CANDIDATES_FROM_VOCAB = 8192
+"""Vocabulary size from which top-k sampling first takes the candidates (`Sampler.choose`)."""
+TIE_MARGIN = 8
+"""Candidates taken past top_k, so that the scores tied with the k-th are kept as TopKLogitsWarper keeps them."""
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Token choice: greedy when temperature is 0, else temperature, top-k and top-p sampling.
 
-    The warpers are transformers' own, applied in the order `model.generate` applies them.
+    The warpers are transformers' own, applied in the order `model.generate` applies them. With top-k
+    and a vocabulary of at least CANDIDATES_FROM_VOCAB tokens (a real model's 151,936), top-p and the
+    draw run on the top_k + TIE_MARGIN highest scores only, not on the whole vocabulary (whose sort
+    is what top-p costs): the same kept tokens and probabilities up to float rounding, every score
+    tied with the k-th included, but a different draw for the same seed than the whole-vocabulary
+    path. A batch with a row whose tie runs past the margin takes the whole-vocabulary path.
     """
 
     temperature: float = 0.0
@@ -127,9 +138,33 @@ class Sampler:
         logits = logits.float()
         if self.temperature == 0:
             return logits.argmax(dim=-1)
+        vocab = logits.shape[-1]
+        few = 0 < self.top_k and self.top_k + TIE_MARGIN < vocab and vocab >= CANDIDATES_FROM_VOCAB
+        candidates = self.candidates(logits) if few else None
+        if candidates is not None:
+            scores, indices = candidates
+            picked = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)
+            return indices.gather(1, picked).squeeze(1)
         scores = self._warpers(None, logits)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+    def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The warped scores of the top_k + TIE_MARGIN highest tokens and their ids ([batch, top_k + margin]
+        each; removed ones at -inf), or None where a tie with the k-th score runs past them."""
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = self._warpers[0](None, logits)
+        values, indices = logits.topk(min(self.top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
+        kth = values[:, self.top_k - 1:self.top_k]
+        if values.shape[-1] < logits.shape[-1] and bool((values[:, -1:] >= kth).any()):
+            return None
+        # TopKLogitsWarper's rule on the candidates: every score below the k-th is removed.
+        values = values.masked_fill(values < kth, -float("inf"))
+        for warper in self._warpers:
+            if isinstance(warper, TopPLogitsWarper):
+                values = warper(None, values)
+        return values, indices
 
 
 def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:

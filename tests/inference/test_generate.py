@@ -104,6 +104,37 @@ def test_seeded_sampling_is_reproducible_and_differs_across_seeds(model_and_toke
     assert run(1) != run(2)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 20, 0.95), (1.0, 20, 1.0), (0.7, 5, 0.5)])
+def test_top_k_sampling_over_a_large_vocabulary_keeps_the_warpers_distribution(temperature, top_k, top_p):
+    """On 151,936 scores, the candidates' probabilities are transformers' warpers' over the whole vocabulary,
+    the scores tied with the k-th included (bf16 logits tie often). Which of several tokens tied exactly at
+    the top-p boundary is dropped is arbitrary in either path, so no row here puts a tie there."""
+    from inference.decoding.generate import TIE_MARGIN
+
+    sampler = Sampler(temperature, top_k, top_p)
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 151_936, generator=generator) * 3).to(torch.bfloat16).float()
+    logits[1, :top_k - 1] = 40.0 + 0.5 * torch.arange(top_k - 1)
+    logits[1, top_k - 1:top_k + 3] = 38.0  # four tokens tied at the k-th score: TopK keeps all four
+    logits[2, :3] = torch.tensor([30.0, 29.0, 28.5])
+    full = torch.softmax(sampler._warpers(None, logits.clone()), dim=-1)
+    scores, indices = sampler.candidates(logits)
+    few = torch.zeros_like(full).scatter_(1, indices, torch.softmax(scores, dim=-1))
+    assert torch.equal(few > 0, full > 0)
+    torch.testing.assert_close(few, full, rtol=1e-5, atol=1e-7)
+    if top_p == 1.0:
+        assert int((full[1] > 0).sum()) == top_k + 3
+    # Draws land on kept tokens only, and seeded draws repeat.
+    draws = torch.stack([sampler.choose(logits, torch.Generator().manual_seed(seed)) for seed in range(30)])
+    assert bool((full.gather(1, draws.T) > 0).all())
+    assert torch.equal(sampler.choose(logits, torch.Generator().manual_seed(3)), draws[3])
+    # A tie with the k-th score that runs past the margin: no candidates, the whole vocabulary is used.
+    logits[3, :top_k + TIE_MARGIN + 1] = logits[3].max() + 1.0
+    assert sampler.candidates(logits) is None
+    chosen = sampler.choose(logits, torch.Generator().manual_seed(0))
+    assert bool((torch.softmax(sampler._warpers(None, logits.clone()), dim=-1).gather(1, chosen[:, None]) > 0).all())
+
+
 def test_zero_budget_is_refused(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     enc = _batch(tokenizer, ["What is 2 + 3?"])
