@@ -48,7 +48,12 @@ def projected_seconds(summary: dict, costs: ProjectedCosts, prefill: bool = True
 
 def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
     """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        sys.exit(f"{path}: not a readable benchmarks/decode_step.py JSON ({error})")
+    if not isinstance(report, dict) or not isinstance(report.get("steps"), list):
+        sys.exit(f"{path}: not a benchmarks/decode_step.py result (no 'steps' list)")
     if report.get("shape") != shape:
         sys.exit(f"{path}: measured shape {report.get('shape')!r}, not {shape!r}")
     best = {}
