@@ -57,7 +57,7 @@ def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, fl
     if report.get("shape") != shape:
         sys.exit(f"{path}: measured shape {report.get('shape')!r}, not {shape!r}")
     best = {}
-    for row in report.get("steps", []):
+    for row in report["steps"]:
         if isinstance(row.get("step_seconds"), float) and row.get("context") is not None:
             key, per_token = (row["precision"], row["batch"]), row["step_seconds"] / row["batch"]
             if key not in best or per_token < best[key][1]:
@@ -81,9 +81,9 @@ def main():
              "| shape | batch | method | accuracy | 2-bit tokens | FP16 tokens | projected s (x FP16) "
              "| decode only s (x FP16) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for shape in args.shapes:
+        steps = fastest_steps(args.steps, shape) if args.steps else {}
         for batch in args.batches:
             costs = load_projection(args.costs, shape, batch)
-            steps = fastest_steps(args.steps, shape) if args.steps else {}
             for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
                 if (name, costs.batch) in steps:
                     context, per_token, kernel = steps[name, costs.batch]
