@@ -1,7 +1,6 @@
 """Grouped decode attention: the same outputs as HF's SDPA path, without copying the cache per query head;
 the split-cache Triton kernel run on the CPU by Triton's interpreter."""
 
-import importlib.util
 import warnings
 
 import pytest
@@ -109,16 +108,11 @@ def test_benchmarks_switch_decode_attention_by_name():
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    """A private copy of inference.decoding.attention whose kernels run in Triton's CPU interpreter (as
-    tests/inference/test_kernels.py makes one of kernels.py); the real module's registration is restored after."""
+def interpreted(interpreted_copy):
+    """inference.decoding.attention with its kernels in Triton's interpreter (conftest.interpreted_copy);
+    the real module's operator registration is restored after."""
     pytest.importorskip("triton")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.find_spec("inference.decoding.attention")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert type(module._split_kv_kernel).__name__ == "InterpretedFunction"
+    with interpreted_copy("inference.decoding.attention", "_split_kv_kernel") as module:
         yield module
     attention_module.register()
 

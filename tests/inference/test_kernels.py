@@ -1,7 +1,5 @@
 """The fused 2-bit GPTQ matmul against GPTQModel's own dequantization, run on the CPU by Triton's interpreter."""
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -13,20 +11,9 @@ from gptqmodel.nn_modules.qlinear.torch import TorchLinear  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    """A private copy of inference.decoding.kernels whose kernels run in Triton's CPU interpreter.
-
-    @triton.jit reads TRITON_INTERPRET when it wraps a kernel, not when triton is imported, so
-    executing the module with the variable set works even after other tests imported triton; a
-    separate module object leaves `inference.decoding.kernels` as other tests see it untouched. The variable
-    stays set while the tests run because the interpreter consults it at launch too.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.find_spec("inference.decoding.kernels")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert type(module._gptq2_matmul_kernel).__name__ == "InterpretedFunction"
+def kernels(interpreted_copy):
+    """inference.decoding.kernels with its kernels in Triton's interpreter (conftest.interpreted_copy)."""
+    with interpreted_copy("inference.decoding.kernels", "_gptq2_matmul_kernel") as module:
         yield module
 
 
