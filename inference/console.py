@@ -28,12 +28,26 @@ _LEVEL_PREFIX = re.compile(r"^(DEBUG|INFO|WARN|WARNING|ERROR|CRITICAL)\b\s*(.*)$
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+HARMLESS_WARNINGS = (
+    ("accelerate.utils.modeling", "The model weights are not tied"),
+)
+"""(logger, message start) of library warnings that say nothing about the run: file only unless verbose.
+accelerate's comes from GPTQModel planning the device map of a tied-embedding model before its empty
+weights are tied (every 2-bit load of the family and of Qwen3's small sizes); the weights are tied when
+they load."""
+
+
 class _ConsoleFilter(logging.Filter):
-    """Python warnings (deprecations, Lightning's data-loader hints) are about the code, not the run:
-    file only unless verbose."""
+    """Python warnings (deprecations, Lightning's data-loader hints) are about the code, not the run, and
+    so are `HARMLESS_WARNINGS`: file only unless verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _ROUTE["verbose"] or record.name != "py.warnings"
+        if _ROUTE["verbose"]:
+            return True
+        if record.name == "py.warnings":
+            return False
+        message = record.getMessage()
+        return not any(record.name == name and message.startswith(start) for name, start in HARMLESS_WARNINGS)
 
 
 class _Stderr(logging.StreamHandler):

@@ -21,13 +21,23 @@ def routed(tmp_path):
 def test_library_info_goes_to_the_log_file_and_warnings_to_the_console(routed, capsys):
     logging.getLogger("transformers.modeling_utils").info("loading weights file")
     logging.getLogger("lightning.pytorch").info("GPU available: False")
-    logging.getLogger("accelerate.utils.modeling").warning("weights are not tied")
+    logging.getLogger("accelerate.utils.modeling").warning("offloading to disk")
     out, err = capsys.readouterr()
     assert out == "" and "loading weights" not in err and "GPU available" not in err
-    assert "accelerate.utils.modeling WARNING: weights are not tied" in err
+    assert "accelerate.utils.modeling WARNING: offloading to disk" in err
     logged = routed.read_text()
     assert "INFO transformers.modeling_utils: loading weights file" in logged
     assert "INFO lightning.pytorch: GPU available: False" in logged
+
+
+def test_a_harmless_library_warning_goes_to_the_log_file_only(routed, capsys):
+    logging.getLogger("accelerate.utils.modeling").warning(
+        "The model weights are not tied. Please use the `tie_weights` method before using the `infer_auto_device` function.")
+    logging.getLogger("accelerate.big_modeling").warning("The model weights are not tied")  # another logger: shown
+    _, err = capsys.readouterr()
+    assert "accelerate.utils.modeling" not in err
+    assert "accelerate.big_modeling WARNING: The model weights are not tied" in err
+    assert "WARNING accelerate.utils.modeling: The model weights are not tied" in routed.read_text()
 
 
 def test_gptqmodel_lines_prints_and_bars_leave_the_console(routed, capsys):
