@@ -289,6 +289,11 @@ class ControlConfig:
         metadata=_help("step check: FP16 rejects the first result token whose probability under it (softmax at the "
                        "sampling temperature) is below this", min=0.0, max=1.0),
     )
+    step_check_cache: bool = field(
+        default=True,
+        metadata=_help("step check: FP16 keeps each trace's KV cache between its checks, so a check reads only "
+                       "the tokens written since the last one (memory: one FP16 cache per trace it has checked)"),
+    )
     fp16_budget: float = field(
         default=0.2,
         metadata=_help("learned trigger: FP16 tokens allowed, as a share of all tokens of a trace, when its detector "

@@ -27,7 +27,10 @@ Every trace is a small state machine; the controller moves a batch of them forwa
   `step_check_min_prob` (each token's probability under FP16 at the sampling temperature). If it accepts
   them all the 2-bit model goes on without stopping; otherwise the trace is cut at the first token it
   rejects and FP16 writes from there to the break, as in a rewrite. Each check is counted (`checks`):
-  one more FP16 forward pass, its prefill counted as FP16's.
+  one more FP16 forward pass, its prefill counted as FP16's. With `rescue.step_check_cache` (the
+  default) FP16 keeps each checked trace's KV cache until the trace ends: a check reads only the tokens
+  after the longest prefix the cache still holds (cut back where the trace was cut), one trace at a
+  time; without it the checks of a decoding step read their whole traces in one padded batch.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
 of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
@@ -84,6 +87,9 @@ class TraceState:
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
+    check_cache: object = None
+    """FP16's KV cache of `check_ids` (`rescue.step_check_cache`), dropped when the trace ends."""
+    check_ids: list[int] = field(default_factory=list)
 
     @property
     def step_rewrites(self) -> int:
@@ -152,6 +158,7 @@ class Controller:
 
     def _finish(self, state: TraceState, reason: str) -> None:
         state.phase, state.finish_reason = DONE, reason
+        state.check_cache, state.check_ids = None, []
 
     def _after_segment(self, state: TraceState, new: list[int], stop: _Stop | None) -> None:
         """Move a trace on after one batch added `new` tokens to it."""
@@ -252,10 +259,16 @@ class Controller:
         state.limit = min(self.sampling.budget - onset, STEP_REWRITE_TOKENS)
 
     @torch.no_grad()
-    def _check_results(self, sequences: list[list[int]], starts: list[int]) -> list[tuple[float, int | None]]:
-        """One FP16 forward pass over each sequence (prompt and trace); per sequence, the smallest FP16
-        probability (softmax at the sampling temperature) of its tokens from index `starts[i]` on, and the
-        index of the first of them below `rescue.step_check_min_prob` (None: all accepted)."""
+    def _check_results(self, sequences: list[list[int]], starts: list[int],
+                       states: list[TraceState] | None = None) -> list[tuple[float, int | None, int]]:
+        """FP16's reading of each sequence (prompt and trace): per sequence, the smallest FP16 probability
+        (softmax at the sampling temperature) of its tokens from index `starts[i]` on, the index of the first
+        of them below `rescue.step_check_min_prob` (None: all accepted), and how many tokens FP16 read.
+        With `states` and `rescue.step_check_cache`, each sequence goes on from its trace's cache;
+        otherwise all of them are read whole in one padded pass."""
+        if states is not None and self.control.step_check_cache:
+            return [self._check_cached(sequence, start, state)
+                    for sequence, start, state in zip(sequences, starts, states)]
         model = self.models["fp16"]
         input_ids, mask = self._left_padded(sequences)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -263,17 +276,48 @@ class Controller:
         keep = max(len(q) - start for q, start in zip(sequences, starts)) + 1
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                        logits_to_keep=keep).logits[:, -keep:].float()
-        probs = torch.softmax(logits / max(self.sampling.temperature, 1e-5), dim=-1)
         verdicts = []
         for row, (sequence, start) in enumerate(zip(sequences, starts)):
-            checked = range(start, len(sequence))
             # Token i of the sequence is predicted at kept index keep - (len - i) - 1.
-            index = torch.tensor([keep - (len(sequence) - i) - 1 for i in checked], device=probs.device)
-            chosen = torch.tensor(sequence[start:], device=probs.device)
-            token_probs = probs[row, index, chosen].tolist()
-            rejected = next((i for i, p in zip(checked, token_probs) if p < self.control.step_check_min_prob), None)
-            verdicts.append((min(token_probs), rejected))
+            lowest, rejected = self._judge(logits[row], keep - (len(sequence) - start) - 1, sequence, start)
+            verdicts.append((lowest, rejected, len(sequence)))
         return verdicts
+
+    def _check_cached(self, sequence: list[int], start: int, state: TraceState) -> tuple[float, int | None, int]:
+        """`_check_results` for one sequence, from `state`'s FP16 cache: the cache is cut back to the longest
+        prefix it shares with the sequence (and to before `start`, whose prediction must be read), FP16
+        reads the rest, and the cache then holds the whole sequence."""
+        from transformers import DynamicCache
+
+        from inference.decoding.steps import cache_argument
+
+        held = state.check_ids
+        common = next((i for i, (a, b) in enumerate(zip(held, sequence)) if a != b), min(len(held), len(sequence)))
+        begin = min(common, start - 1)
+        if state.check_cache is None or begin == 0:
+            state.check_cache, begin = DynamicCache(), 0
+        elif state.check_cache.get_seq_length() > begin:  # negative: tokens to remove (every transformers 5)
+            state.check_cache.crop(begin - state.check_cache.get_seq_length())
+        ids = torch.tensor([sequence[begin:]], device=self.device)
+        positions = torch.arange(begin, len(sequence), device=self.device)[None]
+        model = self.models["fp16"]
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True,
+                       **{cache_argument(model): state.check_cache}).logits[0].float()
+        state.check_ids = list(sequence)
+        # Token i of the sequence is predicted at index i - 1 - begin.
+        lowest, rejected = self._judge(logits, start - 1 - begin, sequence, start)
+        return lowest, rejected, len(sequence) - begin
+
+    def _judge(self, logits: torch.Tensor, first: int, sequence: list[int], start: int) -> tuple[float, int | None]:
+        """(smallest probability, first rejected index) of tokens `start`.. of `sequence`, predicted by rows
+        `first`.. of one sequence's `logits`."""
+        probs = torch.softmax(logits[first:first + len(sequence) - start] / max(self.sampling.temperature, 1e-5),
+                              dim=-1)
+        chosen = torch.tensor(sequence[start:], device=probs.device)
+        token_probs = probs[torch.arange(len(chosen), device=probs.device), chosen].tolist()
+        checked = range(start, len(sequence))
+        rejected = next((i for i, p in zip(checked, token_probs) if p < self.control.step_check_min_prob), None)
+        return min(token_probs), rejected
 
     def _check_inline(self, batch: list[TraceState], alarms: dict, bases: list[int], new: list[list[int]],
                       stops: dict) -> None:
@@ -290,12 +334,13 @@ class Controller:
         prompts = [len(batch[row].prompt_ids) for row, _ in wanted]
         sequences = [batch[row].prompt_ids + batch[row].generated + new[row] for row, _ in wanted]
         began = time.perf_counter()
-        verdicts = self._check_results(sequences, [p + a.onset for p, (_, a) in zip(prompts, wanted)])
+        verdicts = self._check_results(sequences, [p + a.onset for p, (_, a) in zip(prompts, wanted)],
+                                       [batch[row] for row, _ in wanted])
         share = (time.perf_counter() - began) / len(wanted)
-        for (row, alarm), sequence, prompt, (lowest, rejected) in zip(wanted, sequences, prompts, verdicts):
+        for (row, alarm), prompt, (lowest, rejected, read) in zip(wanted, prompts, verdicts):
             state = batch[row]
             state.rewritten.add(alarm.onset)
-            state.prefill["fp16"] += len(sequence)
+            state.prefill["fp16"] += read
             state.wall_seconds += share
             state.actions.append({"kind": "check", "reason": alarm.reason, "position": alarm.position,
                                   "onset": alarm.onset, "policy": self.trigger.policy_name,

@@ -310,3 +310,50 @@ def test_a_step_check_accepts_a_result_fp16_agrees_with_and_rewrites_from_the_fi
             "fp16": {"decode_seconds_per_token": 0.0, "prefill_seconds_per_token": 0.0}}
     read = modeled_costs(records, unit, {"2bit": 1, "fp16": 100})["weight_bytes_read"]
     assert read == sum(r.tokens_2bit + 100 * (r.tokens_fp16 + r.checks_fp16) for r in records)
+
+
+class ChecksAt(Trigger):
+    """A checking step alarm for every sequence at the first 2-bit position at or past each of `at`, its
+    result beginning two tokens earlier."""
+
+    name = "checks-at"
+
+    def __init__(self, at=(8, 14, 20)):
+        self.at, self.fired = at, {}
+
+    def observe(self, seqs, positions, tokens, hidden, top_prob):
+        alarms = []
+        for seq, p in zip(seqs, positions):
+            done = self.fired.setdefault(seq, set())
+            due = [t for t in self.at if p >= t and t not in done]
+            done.update(due)
+            alarms.append(Alarm("step_wrong", p, p - 2, span_to_break=True, check=True) if due else None)
+        return alarms
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_cached_step_checks_read_only_the_new_tokens_and_judge_as_a_whole_read(pair, threshold):
+    """With the FP16 cache a check reads what the trace added since the last one (after a rewrite: from
+    where the trace was cut) and judges the same as reading the whole trace; accepted or rejected."""
+    models, tokenizer = pair
+    runs = {}
+    for cached in (True, False):
+        control = ControlConfig(step_check_min_prob=threshold, step_check_cache=cached, max_step_rewrites=5)
+        runs[cached] = Controller(models, tokenizer, ChecksAt(), control, _sampling(budget=30), "learned").run(
+            _problems(4), progress=False)
+    assert sum(s.checks >= 2 for s in runs[True]) >= 2  # later checks, which the cache serves
+    for with_cache, whole in zip(runs[True], runs[False]):
+        assert with_cache.generated == whole.generated
+        assert [(a["kind"], a.get("onset"), a.get("accepted")) for a in with_cache.actions] == \
+               [(a["kind"], a.get("onset"), a.get("accepted")) for a in whole.actions]
+        for a, b in zip(with_cache.actions, whole.actions):
+            if a["kind"] == "check":
+                assert a["min_prob"] == pytest.approx(b["min_prob"], abs=2e-4)
+        assert with_cache.check_cache is None  # dropped when the trace ended
+    read = {cached: sum(s.prefill["fp16"] for s in states) for cached, states in runs.items()}
+    assert read[True] < read[False]
+    if threshold == 0.0:
+        # Nothing is cut: the first check reads prompt and trace, each later one the tokens since the last.
+        for state in runs[True]:
+            positions = [a["position"] for a in state.actions]
+            assert state.prefill["fp16"] == (len(state.prompt_ids) + positions[-1] + 1 if positions else 0)
