@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -111,3 +113,29 @@ def bpe_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bpe-tokenizer")
     train_bpe(folder)
     return folder
+
+
+@contextlib.contextmanager
+def _interpreted_copy(name: str, kernel: str):
+    """A private copy of module `name` whose Triton kernels run in Triton's CPU interpreter.
+
+    @triton.jit reads TRITON_INTERPRET when it wraps a kernel, not when triton is imported, so
+    executing the module with the variable set works even after other tests imported triton; a
+    separate module object leaves the module as other tests see it untouched. The variable stays set
+    while the tests run because the interpreter consults it at launch too. `kernel` names one of the
+    module's kernels, checked to be interpreted.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.find_spec(name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert type(getattr(module, kernel)).__name__ == "InterpretedFunction"
+        yield module
+
+
+@pytest.fixture(scope="session")
+def interpreted_copy():
+    """The context manager `_interpreted_copy(name, kernel)`: the project's Triton modules in Triton's CPU
+    interpreter, for module-scoped fixtures of the kernel tests."""
+    return _interpreted_copy
