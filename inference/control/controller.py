@@ -301,11 +301,11 @@ class Controller:
         ids = torch.tensor([sequence[begin:]], device=self.device)
         positions = torch.arange(begin, len(sequence), device=self.device)[None]
         model = self.models["fp16"]
-        logits = model(input_ids=ids, position_ids=positions, use_cache=True,
-                       **{cache_argument(model): state.check_cache}).logits[0].float()
+        keep = len(sequence) - start + 1  # logits of positions start - 1 .. the last: token start is read at 0
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                       **{cache_argument(model): state.check_cache}).logits[0, -keep:].float()
         state.check_ids = list(sequence)
-        # Token i of the sequence is predicted at index i - 1 - begin.
-        lowest, rejected = self._judge(logits, start - 1 - begin, sequence, start)
+        lowest, rejected = self._judge(logits, 0, sequence, start)
         return lowest, rejected, len(sequence) - begin
 
     def _judge(self, logits: torch.Tensor, first: int, sequence: list[int], start: int) -> tuple[float, int | None]:
