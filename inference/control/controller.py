@@ -52,11 +52,13 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from inference.config import ControlConfig, SamplingConfig
 from inference.control.arithmetic import BREAKS
 from inference.control.triggers import COMMIT, FALLBACK, PLAN, Alarm, Trigger
 from inference.decoding.generate import FINISH_EOS, Sampler, eos_token_ids, generate
+from inference.decoding.steps import cache_argument
 from inference.evaluation.answers import find_candidate_answers, token_char_ends
 from inference.prompts import Problem, render_prompt
 
@@ -87,7 +89,7 @@ class TraceState:
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
-    check_cache: object = None
+    check_cache: DynamicCache | None = None
     """FP16's KV cache of `check_ids` (`rescue.step_check_cache`), dropped when the trace ends."""
     check_ids: list[int] = field(default_factory=list)
 
@@ -287,10 +289,6 @@ class Controller:
         """`_check_results` for one sequence, from `state`'s FP16 cache: the cache is cut back to the longest
         prefix it shares with the sequence (and to before `start`, whose prediction must be read), FP16
         reads the rest, and the cache then holds the whole sequence."""
-        from transformers import DynamicCache
-
-        from inference.decoding.steps import cache_argument
-
         held = state.check_ids
         common = next((i for i, (a, b) in enumerate(zip(held, sequence)) if a != b), min(len(held), len(sequence)))
         begin = min(common, start - 1)
