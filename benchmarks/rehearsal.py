@@ -197,7 +197,8 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                 del model
             return {"budgets": rows}
 
-        stage(f"decode {precision}", 60 if large else 30, measure)
+        if args.decode_budgets:  # none given: straight to collection
+            stage(f"decode {precision}", 60 if large else 30, measure)
 
     if large and not args.collect_large:
         return
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="most rows per batch (memory may lower it)")
     parser.add_argument("--collect-prompts", type=int, default=64)
     parser.add_argument("--collect-large", action="store_true", help="also collect with the 8B shape")
-    parser.add_argument("--decode-budgets", default="8192,32768")
+    parser.add_argument("--decode-budgets", default="8192,32768", help="budgets of the decode stages ('': none)")
     parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--decode-attention", default="split,grouped",
                         help="decode attentions timed side by side: split (the project's split-cache kernel, the "
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gptq-texts", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="shrink the shapes (CPU check of this script)")
     args = parser.parse_args(argv)
-    args.decode_budgets = [int(b) for b in args.decode_budgets.split(",")]
+    args.decode_budgets = [int(b) for b in args.decode_budgets.split(",") if b.strip()]
     args.decode_attention = [a for a in args.decode_attention.split(",") if a]
     from inference.decoding.attention import DECODE_ATTENTIONS
 

@@ -107,12 +107,14 @@ def _split_kv_kernel(
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, sm_b, sm_n,
     kv_heads, groups, length, chunk, splits, scale_log2,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr = True,
 ):
     """The G query rows of key/value head h of row b, over keys [split * chunk, (split + 1) * chunk).
 
     Grid (batch * kv_heads, splits). MASK_KIND 0: no mask; 1: boolean (True attends); 2:
-    additive float. DIRECT (one split): writes the normalised output [batch, kv_heads, G, dim] in its
+    additive float. With a boolean mask and GATED, the keys and values of masked positions are not
+    loaded at all (the mask is read first): the static cache's window past the last written slot, and
+    a left-padded row's padding, cost their mask bytes only. DIRECT (one split): writes the normalised output [batch, kv_heads, G, dim] in its
     dtype; else the float32 partial output [bh, splits, G, dim] and (max, sum) [bh, splits, G, 2],
     both in base 2.
     """
@@ -135,10 +137,16 @@ def _split_kv_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         keep = n < end
-        k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=keep[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if MASK_KIND == 1:
             keep = keep & (tl.load(mask_ptr + b * sm_b + n * sm_n, mask=keep, other=0) != 0)
+            if not GATED:  # the keys and values of masked positions are read as well (the benchmark's baseline)
+                loads = n < end
+            else:
+                loads = keep
+        else:
+            loads = keep
+        k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=loads[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if MASK_KIND == 2:
             scores += tl.load(mask_ptr + b * sm_b + n * sm_n, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
         scores = tl.where(keep[None, :], scores, float("-inf"))
@@ -147,7 +155,7 @@ def _split_kv_kernel(
         p = tl.exp2(scores - safe_max[:, None])
         alpha = tl.exp2(running_max - safe_max)
         running_sum = running_sum * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
-        v = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=keep[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * sv_n + d[None, :] * sv_d, mask=loads[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         running_max = new_max
     if DIRECT:
@@ -194,7 +202,7 @@ def kernel_runs(query: torch.Tensor, key: torch.Tensor, groups: int) -> bool:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
+                     scale: float, gated: bool = True) -> torch.Tensor:
     """Attention of one query position: query [batch, heads, 1, dim] over key / value [batch, kv_heads, length,
     dim] (query head h reads key/value head h // (heads / kv_heads)), mask [batch or 1, 1, 1, length]
     (boolean, True attends; or additive float) or None. Returns [batch, 1, heads, dim] in query's dtype.
@@ -202,14 +210,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     No host sync and a grid fixed by the shapes, so CUDA graphs capture it. Under torch.compile it is one
     opaque operator (`lowbit::decode_attention`): inductor calls the two launches as they are instead of
     recompiling the kernels' source in its own workers, which failed for this kernel on an H200
-    (torch 2.11, `InductorError: SubprocException`)."""
+    (torch 2.11, `InductorError: SubprocException`).
+    `gated=False` (benchmarks only) also reads the keys and values of positions a boolean mask closes."""
     if torch.compiler.is_compiling():
         return _decode_attention_op(query, key, value, mask, scale)
-    return _launch(query, key, value, mask, scale)
+    return _launch(query, key, value, mask, scale, gated)
 
 
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
+            scale: float, gated: bool = True) -> torch.Tensor:
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -235,7 +244,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
         query.stride(0), query.stride(1), query.stride(3), *key.stride(), *value.stride(), *strides,
         kv_heads, groups, length, plan["chunk"], splits, scale * 1.4426950408889634,
         BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, HEAD_DIM=dim, MASK_KIND=mask_kind, DIRECT=direct,
-        DOT_PRECISION="ieee" if exact else "tf32", num_warps=4,
+        DOT_PRECISION="ieee" if exact else "tf32", GATED=gated, num_warps=4,
     )
     if not direct:
         _combine_kernel[(batch * kv_heads * groups,)](acc, stat, out, groups, splits,

@@ -161,6 +161,24 @@ def test_split_kv_kernel_reads_a_strided_cache_window(interpreted):
     torch.testing.assert_close(output, repeated_reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-5)
 
 
+def test_split_kv_kernel_does_not_read_the_keys_and_values_a_boolean_mask_closes(interpreted):
+    """Masked positions (the window past the last written slot, left padding) are not loaded: NaN written
+    there does not reach the output, which matches attention over the open positions alone. The
+    ungated baseline the benchmark times reads them, and their NaN spreads through its product."""
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 8, 1, 16, generator=generator)
+    key, value = (torch.randn(2, 2, 300, 16, generator=generator) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 300, dtype=torch.bool)
+    mask[0, ..., :150] = True   # a window half written
+    mask[1, ..., 40:150] = True  # and a left-padded row
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    for tensor in (poisoned_key, poisoned_value):
+        tensor.masked_fill_(~mask[:, 0, 0, :, None].unsqueeze(1).expand_as(tensor), float("nan"))
+    output = interpreted.decode_attention(query, poisoned_key, poisoned_value, mask, 0.25)
+    torch.testing.assert_close(output, repeated_reference(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-5)
+    assert interpreted.decode_attention(query, poisoned_key, poisoned_value, mask, 0.25, gated=False).isnan().any()
+
+
 def test_split_kv_kernel_is_one_operator_under_torch_compile(interpreted):
     """torch.compile traces the kernel's launches as one custom operator with a fake (shape-only) version, so
     the compiled graph calls the same launches and gives the eager result."""
