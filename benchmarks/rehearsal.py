@@ -10,6 +10,8 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
   the bf16 model and the 2-bit twin through the fused kernel;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
   tokens/s, peak memory, bytes per generated token and per trace set;
+- collect bf16 (`--collect-bf16`): the first of those prompts that one bf16 batch holds, with the bf16
+  model, for tokens/s side by side with the 2-bit collection;
 - label and train: `rescue label` and the detector's fit on that trace set (positions per second).
 
 Random weights never close `</think>` or emit an end of turn, so every row runs to the budget: the
@@ -231,6 +233,21 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
         collected["tokens_per_s"] = round(collected["generated_tokens"] / collected["wall_s"], 1)
         collected["bytes_per_trace"] = round(collected["stored_bytes"] / max(collected["traces"], 1))
         save()
+    if args.collect_bf16 and collected and "tokens_per_s" in collected:
+        bf16_traces = work / "traces-train-bf16"
+
+        def collect_bf16():
+            rows = bf16_rows(config, fp16_dir, args.collect_prompts)
+            summary = commands.collect(config, split="test", limit=rows["prompts"], out=str(bf16_traces),
+                                       precision="fp16")
+            return {**rows, "budget": args.budget, **summary}
+
+        # bf16 runs at most the 2-bit collection's step count over one batch: its wall time bounds it.
+        against = stage("collect bf16 (the same prompts, one batch)", 0.9 * collected["wall_s"], collect_bf16)
+        if against and "generated_tokens" in against:
+            against["tokens_per_s"] = round(against["generated_tokens"] / against["wall_s"], 1)
+            record["collect_2bit_over_bf16_tokens_per_s"] = round(collected["tokens_per_s"] / against["tokens_per_s"], 3)
+            save()
     if not (traces / "manifest.json").is_file():
         return
     stage("label", 40, lambda: {"rates": commands.label(config, str(traces)).get("rates")})
@@ -245,6 +262,29 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
             "positions_per_s": round(seen / max(summary["fit_seconds"], 1e-9), 1)}
 
     stage("train detector", 40, train)
+
+
+def bf16_rows(config, fp16_dir: Path, prompts: int) -> dict:
+    """How many of the first `prompts` test prompts one bf16 batch holds: `plan_batch` for the bf16 model's
+    static caches, against the GPU's free memory less its weights (and a 1 GB margin, so that the batch
+    `rescue collect` then chooses with the model loaded is not one row short, which would add a second batch
+    of that row at the same step count)."""
+    from transformers import AutoConfig
+
+    from inference.decoding.memory import available_bytes, plan_batch
+    from inference.decoding.models import load_tokenizer
+    from inference.prompts import render_prompt
+    from training.benchmarks import load_benchmark
+
+    problems = load_benchmark(config.benchmark.name, "test", config.benchmark.path, limit=prompts)
+    tokenizer = load_tokenizer(fp16_dir)
+    longest = max(len(ids) for ids in tokenizer([render_prompt(tokenizer, p.question) for p in problems]).input_ids)
+    weights = sum(f.stat().st_size for f in fp16_dir.glob("*.safetensors"))
+    available = available_bytes(torch.device("cuda")) - weights - 10**9 if torch.cuda.is_available() else None
+    plan = plan_batch(AutoConfig.from_pretrained(fp16_dir), len(problems), config.sampling.batch_size, longest,
+                      config.sampling.budget, torch.bfloat16, available, len(config.probe.layers),
+                      getattr(torch, config.capture.dtype))
+    return {"prompts": plan.batch, "of": len(problems), "batch": plan.describe()}
 
 
 def timing_labels(traces: Path) -> dict:
@@ -316,6 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="most rows per batch (memory may lower it)")
     parser.add_argument("--collect-prompts", type=int, default=64)
     parser.add_argument("--collect-large", action="store_true", help="also collect with the 8B shape")
+    parser.add_argument("--collect-bf16", action="store_true",
+                        help="after the 2-bit collection, collect the first of its prompts that one bf16 batch holds "
+                        "with the bf16 model (tokens/s side by side)")
     parser.add_argument("--decode-budgets", default="8192,32768", help="budgets of the decode stages ('': none)")
     parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--decode-attention", default="split,grouped",

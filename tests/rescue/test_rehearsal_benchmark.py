@@ -48,3 +48,33 @@ def test_timing_labels_give_the_detector_both_classes(tmp_path):
     assert [t["fails_to_commit"] for t in traces.values()] == [True, False, True, False]
     assert [t["correct"] for t in traces.values()] == [False, True, False, True]  # ends_wrong has both classes
     assert all(t["length"] == 100 for t in traces.values())  # the traces themselves are untouched
+
+
+def test_the_bf16_comparison_collects_as_many_prompts_as_one_batch_holds(tiny_model_dir, tmp_path, monkeypatch):
+    """With room for three rows past the bf16 weights and the 1 GB margin, three of eight prompts are collected."""
+    import torch
+    from transformers import AutoConfig
+
+    from inference.config import load_config
+    from inference.decoding.memory import row_bytes
+    from inference.decoding.models import load_tokenizer
+    from inference.prompts import render_prompt
+
+    script = rehearsal_script()
+    rows = [{"unique_id": f"p{i}", "problem": f"What is {i} + {i}?" + " Think." * i, "answer": str(2 * i)}
+            for i in range(8)]
+    bench = tmp_path / "math500.jsonl"
+    bench.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config("qwen3-0.6b", {"benchmark.name": "math500", "benchmark.path": str(bench),
+                                        "sampling.budget": 100, "sampling.batch_size": 8, "probe.layers": [-1]})
+    tokenizer = load_tokenizer(tiny_model_dir)
+    longest = max(len(ids) for ids in tokenizer([render_prompt(tokenizer, r["problem"]) for r in rows]).input_ids)
+    per_row = row_bytes(AutoConfig.from_pretrained(tiny_model_dir), longest, 100, torch.bfloat16, 1,
+                        getattr(torch, config.capture.dtype))
+    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("inference.decoding.memory.available_bytes", lambda device: weights + 10**9 + 3.5 * per_row)
+    planned = script.bf16_rows(config, tiny_model_dir, 8)
+    assert planned["prompts"] == 3 and planned["of"] == 8 and planned["batch"].startswith("3 (memory")
+    monkeypatch.setattr("inference.decoding.memory.available_bytes", lambda device: weights + 10**9 + 20 * per_row)
+    assert script.bf16_rows(config, tiny_model_dir, 8)["prompts"] == 8
