@@ -33,11 +33,12 @@ def _greedy(steps, enc, new_tokens: int):
     return torch.stack(tokens, dim=1), states
 
 
-def test_windowed_static_steps_choose_the_dynamic_paths_greedy_tokens(model_and_batch):
+@pytest.mark.parametrize("window_step", [None, 8])  # doubling only; doubling to 8, then 8 at a time
+def test_windowed_static_steps_choose_the_dynamic_paths_greedy_tokens(model_and_batch, window_step):
     model, enc = model_and_batch
     prompt, new = enc.input_ids.shape[1], 40
     dynamic_tokens, dynamic_states = _greedy(DynamicSteps(model, [1], [1]), enc, new)
-    windowed = StaticSteps(model, [1], [1], max_length=prompt + new + 200, min_window=4)
+    windowed = StaticSteps(model, [1], [1], max_length=prompt + new + 200, min_window=4, window_step=window_step)
     windows = []
     original = windowed.window_for
     windowed.window_for = lambda slot: windows.append(original(slot)) or windows[-1]
@@ -45,6 +46,8 @@ def test_windowed_static_steps_choose_the_dynamic_paths_greedy_tokens(model_and_
     # The window grew through several powers of two and never reached the whole cache.
     assert len(set(windows)) >= 2 and max(windows) < windowed.max_length
     assert all(window > slot for window, slot in zip(windows, range(prompt, prompt + new)))
+    if window_step:  # past 8 positions every window is the least multiple of 8 holding the slot
+        assert all(window == (slot // 8 + 1) * 8 for window, slot in zip(windows, range(prompt, prompt + new)))
     assert torch.equal(tokens, dynamic_tokens)
     for ours, theirs in zip(states, dynamic_states):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -56,6 +59,16 @@ def test_window_is_the_least_power_of_two_holding_every_written_slot(model_and_b
     assert [steps.window_for(slot) for slot in (0, 255, 256, 511, 512, 999)] == [256, 256, 512, 512, 1000, 1000]
     whole = StaticSteps(model, [], [], max_length=1000, windowed=False)
     assert whole.window_for(3) == 1000
+
+
+def test_past_window_step_the_window_grows_by_that_many_positions_unless_compiled(model_and_batch):
+    model, _ = model_and_batch
+    slots = (1023, 1024, 2047, 2048, 3072, 4999)
+    steps = StaticSteps(model, [], [], max_length=5000)
+    assert steps.window_step == 1024
+    assert [steps.window_for(slot) for slot in slots] == [1024, 2048, 2048, 3072, 4096, 5000]
+    compiled = StaticSteps(model, [], [], max_length=5000, compile=True)  # each window a compile: doubling
+    assert [compiled.window_for(slot) for slot in slots] == [1024, 2048, 2048, 4096, 4096, 5120]
 
 
 def test_compiled_steps_of_one_batch_size_compile_once_across_prompt_lengths_and_budgets(monkeypatch):
