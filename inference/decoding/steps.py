@@ -45,11 +45,6 @@ CACHE_BUCKET = MIN_WINDOW
 """The compiled path's static cache holds a multiple of this many positions (fewer than this many past
 prompt + budget), so that its step shapes repeat across calls."""
 
-SHARE_GRAPH_POOL = True
-"""The graphs one StaticSteps captures (one per window) share one memory pool. With a pool per graph,
-a 256-prompt collection of the Qwen3-0.6B twin at 86 rows on an H200 reserved 139.9 GB for 99.6 GB
-allocated (2026-12-03); `benchmarks/graph_pool.py` measures both settings side by side."""
-
 COMPILE_BACKEND = "inductor"
 """torch.compile's backend for the compiled path (tests count compiles with a counting backend)."""
 
@@ -146,7 +141,6 @@ class StaticSteps:
         self.windowed, self.min_window = windowed, min_window
         self.window_step = (None if compile else WINDOW_STEP) if window_step == "auto" else window_step
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._pool = None  # the graphs' shared memory pool (SHARE_GRAPH_POOL), made at the first capture
         self._warm = False  # whether the current window's decode step has run eagerly once
         self._steps = 0
         self._decode = _compiled_step() if compile else _step
@@ -213,11 +207,8 @@ class StaticSteps:
             torch.cuda.current_stream().wait_stream(stream)
             return result
         if self._graph is None:
-            # Graphs of one StaticSteps never run at once, and the one before is dropped: one pool serves all.
-            if SHARE_GRAPH_POOL and self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, pool=self._pool if SHARE_GRAPH_POOL else None):
+            with torch.cuda.graph(self._graph):
                 self._outputs = self._run(self._ids, self._positions, decode=True)
         self._graph.replay()
         return self._outputs
