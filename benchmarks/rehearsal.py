@@ -251,6 +251,8 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
     if not (traces / "manifest.json").is_file():
         return
     stage("label", 40, lambda: {"rates": commands.label(config, str(traces)).get("rates")})
+    if not (traces / "labels.json").is_file():  # the label stage was skipped or failed: nothing to train on
+        return
     stage("labels for timing", 5, lambda: timing_labels(traces))
 
     def train():
