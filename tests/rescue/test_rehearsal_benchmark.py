@@ -78,3 +78,30 @@ def test_the_bf16_comparison_collects_as_many_prompts_as_one_batch_holds(tiny_mo
     assert planned["prompts"] == 3 and planned["of"] == 8 and planned["batch"].startswith("3 (memory")
     monkeypatch.setattr("inference.decoding.memory.available_bytes", lambda device: weights + 10**9 + 20 * per_row)
     assert script.bf16_rows(config, tiny_model_dir, 8)["prompts"] == 8
+
+
+def test_the_rehearsal_runs_every_stage_of_the_large_shape_with_the_bf16_comparison(tmp_path):
+    """The GPU run's whole path on the CPU: tiny 8B-named shape, no decode stages, 2-bit then bf16 collection
+    of the same prompts, labels and the detector; every stage recorded without an error."""
+    rows = [{"unique_id": f"p{i}", "problem": f"Compute {i} + {2 * i} and then {i} times {i + 3}.",
+             "solution": f"We add {i} and {2 * i} to get {3 * i}, and {i} times {i + 3} is {i * (i + 3)}.",
+             "answer": str(3 * i)} for i in range(12)]
+    data = tmp_path / "math500.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = tmp_path / "rehearsal.json"
+    script = rehearsal_script()
+    assert script.main(["--data", str(data), "--out", str(tmp_path / "work"), "--results", str(results), "--tiny",
+                        "--shapes", "qwen3-8b", "--collect-large", "--collect-bf16", "--budget", "64",
+                        "--batch-size", "8", "--collect-prompts", "8", "--decode-budgets", "",
+                        "--detector-epochs", "1"]) == 0
+    record = json.loads(results.read_text())["qwen3-8b"]
+    stages = record["stages"]
+    assert not any(name.startswith("decode") for name in stages)
+    assert list(stages)[:4] == ["build", "twin (round to nearest, published GPTQ layout)", "collect 2-bit",
+                                "collect bf16 (the same prompts, one batch)"]
+    assert all("error" not in stage and "skipped" not in stage for stage in stages.values()), stages
+    two_bit, bf16 = stages["collect 2-bit"], stages["collect bf16 (the same prompts, one batch)"]
+    assert two_bit["traces"] == bf16["traces"] == 8 and two_bit["complete"] and bf16["complete"]
+    assert bf16["prompts"] == 8 and bf16["batch"] == "8 (cpu)"
+    assert record["collect_2bit_over_bf16_tokens_per_s"] > 0
+    assert stages["train detector"]["positions_per_s"] > 0
