@@ -1,8 +1,8 @@
 """Decode attention over a partly written static-cache window: what masked positions cost.
 
-A static decode step attends over a window of the cache (`inference/decoding/steps.py`: the least power
-of two that holds every slot written so far), so up to half of the window is past the last written slot
-and closed by the mask; a left-padded row's padding is closed too. The split-cache kernel
+A static decode step attends over a window of the cache that holds every slot written so far
+(`inference/decoding/steps.py`), so part of the window is past the last written slot and closed by the
+mask (up to half of it while the window grew by doubling); a left-padded row's padding is closed too. The split-cache kernel
 (`inference/decoding/attention.py`) reads the mask first and does not load the keys and values of
 closed positions (`gated`). This times, side by side in one run, each call in a CUDA graph:
 

@@ -275,12 +275,11 @@ def bf16_rows(config, fp16_dir: Path, prompts: int) -> dict:
 
     from inference.decoding.memory import available_bytes, plan_batch
     from inference.decoding.models import load_tokenizer
-    from inference.prompts import render_prompt
     from training.benchmarks import load_benchmark
+    from training.collect import plan_units, prompt_lengths
 
     problems = load_benchmark(config.benchmark.name, "test", config.benchmark.path, limit=prompts)
-    tokenizer = load_tokenizer(fp16_dir)
-    longest = max(len(ids) for ids in tokenizer([render_prompt(tokenizer, p.question) for p in problems]).input_ids)
+    longest = max(prompt_lengths(load_tokenizer(fp16_dir), plan_units(problems, 1)))
     weights = sum(f.stat().st_size for f in fp16_dir.glob("*.safetensors"))
     available = available_bytes(torch.device("cuda")) - weights - 10**9 if torch.cuda.is_available() else None
     plan = plan_batch(AutoConfig.from_pretrained(fp16_dir), len(problems), config.sampling.batch_size, longest,

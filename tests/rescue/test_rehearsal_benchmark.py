@@ -28,6 +28,8 @@ def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(
         assert {len(ids) for ids in result.generated_ids} == {12}
         return result
 
+    import training.collect  # noqa: F401  imported before the patch, so that it keeps the real generate
+
     monkeypatch.setattr("inference.decoding.generate.generate", watched)
     row = script.time_decode(model, tokenizer, ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"], budget=200,
                              layers=[-1], steps=12, batch_size=2, warm=4)
