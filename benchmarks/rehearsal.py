@@ -8,6 +8,10 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
 - decode: the batch `inference.decoding.memory` chooses at each budget, and tokens/s, peak GPU memory over a
   fixed number of steps with the full static cache and capture buffers of that budget allocated, for
   the bf16 model and the 2-bit twin through the fused kernel;
+- linears (`--linear-rows`, CUDA): the seven linears of a decoder layer (the layers in turn, so no weight
+  is in L2 twice) at those rows, side by side: bf16 cuBLAS, the fused kernel in tiles of up to 64 rows
+  (one call per batch of up to 64) and in tiles of 16 (the kernel before 2026-12-03: four calls at 64
+  rows), and GPTQModel's dequantizing forward; the collection then runs the faster tile at its batch;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
   tokens/s, peak memory, bytes per generated token and per trace set;
 - collect bf16 (`--collect-bf16`): the first of those prompts that one bf16 batch holds, with the bf16
@@ -166,6 +170,15 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
         **write_gptq_v1_checkpoint(fp16_dir, twin_dir, 64, device="cuda" if torch.cuda.is_available() else "cpu"),
         "folder_bytes": folder_bytes(twin_dir)})
 
+    if args.linear_rows and torch.cuda.is_available():
+        stage("linears by tile", 60 if large else 20, lambda: time_linears(twin_dir, args.linear_rows))
+        chosen = choose_tile(stages.get("linears by tile") or {}, args.batch_size)
+        if chosen is not None:
+            from inference.decoding import kernels
+
+            kernels.MAX_ROWS = chosen
+            record["collect_tile_rows"] = chosen
+
     layers = [13, 20, 27] if shape == "qwen3-0.6b" else [17, 26, 35]
     layers = [min(layer, args.overrides.get("num_hidden_layers", 99) - 1) for layer in layers]
     questions = [json.loads(line)["problem"] for line in Path(args.data).read_text().splitlines() if line.strip()]
@@ -264,6 +277,68 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
             "positions_per_s": round(seen / max(summary["fit_seconds"], 1e-9), 1)}
 
     stage("train detector", 40, train)
+
+
+TILES = (64, 16)
+"""The fused kernel's most rows per call that `time_linears` compares (kernels.MAX_ROWS)."""
+
+
+def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
+    """Seconds per decoder layer of its seven linears at each of `rows_list`, per kernel (see the module
+    docstring), the largest difference between the two tiles' outputs, and the copy rate for the floor."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode import copy_bandwidth
+    from decode_step import layer_linears, linears_seconds
+
+    from inference.decoding import kernels
+    from inference.decoding.models import load_quantized
+
+    model, _ = load_quantized(str(twin_dir), "cuda", kernel="fused", bits=2)
+    saved = kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS
+    fused = [layer_linears(layer) for layer in model.model.layers]
+    dense = [[torch.nn.Linear(m.in_features, m.out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+              for m in layer] for layer in fused]
+    weight_bytes = sum(b.numel() * b.element_size() for m in fused[0]
+                       for b in (m.gptq.qweight, m.gptq.qzeros, m.gptq.scales))
+    bandwidth = copy_bandwidth()
+    result = {"copy_bytes_per_s": bandwidth, "layers": len(fused),
+              "floor_us": {"2bit": round(1e6 * weight_bytes / bandwidth, 1),
+                           "bf16": round(1e6 * sum(2 * m.in_features * m.out_features for m in fused[0]) / bandwidth, 1)},
+              "us_per_layer": {}, "tile_max_relative_difference": {}}
+    try:
+        for rows in rows_list:
+            times = result["us_per_layer"].setdefault(str(rows), {})
+            times["bf16"] = round(1e6 * linears_seconds(dense, rows) / len(dense), 1)
+            for tile in TILES:
+                kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = tile, max(saved[1], rows)
+                times[f"fused, tiles of {tile}"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
+            kernels.MAX_DECODE_ROWS = 0  # every call through GPTQModel's forward
+            try:
+                times["gptq forward"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
+            except Exception as error:  # a baseline that fails in a graph is a finding, not the stage's end
+                times["gptq forward"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            x = torch.randn(rows, fused[0][0].in_features, device="cuda", dtype=torch.bfloat16)
+            outputs = []
+            for tile in TILES:
+                kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = tile, max(saved[1], rows)
+                outputs.append(fused[0][0](x).float())
+            result["tile_max_relative_difference"][str(rows)] = float(
+                (outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
+    finally:
+        kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = saved
+        del model, fused, dense
+    return result
+
+
+def choose_tile(timed: dict, batch: int) -> int | None:
+    """The tile (kernels.MAX_ROWS) the linears stage found faster at the timed row count nearest `batch`."""
+    rows = {int(r): t for r, t in (timed.get("us_per_layer") or {}).items()}
+    if not rows:
+        return None
+    times = rows[min(rows, key=lambda r: abs(r - batch))]
+    tiles = {tile: times.get(f"fused, tiles of {tile}") for tile in TILES}
+    tiles = {tile: us for tile, us in tiles.items() if us is not None}
+    return min(tiles, key=tiles.get) if tiles else None
 
 
 def bf16_rows(config, fp16_dir: Path, prompts: int) -> dict:
@@ -365,6 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-attention", default="split,grouped",
                         help="decode attentions timed side by side: split (the project's split-cache kernel, the "
                         "loaders' choice on CUDA), grouped (packed SDPA), hf (HF's SDPA function)")
+    parser.add_argument("--linear-rows", default="", help="rows at which the linears stage times a layer's "
+                        "linears, e.g. 16,32,64 ('': no stage; CUDA only)")
     parser.add_argument("--detector-epochs", type=int, default=5)
     parser.add_argument("--gptq-seconds", type=float, default=0, help="time GPTQModel on the 0.6B shape (0: no)")
     parser.add_argument("--gptq-texts", type=int, default=16)
@@ -372,6 +449,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.decode_budgets = [int(b) for b in args.decode_budgets.split(",") if b.strip()]
     args.decode_attention = [a for a in args.decode_attention.split(",") if a]
+    args.linear_rows = [int(r) for r in args.linear_rows.split(",") if r.strip()]
     from inference.decoding.attention import DECODE_ATTENTIONS
 
     if not set(args.decode_attention) <= set(DECODE_ATTENTIONS):

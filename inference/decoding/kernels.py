@@ -37,8 +37,9 @@ arithmetic, is what costs, and each layer is too small to fill an H100 without c
   That is one shift per three weights, one logic op and one FMA (or a tensor-core MAC) per weight.
   The result is W's exact product in float32: unlike TorchLinear's forward, W is never rounded to
   the scales' or x's dtype (the difference is that rounding, about 2**-9 of a bf16 weight).
-- One row (batch-1 decoding) multiplies on the FMA units, summing over K in registers; 2..16 rows
-  go through tl.dot (one 16-row tile, masked).
+- One row (batch-1 decoding) multiplies on the FMA units, summing over K in registers; 2..64 rows
+  go through tl.dot, as one tile of 16, 32 or 64 rows (masked), so that each weight tile is read and
+  unpacked once for the whole batch.
 - A layer's few thousand 4 KB tiles are too little work per column block to keep HBM busy with
   one program per block, so K is split too (split-K) until there are about three programs per
   H100 SM (`launch_plan`), each prefetching its next tile while it unpacks the current one; a
@@ -57,13 +58,19 @@ try:
 except ImportError:  # CPU installs without Triton: this module imports, gptq2_matmul says why not
     triton = None
 
-MAX_ROWS = 16
-"""Most activation rows the fused kernel takes: one tl.dot tile of 16 rows (decoding batches)."""
+MAX_ROWS = 64
+"""Most activation rows one fused-kernel call takes: one tl.dot tile of 16, 32 or 64 rows (decoding
+batches). Until 2026-12-03 it was 16, and a batch of 64 was four calls, each rereading and unpacking
+the whole packed weight (`benchmarks/rehearsal.py` times both on the collection batch)."""
 
 MAX_DECODE_ROWS = 64
-"""Most rows `Fused2BitLinear` runs through the kernel, MAX_ROWS at a time: each call rereads the packed
-weight, and four reads of 2 bits a weight still cost half a bf16 read, where GPTQModel's dequantizing
-forward writes and reads a 16-bit copy of the whole weight. More rows (prefill) go to that forward."""
+"""Most rows `Fused2BitLinear` runs through the kernel, MAX_ROWS at a time. More rows (prefill) go to
+GPTQModel's dequantizing forward, which writes and reads a 16-bit copy of the whole weight."""
+
+WARPS = {1: 4, 16: 4, 32: 8, 64: 8}
+"""Warps of a program by its tile rows (`launch_plan`'s block_m). 4 was measured best at 1 and 16 rows
+on an H100; the 32- and 64-row tiles take 8 so that their accumulator and activation tiles do not push
+the unpacked weight tile out of registers."""
 
 H100_SMS = 132
 TARGET_PROGRAMS = 3 * H100_SMS
@@ -241,7 +248,8 @@ def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
       more than there are K tiles, then as few as keep the same most K tiles per program: 3 to 8
       K tiles per program on the 8B shapes (1 on k_proj and v_proj), prefetched one ahead. About
       one, two or eight programs per SM measured slower.
-    - num_warps 4 (2 and 8 were 10-40% slower); num_stages 1: Triton's pipeliner stages only loads
+    - block_m: 1 (the FMA path) or the least tile of 16, 32, 64 rows that holds `rows`.
+    - num_warps: WARPS by block_m; 4 at 1 and 16 rows (2 and 8 were 10-40% slower); num_stages 1: Triton's pipeliner stages only loads
       that feed tl.dot, and staging those made the tl.dot path up to 2x slower here.
     """
     block_k = _block_k(K, group_size)
@@ -254,8 +262,9 @@ def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
     n_blocks = _cdiv(N, block_n)
     split_k = max(1, min(k_tiles, TARGET_PROGRAMS // n_blocks))
     split_k = _cdiv(k_tiles, _cdiv(k_tiles, split_k))
-    return {"block_m": 1 if one_row else MAX_ROWS, "block_n": block_n, "block_k": block_k,
-            "split_k": split_k, "num_warps": 4, "num_stages": 1,
+    block_m = 1 if one_row else min(max(16, 1 << (rows - 1).bit_length()), max(16, MAX_ROWS))
+    return {"block_m": block_m, "block_n": block_n, "block_k": block_k,
+            "split_k": split_k, "num_warps": WARPS.get(block_m, 4), "num_stages": 1,
             "grid": (n_blocks, split_k)}
 
 

@@ -77,7 +77,7 @@ shapes = pytest.mark.parametrize("in_features, out_features, group_size", [
 
 
 @shapes
-@pytest.mark.parametrize("rows", [1, 3, 16])  # 1: the FMA path; 3, 16: tl.dot
+@pytest.mark.parametrize("rows", [1, 3, 16, 20, 64])  # 1: the FMA path; 3, 16: a 16-row tl.dot tile; 20: 32; 64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gptq2_matmul_matches_dequantized_weight(kernels, in_features, out_features, group_size, rows, dtype):
     module = random_2bit_linear(in_features, out_features, group_size)
@@ -135,7 +135,7 @@ def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, shape):
 
 
 @pytest.mark.parametrize("in_features, out_features", [(4096, 4096), (4096, 1024), (4096, 12288), (12288, 4096)])
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 17, 64])
 def test_launch_plan_fills_an_h100_for_qwen3_8b_linears(kernels, in_features, out_features, rows):
     """q/o_proj, k/v_proj, gate/up_proj and down_proj of Qwen3-8B at g128: one wave of programs
     at least, no more than the target, every K tile and column covered."""
@@ -143,15 +143,23 @@ def test_launch_plan_fills_an_h100_for_qwen3_8b_linears(kernels, in_features, ou
 
     n_blocks, split_k = plan["grid"]
     assert 132 <= n_blocks * split_k <= kernels.TARGET_PROGRAMS
-    assert plan["block_m"] == (1 if rows == 1 else 16) and plan["block_k"] == 128
+    assert plan["block_m"] == {1: 1, 16: 16, 17: 32, 64: 64}[rows] and plan["block_k"] == 128
     assert n_blocks == -(-out_features // plan["block_n"]) and split_k == plan["split_k"] <= in_features // 128
     assert plan["num_warps"] > 0 and plan["num_stages"] > 0
 
 
-def test_gptq2_matmul_rejects_more_than_16_rows(kernels):
+def test_gptq2_matmul_rejects_more_than_64_rows(kernels):
     module = random_2bit_linear(64, 32, group_size=32)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        kernels.gptq2_matmul(torch.randn(17, 64), module.qweight, module.qzeros, module.scales, 32)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        kernels.gptq2_matmul(torch.randn(65, 64), module.qweight, module.qzeros, module.scales, 32)
+
+
+@pytest.mark.parametrize("rows, tile", [(2, 16), (16, 16), (17, 32), (33, 64), (64, 64)])
+def test_launch_plan_takes_the_least_tile_that_holds_the_rows(kernels, rows, tile):
+    """One call reads the weight once for the whole batch; with MAX_ROWS at 16 (the benchmarks' earlier
+    kernel) every tile is 16 rows."""
+    assert kernels.launch_plan(rows, 4096, 4096, 128)["block_m"] == tile
+    assert kernels.launch_plan(rows, 4096, 4096, 128)["num_warps"] == kernels.WARPS[tile]
 
 
 def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(kernels, monkeypatch):
@@ -168,19 +176,21 @@ def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(ke
         torch.testing.assert_close(fused(prefill), expected_prefill, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("max_rows", [64, 16])
 @pytest.mark.parametrize("shape", [(17, 128), (2, 20, 128), (64, 128)])
-def test_fused_linear_runs_a_decoding_batch_of_up_to_64_rows_as_16_row_calls(kernels, monkeypatch, shape):
+def test_fused_linear_runs_a_decoding_batch_of_up_to_64_rows_in_calls_of_max_rows(kernels, monkeypatch, shape, max_rows):
+    monkeypatch.setattr(kernels, "MAX_ROWS", max_rows)
     module = random_2bit_linear(128, 48, group_size=64, bias=True)
     fused = kernels.Fused2BitLinear.from_gptq(module)
     x = torch.randn(*shape)
     calls = []
     real = kernels.gptq2_matmul
-    monkeypatch.setattr(kernels, "gptq2_matmul", lambda x, *args, **kwargs: calls.append(x.shape[0]) or real(x, *args, **kwargs))
+    monkeypatch.setattr(kernels, "gptq2_matmul", lambda x, *args, **kwargs: calls.append(x.numel() // x.shape[-1]) or real(x, *args, **kwargs))
     monkeypatch.setattr(module, "forward", lambda x: pytest.fail("a decoding batch used the dequantizing forward"))
     out = fused(x)
     rows = x.numel() // 128
     assert out.shape == (*shape[:-1], 48)
-    assert calls == [16] * (rows // 16) + ([rows % 16] if rows % 16 else [])
+    assert calls == [max_rows] * (rows // max_rows) + ([rows % max_rows] if rows % max_rows else [])
     torch.testing.assert_close(out, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
 
 

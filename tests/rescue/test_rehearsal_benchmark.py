@@ -107,3 +107,15 @@ def test_the_rehearsal_runs_every_stage_of_the_large_shape_with_the_bf16_compari
     assert bf16["prompts"] == 8 and bf16["batch"] == "8 (cpu)"
     assert record["collect_2bit_over_bf16_tokens_per_s"] > 0
     assert stages["train detector"]["positions_per_s"] > 0
+
+
+def test_the_collection_takes_the_tile_the_linears_stage_found_faster_at_its_batch():
+    script = rehearsal_script()
+    timed = {"us_per_layer": {"16": {"bf16": 130.0, "fused, tiles of 64": 99.0, "fused, tiles of 16": 99.5},
+                              "64": {"bf16": 150.0, "fused, tiles of 64": 210.0, "fused, tiles of 16": 380.0},
+                              "86": {"bf16": 160.0, "fused, tiles of 64": 400.0, "fused, tiles of 16": 390.0}}}
+    assert script.choose_tile(timed, 64) == 64
+    assert script.choose_tile(timed, 90) == 16  # nearest timed rows: 86
+    assert script.choose_tile(timed, 12) == 64
+    assert script.choose_tile({}, 64) is None  # the stage did not run: the kernel's default stays
+    assert script.choose_tile({"us_per_layer": {"64": {"bf16": 1.0}}}, 64) is None
