@@ -11,7 +11,8 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
 - linears (`--linear-rows`, CUDA): the seven linears of a decoder layer (the layers in turn, so no weight
   is in L2 twice) at those rows, side by side: bf16 cuBLAS, the fused kernel in tiles of up to 64 rows
   (one call per batch of up to 64) and in tiles of 16 (the kernel before 2026-12-03: four calls at 64
-  rows), and GPTQModel's dequantizing forward; the collection then runs the faster tile at its batch;
+  rows), and GPTQModel's dequantizing forward at more rows than MAX_DECODE_ROWS; the collection then
+  runs the faster tile at its batch;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
   tokens/s, peak memory, bytes per generated token and per trace set;
 - collect bf16 (`--collect-bf16`): the first of those prompts that one bf16 batch holds, with the bf16
@@ -312,11 +313,12 @@ def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
             for tile in TILES:
                 kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = tile, max(saved[1], rows)
                 times[f"fused, tiles of {tile}"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
-            kernels.MAX_DECODE_ROWS = 0  # every call through GPTQModel's forward
-            try:
-                times["gptq forward"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
-            except Exception as error:  # a baseline that fails in a graph is a finding, not the stage's end
-                times["gptq forward"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if rows > saved[1]:  # the decoding path at these rows is GPTQModel's forward: time it too
+                kernels.MAX_DECODE_ROWS = 0
+                try:
+                    times["gptq forward"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
+                except Exception as error:  # a baseline that fails in a graph is a finding, not the stage's end
+                    times["gptq forward"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             x = torch.randn(rows, fused[0][0].in_features, device="cuda", dtype=torch.bfloat16)
             outputs = []
             for tile in TILES:

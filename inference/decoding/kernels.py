@@ -249,8 +249,9 @@ def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
       K tiles per program on the 8B shapes (1 on k_proj and v_proj), prefetched one ahead. About
       one, two or eight programs per SM measured slower.
     - block_m: 1 (the FMA path) or the least tile of 16, 32, 64 rows that holds `rows`.
-    - num_warps: WARPS by block_m; 4 at 1 and 16 rows (2 and 8 were 10-40% slower); num_stages 1: Triton's pipeliner stages only loads
-      that feed tl.dot, and staging those made the tl.dot path up to 2x slower here.
+    - num_warps: WARPS by block_m; 4 at 1 and 16 rows (2 and 8 were 10-40% slower).
+    - num_stages 1: Triton's pipeliner stages only loads that feed tl.dot, and staging those made the
+      tl.dot path up to 2x slower here.
     """
     block_k = _block_k(K, group_size)
     k_tiles = _cdiv(K, block_k)
