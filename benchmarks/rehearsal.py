@@ -256,8 +256,9 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
                                        precision="fp16")
             return {**rows, "budget": args.budget, **summary}
 
-        # bf16 runs at most the 2-bit collection's step count over one batch: its wall time bounds it.
-        against = stage("collect bf16 (the same prompts, one batch)", 0.9 * collected["wall_s"], collect_bf16)
+        estimate = bf16_estimate(collected["wall_s"], stages.get("linears by tile") or {},
+                                 record.get("collect_tile_rows"), args.batch_size, args.budget)
+        against = stage("collect bf16 (the same prompts, one batch)", estimate, collect_bf16)
         if against and "generated_tokens" in against:
             against["tokens_per_s"] = round(against["generated_tokens"] / against["wall_s"], 1)
             record["collect_2bit_over_bf16_tokens_per_s"] = round(collected["tokens_per_s"] / against["tokens_per_s"], 3)
@@ -341,6 +342,18 @@ def choose_tile(timed: dict, batch: int) -> int | None:
     tiles = {tile: times.get(f"fused, tiles of {tile}") for tile in TILES}
     tiles = {tile: us for tile, us in tiles.items() if us is not None}
     return min(tiles, key=tiles.get) if tiles else None
+
+
+def bf16_estimate(two_bit_seconds: float, linears: dict, tile: int | None, batch: int, budget: int) -> float:
+    """Seconds the bf16 collection is given before it starts. It runs at most the 2-bit collection's step
+    count over one batch, so 0.9x the 2-bit wall time bounds it; where the linears stage timed both at
+    about this batch, the 2-bit wall less the linears time bf16 saves over `budget` steps (at least half)."""
+    timed = linears.get("us_per_layer") or {}
+    if not timed or tile is None:
+        return 0.9 * two_bit_seconds
+    nearest = timed[min(timed, key=lambda rows: abs(int(rows) - batch))]
+    saved_us = nearest[f"fused, tiles of {tile}"] - nearest["bf16"]
+    return max(0.5 * two_bit_seconds, two_bit_seconds - budget * linears.get("layers", 0) * saved_us / 1e6)
 
 
 def bf16_rows(config, fp16_dir: Path, prompts: int) -> dict:

@@ -119,3 +119,15 @@ def test_the_collection_takes_the_tile_the_linears_stage_found_faster_at_its_bat
     assert script.choose_tile(timed, 12) == 64
     assert script.choose_tile({}, 64) is None  # the stage did not run: the kernel's default stays
     assert script.choose_tile({"us_per_layer": {"64": {"bf16": 1.0}}}, 64) is None
+
+
+def test_the_bf16_collection_is_given_the_2bit_time_less_what_its_linears_save():
+    script = rehearsal_script()
+    timed = {"layers": 36, "us_per_layer": {"16": {"bf16": 130.0, "fused, tiles of 64": 99.0},
+                                            "64": {"bf16": 150.0, "fused, tiles of 64": 400.0}}}
+    # 250 us a layer, 36 layers, 8,192 steps: 73.7 s less than the 2-bit collection's 300 s
+    assert abs(script.bf16_estimate(300.0, timed, 64, 64, 8192) - (300.0 - 8192 * 36 * 250e-6)) < 1e-6
+    assert script.bf16_estimate(300.0, {}, None, 64, 8192) == 270.0  # no linears stage: 0.9x
+    assert script.bf16_estimate(300.0, timed, 64, 16, 8192) == 300.0 + 8192 * 36 * 31e-6  # bf16 slower here
+    timed["us_per_layer"]["64"]["bf16"] = 0.0
+    assert script.bf16_estimate(100.0, timed, 64, 64, 8192) == 50.0  # never below half
