@@ -69,8 +69,10 @@ GPTQModel's dequantizing forward, which writes and reads a 16-bit copy of the wh
 
 WARPS = {1: 4, 16: 4, 32: 8, 64: 8}
 """Warps of a program by its tile rows (`launch_plan`'s block_m). 4 was measured best at 1 and 16 rows
-on an H100; the 32- and 64-row tiles take 8 so that their accumulator and activation tiles do not push
-the unpacked weight tile out of registers."""
+on an H100. The 32- and 64-row tiles take 8, so that their accumulator and activation tiles leave room
+in registers for the unpacked weight tile; 8 is chosen, not measured against 4. On an H200, 64 rows of
+the Qwen3-8B shape collected at 8,192 in 269.8 s with these tiles, against 307.0 s in 16-row tiles
+(two runs)."""
 
 H100_SMS = 132
 TARGET_PROGRAMS = 3 * H100_SMS

@@ -225,9 +225,9 @@ def _release_cached() -> None:
     graphs among them.
 
     A dropped graph's pool is only released by `torch.cuda.empty_cache` (or when an allocation would
-    otherwise fail), so without this the reserved memory grew by one pool per window and per batch: on
-    an H200, three batches of 86 rows of Qwen3-0.6B at 8,192 (33 windows) reserved 139.9 GB, 93% of
-    the card, for 99.6 GB allocated; one batch of 7 windows reserved 99.0 GB for 93.6 GB."""
+    otherwise fail). On an H200, three batches of 86 rows of Qwen3-0.6B at 8,192 (33 windows) reserved
+    139.9 GB, 93% of the card, for 99.6 GB allocated without this, and 105.8 GB (70.5%) with it
+    (`docs/results.md`, "Reserved memory handed back")."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
 
