@@ -113,17 +113,23 @@ def running_mean(states: torch.Tensor, positions: torch.Tensor, stride: int, cou
 
 
 def trace_features(hidden: torch.Tensor, positions: torch.Tensor, recipe: FeatureRecipe,
-                   stats: NormalisationStats) -> torch.Tensor:
-    """Features [captured, recipe.feature_dim] float32 of one trace (see the module docstring)."""
+                   stats: NormalisationStats, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Features [captured, recipe.feature_dim] float32 of one trace (see the module docstring).
+
+    `out`: a [captured, feature_dim] float32 tensor to write them into (rows of a shard's buffer), so that
+    a shard's features are built without a second copy; the values are the same either way."""
     if hidden.dim() != 3 or tuple(hidden.shape[1:]) != (len(recipe.layers), recipe.hidden_size):
         raise ValueError(f"hidden states of shape {tuple(hidden.shape)} do not match the feature recipe "
                          f"({len(recipe.layers)} layers x {recipe.hidden_size})")
-    normalised = (hidden.float() - stats.mean) / stats.std
-    parts = [normalised.reshape(hidden.shape[0], -1)]
+    n, states = hidden.shape[0], len(recipe.layers) * recipe.hidden_size
+    if out is None:
+        out = torch.empty(n, recipe.feature_dim)
+    normalised = out[:, :states].view(hidden.shape)
+    torch.sub(hidden.float(), stats.mean, out=normalised)
+    normalised.div_(stats.std)
     if recipe.mean_window:
-        means = running_mean(normalised, positions.long(), recipe.stride, recipe.mean_states)
-        parts.append(means.reshape(hidden.shape[0], -1))
-    return torch.cat(parts, dim=1)
+        out[:, states:] = running_mean(normalised, positions.long(), recipe.stride, recipe.mean_states).reshape(n, -1)
+    return out
 
 
 class StreamingFeatures:

@@ -178,8 +178,10 @@ class _PositionStream(IterableDataset):
             yield from self._shuffled(held, generator)
 
     def _shuffled(self, held, generator):
-        features = torch.cat([f for f, _ in held])
-        targets = torch.cat([t for _, t in held])
+        # One shard's buffer (a large model's shard holds more positions than the shuffle buffer) is
+        # permuted where it is, not copied first.
+        features = held[0][0] if len(held) == 1 else torch.cat([f for f, _ in held])
+        targets = held[0][1] if len(held) == 1 else torch.cat([t for _, t in held])
         permutation = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], self.batch_size):
             chosen = permutation[start : start + self.batch_size]
@@ -211,9 +213,21 @@ def _plan_traces(plan: ShardPlan, recipe: FeatureRecipe, stats: NormalisationSta
 
 
 def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    examples = list(_plan_traces(plan, recipe, stats, horizon))
-    if examples:
-        yield torch.cat([e.features for e in examples]), torch.cat([e.targets for e in examples])
+    """The plan's positions as one (features, targets) pair, the features written trace by trace into one
+    buffer (the values `trace_features` gives each trace, in trace order)."""
+    if not plan.rows:
+        return
+    shard = read_shard(plan.path)
+    offsets = shard["capture_offsets"]
+    spans = [(int(offsets[row]), int(offsets[row + 1])) for row in plan.rows]
+    features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim)
+    targets, at = [], 0
+    for (c0, c1), trace_labels in zip(spans, plan.labels):
+        positions = shard["positions"][c0:c1]
+        trace_features(shard["hidden"][c0:c1], positions, recipe, stats, out=features[at : at + c1 - c0])
+        targets.append(_targets(trace_labels, positions, horizon))
+        at += c1 - c0
+    yield features, torch.cat(targets)
 
 
 class TraceDataModule(L.LightningDataModule):

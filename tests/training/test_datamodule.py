@@ -157,6 +157,18 @@ def test_batches_cover_every_position_once_with_position_targets(planted, tmp_pa
     assert bool(example.targets[0, 1]) == fails
 
 
+def test_validation_batches_are_the_traces_features_in_trace_order(planted, tmp_path):
+    """The loaders write a shard's features into one buffer; the values are bit for bit those of
+    `trace_features` on each trace, the examples calibration reads."""
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    batched = torch.cat([f for f, _ in data.val_dataloader()])
+    examples = list(data.traces("val"))
+    assert torch.equal(batched, torch.cat([e.features for e in examples]))
+    assert torch.equal(torch.cat([t for _, t in data.val_dataloader()]).nan_to_num(-1),
+                       torch.cat([e.targets for e in examples]).nan_to_num(-1))
+
+
 def test_normalisation_statistics_fitted_on_training_split_only(planted, tmp_path):
     data = TraceDataModule(synthetic_config(tmp_path), planted)
     data.setup()
