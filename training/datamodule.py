@@ -5,7 +5,9 @@ Without one, it holds out `detector.val_fraction` of the training set's *problem
 problem lands on the same side, so no problem is in both splits). It never holds a whole trace set in
 memory: `setup` makes one pass over the shards (checksums, normalisation statistics, label counts)
 and the loaders then read one shard at a time through safetensors' lazy `safe_open`, so a trace set
-larger than RAM still trains.
+larger than RAM still trains. With `detector.num_workers` worker processes and fewer shards than
+workers (a large model writes few, large shards), each shard is split into runs of consecutive traces,
+each worker reading only its traces' rows, so that every worker has work.
 
 A batch is `(features [B, feature_dim] float32, targets [B, len(HEADS)] float32)`, one row per
 captured position, targets in `detector.probe.HEADS` order, from `training.labels.position_targets`
@@ -212,19 +214,32 @@ def _plan_traces(plan: ShardPlan, recipe: FeatureRecipe, stats: NormalisationSta
                            top_prob=shard["top_prob"][g0:g1] if "top_prob" in shard else None)
 
 
+def _split_plans(plans: list[ShardPlan], parts: int) -> list[ShardPlan]:
+    """Each plan as up to `parts` plans of consecutive traces (each reads only its traces' rows)."""
+    split = []
+    for plan in plans:
+        size = -(-len(plan.rows) // parts)
+        split += [ShardPlan(path=plan.path, rows=plan.rows[i : i + size], trace_ids=plan.trace_ids[i : i + size],
+                            labels=plan.labels[i : i + size]) for i in range(0, len(plan.rows), size)]
+    return split
+
+
 def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The plan's positions as one (features, targets) pair, the features written trace by trace into one
     buffer (the values `trace_features` gives each trace, in trace order)."""
     if not plan.rows:
         return
-    shard = read_shard(plan.path)
+    shard = read_shard(plan.path, with_hidden=False)
     offsets = shard["capture_offsets"]
     spans = [(int(offsets[row]), int(offsets[row + 1])) for row in plan.rows]
+    low = spans[0][0]
+    with safe_open(str(plan.path), framework="pt") as handle:  # only the rows of the plan's traces
+        hidden = handle.get_slice("hidden")[low : spans[-1][1]]
     features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim)
     targets, at = [], 0
     for (c0, c1), trace_labels in zip(spans, plan.labels):
         positions = shard["positions"][c0:c1]
-        trace_features(shard["hidden"][c0:c1], positions, recipe, stats, out=features[at : at + c1 - c0])
+        trace_features(hidden[c0 - low : c1 - low], positions, recipe, stats, out=features[at : at + c1 - c0])
         targets.append(_targets(trace_labels, positions, horizon))
         at += c1 - c0
     yield features, torch.cat(targets)
@@ -394,7 +409,10 @@ class TraceDataModule(L.LightningDataModule):
                                self.config.detector.batch_size, shuffle)
 
     def _loader(self, plans: list[ShardPlan], shuffle: bool) -> DataLoader:
-        workers = min(self.config.detector.num_workers, len(plans))
+        workers = self.config.detector.num_workers
+        if workers > len(plans):  # fewer shards than workers (a large model's few big shards): split them
+            plans = _split_plans(plans, -(-workers // len(plans)))
+        workers = min(workers, len(plans))
         return DataLoader(self._stream(plans, shuffle), batch_size=None, num_workers=workers,
                           persistent_workers=workers > 0)
 
