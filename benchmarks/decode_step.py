@@ -340,8 +340,9 @@ def main():
                         help="batch sizes at which each precision's step is also measured through torch.compile "
                         "(with each --attention)")
     parser.add_argument("--max-decode-rows", type=int, default=None,
-                        help="most rows the fused linears run through the kernel, 16 at a time (default "
-                        "inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before 2026-12-02)")
+                        help="most rows the fused linears run through the kernel, up to kernels.MAX_ROWS (64) a call "
+                        "(default inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before "
+                        "2026-12-02)")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which optional sections are skipped")
     parser.add_argument("--out", default="decode-step.json")
     args = parser.parse_args()
