@@ -311,34 +311,36 @@ def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
         for rows in rows_list:
             times = result["us_per_layer"].setdefault(str(rows), {})
             times["bf16"] = round(1e6 * linears_seconds(dense, rows) / len(dense), 1)
+            x = torch.randn(rows, fused[0][0].in_features, device="cuda", dtype=torch.bfloat16)
+            outputs = []
             for tile in TILES:
                 kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = tile, max(saved[1], rows)
                 times[f"fused, tiles of {tile}"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
+                outputs.append(fused[0][0](x).float())
+            result["tile_max_relative_difference"][str(rows)] = float(
+                (outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
             if rows > saved[1]:  # the decoding path at these rows is GPTQModel's forward: time it too
                 kernels.MAX_DECODE_ROWS = 0
                 try:
                     times["gptq forward"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
                 except Exception as error:  # a baseline that fails in a graph is a finding, not the stage's end
                     times["gptq forward"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            x = torch.randn(rows, fused[0][0].in_features, device="cuda", dtype=torch.bfloat16)
-            outputs = []
-            for tile in TILES:
-                kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = tile, max(saved[1], rows)
-                outputs.append(fused[0][0](x).float())
-            result["tile_max_relative_difference"][str(rows)] = float(
-                (outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
     finally:
         kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = saved
         del model, fused, dense
     return result
 
 
+def _nearest(timed: dict, batch: int) -> dict:
+    """The linears stage's times at the timed row count nearest `batch` (keys are row counts as strings)."""
+    return timed[min(timed, key=lambda rows: abs(int(rows) - batch))]
+
+
 def choose_tile(timed: dict, batch: int) -> int | None:
     """The tile (kernels.MAX_ROWS) the linears stage found faster at the timed row count nearest `batch`."""
-    rows = {int(r): t for r, t in (timed.get("us_per_layer") or {}).items()}
-    if not rows:
+    if not timed.get("us_per_layer"):
         return None
-    times = rows[min(rows, key=lambda r: abs(r - batch))]
+    times = _nearest(timed["us_per_layer"], batch)
     tiles = {tile: times.get(f"fused, tiles of {tile}") for tile in TILES}
     tiles = {tile: us for tile, us in tiles.items() if us is not None}
     return min(tiles, key=tiles.get) if tiles else None
@@ -351,7 +353,7 @@ def bf16_estimate(two_bit_seconds: float, linears: dict, tile: int | None, batch
     timed = linears.get("us_per_layer") or {}
     if not timed or tile is None:
         return 0.9 * two_bit_seconds
-    nearest = timed[min(timed, key=lambda rows: abs(int(rows) - batch))]
+    nearest = _nearest(timed, batch)
     saved_us = nearest[f"fused, tiles of {tile}"] - nearest["bf16"]
     return max(0.5 * two_bit_seconds, two_bit_seconds - budget * linears.get("layers", 0) * saved_us / 1e6)
 

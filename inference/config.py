@@ -193,8 +193,9 @@ class DetectorConfig:
         metadata=_help("calibrated share of healthy validation traces (no loop, committed) with an alarm",
                        min=0.0, max=1.0),
     )
-    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes reading shards (fewer shards than workers: "
-                                                        "each shard is split between them)", min=0))
+    num_workers: int = field(default=0, metadata=_help(
+        "DataLoader worker processes reading shards (fewer shards than workers: each shard is split between them)",
+        min=0))
     seed: int = field(default=0, metadata=_help("seed of initialisation, split and data order"))
     rule_ngram: int = field(
         default=16, metadata=_help("offline comparison: n of the repeated-n-gram rule (tokens)", min=1)

@@ -229,16 +229,16 @@ def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor,
     buffer (the values `trace_features` gives each trace, in trace order)."""
     if not plan.rows:
         return
-    shard = read_shard(plan.path, with_hidden=False)
-    offsets = shard["capture_offsets"]
-    spans = [(int(offsets[row]), int(offsets[row + 1])) for row in plan.rows]
-    low = spans[0][0]
-    with safe_open(str(plan.path), framework="pt") as handle:  # only the rows of the plan's traces
-        hidden = handle.get_slice("hidden")[low : spans[-1][1]]
+    with safe_open(str(plan.path), framework="pt") as handle:
+        offsets = handle.get_tensor("capture_offsets")
+        spans = [(int(offsets[row]), int(offsets[row + 1])) for row in plan.rows]
+        low = spans[0][0]
+        all_positions = handle.get_tensor("positions").long()
+        hidden = handle.get_slice("hidden")[low : spans[-1][1]]  # only the rows of the plan's traces
     features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim)
     targets, at = [], 0
     for (c0, c1), trace_labels in zip(spans, plan.labels):
-        positions = shard["positions"][c0:c1]
+        positions = all_positions[c0:c1]
         trace_features(hidden[c0 - low : c1 - low], positions, recipe, stats, out=features[at : at + c1 - c0])
         targets.append(_targets(trace_labels, positions, horizon))
         at += c1 - c0
@@ -410,7 +410,7 @@ class TraceDataModule(L.LightningDataModule):
 
     def _loader(self, plans: list[ShardPlan], shuffle: bool) -> DataLoader:
         workers = self.config.detector.num_workers
-        if workers > len(plans):  # fewer shards than workers (a large model's few big shards): split them
+        if plans and workers > len(plans):  # fewer shards than workers (a large model's few big shards): split them
             plans = _split_plans(plans, -(-workers // len(plans)))
         workers = min(workers, len(plans))
         return DataLoader(self._stream(plans, shuffle), batch_size=None, num_workers=workers,

@@ -115,8 +115,8 @@ def _split_kv_kernel(
     additive float. With a boolean mask and GATED, the keys and values of masked positions are not
     loaded at all (the mask is read first): the static cache's window past the last written slot, and
     a left-padded row's padding, cost their mask bytes only. DIRECT (one split): writes the normalised
-    output [batch, kv_heads, G, dim] in its dtype; else the float32 partial output [bh, splits, G, dim] and (max, sum) [bh, splits, G, 2],
-    both in base 2.
+    output [batch, kv_heads, G, dim] in its dtype; else the float32 partial output [bh, splits, G, dim]
+    and (max, sum) [bh, splits, G, 2], both in base 2.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)

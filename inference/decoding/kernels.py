@@ -265,7 +265,7 @@ def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
     n_blocks = _cdiv(N, block_n)
     split_k = max(1, min(k_tiles, TARGET_PROGRAMS // n_blocks))
     split_k = _cdiv(k_tiles, _cdiv(k_tiles, split_k))
-    block_m = 1 if one_row else min(max(16, 1 << (rows - 1).bit_length()), max(16, MAX_ROWS))
+    block_m = 1 if one_row else max(16, 1 << (rows - 1).bit_length())  # rows <= MAX_ROWS, a power of two
     return {"block_m": block_m, "block_n": block_n, "block_k": block_k,
             "split_k": split_k, "num_warps": WARPS.get(block_m, 4), "num_stages": 1,
             "grid": (n_blocks, split_k)}
