@@ -15,9 +15,12 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
   runs the faster tile at its batch;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
   tokens/s, peak memory, bytes per generated token and per trace set;
-- collect bf16 (`--collect-bf16`): the first of those prompts that one bf16 batch holds, with the bf16
-  model, for tokens/s side by side with the 2-bit collection;
-- label and train: `rescue label` and the detector's fit on that trace set (positions per second).
+- label and train: `rescue label` and the detector's fit on that trace set (positions per second);
+- collect bf16 (`--collect-bf16`, last): the same prompts (as many as one bf16 batch holds) with the bf16
+  model, at the collection budget or, where the time left cannot hold that, at the largest multiple of 512
+  steps it can (`bf16_budget`). Both collections record the wall time every 256 decoding steps
+  (`step_marks`), so tokens/s are compared over the same steps: the bf16 batch's against the 2-bit
+  batch's over its first as many steps.
 
 Random weights never close `</think>` or emit an end of turn, so every row runs to the budget: the
 worst case of a real run. Results are written to `<out>/rehearsal.json` after every stage.
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -242,29 +246,68 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
     step_ms = fused.get("step_ms") if fused.get("batch") else None
     batches = -(-args.collect_prompts // fused["batch"]) if step_ms else 1
     estimate = 1.2 * args.budget * step_ms / 1000 * batches if step_ms else (150 if not large else 300)
-    collected = stage("collect 2-bit", estimate, collect)
+    with step_marks() as two_bit_batches:
+        collected = stage("collect 2-bit", estimate, collect)
     if collected and "wall_s" in collected and "generated_tokens" in collected:
         collected["tokens_per_s"] = round(collected["generated_tokens"] / collected["wall_s"], 1)
         collected["bytes_per_trace"] = round(collected["stored_bytes"] / max(collected["traces"], 1))
+        collected["batches"] = [{"rows": b["rows"], "marks": [[m, round(t - b["marks"][0][1], 3)] for m, t in b["marks"]]}
+                                for b in two_bit_batches]
         save()
-    if args.collect_bf16 and collected and "tokens_per_s" in collected:
-        bf16_traces = work / "traces-train-bf16"
+    if (traces / "manifest.json").is_file():
+        train_detector_stages(config, traces, work, stage)
+    if args.collect_bf16 and collected and "tokens_per_s" in collected and two_bit_batches:
+        collect_bf16_stage(config, fp16_dir, work, args, clock, record, stage, two_bit_batches[0], save)
 
-        def collect_bf16():
-            rows = bf16_rows(config, fp16_dir, args.collect_prompts)
-            summary = commands.collect(config, split="test", limit=rows["prompts"], out=str(bf16_traces),
-                                       precision="fp16")
-            return {**rows, "budget": args.budget, **summary}
 
-        estimate = bf16_estimate(collected["wall_s"], stages.get("linears by tile") or {},
-                                 record.get("collect_tile_rows"), args.batch_size, args.budget)
-        against = stage("collect bf16 (the same prompts, one batch)", estimate, collect_bf16)
-        if against and "generated_tokens" in against:
-            against["tokens_per_s"] = round(against["generated_tokens"] / against["wall_s"], 1)
-            record["collect_2bit_over_bf16_tokens_per_s"] = round(collected["tokens_per_s"] / against["tokens_per_s"], 3)
-            save()
-    if not (traces / "manifest.json").is_file():
+def collect_bf16_stage(config, fp16_dir: Path, work: Path, args, clock, record: dict, stage, two_bit: dict,
+                       save) -> None:
+    """The bf16 collection of the 2-bit collection's prompts at the budget the time left holds (module
+    docstring), and tokens/s of both over the same decoding steps."""
+    from dataclasses import replace
+
+    from rescue import commands
+
+    budget = bf16_budget(two_bit["marks"], args.budget, clock.left())
+    if budget == 0:
+        record["stages"]["collect bf16 (the same prompts, one batch)"] = {
+            "skipped": f"{clock.left():.0f} s left, not enough for 512 steps"}
+        save()
         return
+    bf16_config = replace(config, sampling=replace(config.sampling, budget=budget))
+    bf16_traces = work / "traces-train-bf16"
+
+    def collect_bf16():
+        rows = bf16_rows(bf16_config, fp16_dir, args.collect_prompts)
+        with step_marks() as batches:
+            summary = commands.collect(bf16_config, split="test", limit=rows["prompts"], out=str(bf16_traces),
+                                       precision="fp16")
+        marks = batches[0]["marks"] if batches else []
+        last = budget - 1
+        bf16_s, two_bit_s = seconds_to_step(marks, last), seconds_to_step(two_bit["marks"], last)
+        same_steps = {"steps": last, "bf16_rows": batches[0]["rows"] if batches else None,
+                      "two_bit_rows": two_bit["rows"], "bf16_s": round(bf16_s, 2) if bf16_s else None,
+                      "two_bit_s": round(two_bit_s, 2) if two_bit_s else None}
+        if bf16_s and two_bit_s:
+            same_steps["bf16_tokens_per_s"] = round(same_steps["bf16_rows"] * last / bf16_s, 1)
+            same_steps["two_bit_tokens_per_s"] = round(two_bit["rows"] * last / two_bit_s, 1)
+            same_steps["two_bit_over_bf16"] = round(same_steps["two_bit_tokens_per_s"]
+                                                    / same_steps["bf16_tokens_per_s"], 3)
+        return {**rows, "budget": budget, "budget_asked": args.budget, **summary, "same_steps": same_steps}
+
+    against = stage("collect bf16 (the same prompts, one batch)", 0, collect_bf16)
+    if against and "generated_tokens" in against:
+        against["tokens_per_s"] = round(against["generated_tokens"] / against["wall_s"], 1)
+        ratio = against.get("same_steps", {}).get("two_bit_over_bf16")
+        if ratio is not None:
+            record["collect_2bit_over_bf16_tokens_per_s"] = ratio
+        save()
+
+
+def train_detector_stages(config, traces: Path, work: Path, stage) -> None:
+    """`rescue label` on the trace set, timing labels, and the detector's fit (positions per second)."""
+    from rescue import commands
+
     stage("label", 40, lambda: {"rates": commands.label(config, str(traces)).get("rates")})
     if not (traces / "labels.json").is_file():  # the label stage was skipped or failed: nothing to train on
         return
@@ -283,6 +326,53 @@ def rehearse(shape: str, args, clock: Clock, results: dict, save) -> None:
 
 TILES = (64, 16)
 """The fused kernel's most rows per call that `time_linears` compares (kernels.MAX_ROWS)."""
+
+
+MARK_EVERY = 256
+"""Decoding steps between two wall-time marks of a collection (`step_marks`)."""
+
+
+@contextmanager
+def step_marks(every: int = MARK_EVERY):
+    """While open, every collection batch records (rows, step, seconds) at each `every`-th decoding step
+    and at its last, the GPU synchronised first (training.collect's HiddenRecorder is swapped for a
+    subclass that does this after recording the step). Yields the list of batches' marks."""
+    import training.collect as collect
+
+    original, batches = collect.HiddenRecorder, []
+
+    class Marked(original):
+        def __call__(self, view):
+            super().__call__(view)
+            if view.step == 0:
+                batches.append({"rows": self.batch, "marks": []})
+            if view.step % every == 0 or view.step == self.budget - 1:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                batches[-1]["marks"].append((view.step, time.perf_counter()))
+
+    collect.HiddenRecorder = Marked
+    try:
+        yield batches
+    finally:
+        collect.HiddenRecorder = original
+
+
+def seconds_to_step(marks: list, step: int) -> float | None:
+    """Wall seconds from a batch's first decoding step to `step` (a marked step), or None if not reached."""
+    times = dict(marks)
+    return times[step] - times[0] if step in times and 0 in times else None
+
+
+def bf16_budget(marks: list, budget: int, seconds_left: float, overhead: float = 30.0, factor: float = 1.05) -> int:
+    """The bf16 collection's budget: `budget` if the 2-bit batch's time to its last step, times `factor`
+    (bf16 decodes at most about as slowly), plus `overhead` (loading, prefill) fits `seconds_left`; else the
+    largest multiple of 512 steps whose 2-bit time does; 0 if none."""
+    if (whole := seconds_to_step(marks, budget - 1)) is not None and factor * whole + overhead <= seconds_left:
+        return budget
+    fitting = [step for step, _ in marks if step and step % 512 == 0 and step < budget
+               and factor * seconds_to_step(marks, step) + overhead <= seconds_left]
+    return max(fitting, default=0)
 
 
 def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
@@ -344,18 +434,6 @@ def choose_tile(timed: dict, batch: int) -> int | None:
     tiles = {tile: times.get(f"fused, tiles of {tile}") for tile in TILES}
     tiles = {tile: us for tile, us in tiles.items() if us is not None}
     return min(tiles, key=tiles.get) if tiles else None
-
-
-def bf16_estimate(two_bit_seconds: float, linears: dict, tile: int | None, batch: int, budget: int) -> float:
-    """Seconds the bf16 collection is given before it starts. It runs at most the 2-bit collection's step
-    count over one batch, so 0.9x the 2-bit wall time bounds it; where the linears stage timed both at
-    about this batch, the 2-bit wall less the linears time bf16 saves over `budget` steps (at least half)."""
-    timed = linears.get("us_per_layer") or {}
-    if not timed or tile is None:
-        return 0.9 * two_bit_seconds
-    nearest = _nearest(timed, batch)
-    saved_us = nearest[f"fused, tiles of {tile}"] - nearest["bf16"]
-    return max(0.5 * two_bit_seconds, two_bit_seconds - budget * linears.get("layers", 0) * saved_us / 1e6)
 
 
 def bf16_rows(config, fp16_dir: Path, prompts: int) -> dict:

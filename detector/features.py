@@ -105,7 +105,7 @@ def running_mean(states: torch.Tensor, positions: torch.Tensor, stride: int, cou
     flat = states.reshape(n, -1).float()
     grid = positions % stride == 0
     grid_states, grid_positions = flat[grid], positions[grid].contiguous()
-    cumulative = torch.cat([torch.zeros(1, flat.shape[1]), grid_states.cumsum(dim=0)], dim=0)
+    cumulative = torch.cat([torch.zeros(1, flat.shape[1], device=flat.device), grid_states.cumsum(dim=0)], dim=0)
     last = torch.searchsorted(grid_positions, positions.contiguous(), right=True)
     first = (last - count).clamp_min(0)
     counts = (last - first).clamp_min(1).unsqueeze(1).float()
@@ -123,7 +123,7 @@ def trace_features(hidden: torch.Tensor, positions: torch.Tensor, recipe: Featur
                          f"({len(recipe.layers)} layers x {recipe.hidden_size})")
     n, states = hidden.shape[0], len(recipe.layers) * recipe.hidden_size
     if out is None:
-        out = torch.empty(n, recipe.feature_dim)
+        out = torch.empty(n, recipe.feature_dim, device=hidden.device)
     normalised = out[:, :states].view(hidden.shape)
     torch.sub(hidden.float(), stats.mean, out=normalised)
     normalised.div_(stats.std)

@@ -193,6 +193,9 @@ class DetectorConfig:
         metadata=_help("calibrated share of healthy validation traces (no loop, committed) with an alarm",
                        min=0.0, max=1.0),
     )
+    feature_device: str = field(default="auto", metadata=_help(
+        "where training builds the probe's features from the stored states: 'auto' (the GPU when the probe trains "
+        "on one, else the CPU) or 'cpu'", choices=("auto", "cpu")))
     num_workers: int = field(default=0, metadata=_help(
         "DataLoader worker processes reading shards (fewer shards than workers: each shard is split between them)",
         min=0))

@@ -7,7 +7,11 @@ memory: `setup` makes one pass over the shards (checksums, normalisation statist
 and the loaders then read one shard at a time through safetensors' lazy `safe_open`, so a trace set
 larger than RAM still trains. With `detector.num_workers` worker processes and fewer shards than
 workers (a large model writes few, large shards), each shard is split into runs of consecutive traces,
-each worker reading only its traces' rows, so that every worker has work.
+each worker reading only its traces' rows, so that every worker has work. Where the probe trains on a GPU
+(`detector.feature_device: auto`), the features are built there from the stored float16 states: a shard
+is read in runs of traces of at most `GPU_PLAN_BYTES` of features, moved to the GPU as stored, normalised,
+averaged and shuffled there, and the batches are GPU tensors (no worker processes). The normalisation is
+the same arithmetic on either device; the running mean's sums may round differently in the last bit.
 
 A batch is `(features [B, feature_dim] float32, targets [B, len(HEADS)] float32)`, one row per
 captured position, targets in `detector.probe.HEADS` order, from `training.labels.position_targets`
@@ -47,6 +51,8 @@ from training.traces import LABELS, MANIFEST, TraceSet, TraceSetError
 
 # Features held at once while shuffling training positions (several shards' worth for small models).
 SHUFFLE_BUFFER_BYTES = 256 << 20
+# Features one run of traces may hold on the GPU (larger shards are read in several runs).
+GPU_PLAN_BYTES = 2 << 30
 
 
 @dataclass
@@ -147,16 +153,18 @@ class _PositionStream(IterableDataset):
     """Batches of (features, targets) from a list of shard plans, one shard read at a time."""
 
     def __init__(self, plans: list[ShardPlan], recipe: FeatureRecipe, stats: NormalisationStats, horizon: int,
-                 batch_size: int, shuffle: bool):
-        self.plans, self.recipe, self.stats = plans, recipe, stats
-        self.horizon, self.batch_size, self.shuffle = horizon, batch_size, shuffle
+                 batch_size: int, shuffle: bool, device: str | torch.device = "cpu"):
+        self.plans, self.recipe, self.horizon = plans, recipe, horizon
+        self.batch_size, self.shuffle, self.device = batch_size, shuffle, torch.device(device)
+        self.stats = stats if self.device.type == "cpu" else NormalisationStats(
+            mean=stats.mean.to(self.device), std=stats.std.to(self.device))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         plans = self.plans if worker is None else self.plans[worker.id :: worker.num_workers]
         if not self.shuffle:
             for plan in plans:
-                for features, targets in _plan_examples(plan, self.recipe, self.stats, self.horizon):
+                for features, targets in _plan_examples(plan, self.recipe, self.stats, self.horizon, self.device):
                     for start in range(0, features.shape[0], self.batch_size):
                         yield features[start : start + self.batch_size], targets[start : start + self.batch_size]
             return
@@ -170,7 +178,7 @@ class _PositionStream(IterableDataset):
         held: list[tuple[torch.Tensor, torch.Tensor]] = []
         held_rows = 0
         for index in order:
-            for features, targets in _plan_examples(plans[index], self.recipe, self.stats, self.horizon):
+            for features, targets in _plan_examples(plans[index], self.recipe, self.stats, self.horizon, self.device):
                 held.append((features, targets))
                 held_rows += features.shape[0]
             if held_rows >= buffer_rows:
@@ -184,7 +192,7 @@ class _PositionStream(IterableDataset):
         # permuted where it is, not copied first.
         features = held[0][0] if len(held) == 1 else torch.cat([f for f, _ in held])
         targets = held[0][1] if len(held) == 1 else torch.cat([t for _, t in held])
-        permutation = torch.randperm(features.shape[0], generator=generator)
+        permutation = torch.randperm(features.shape[0], generator=generator).to(features.device)
         for start in range(0, features.shape[0], self.batch_size):
             chosen = permutation[start : start + self.batch_size]
             yield features[chosen], targets[chosen]
@@ -224,9 +232,32 @@ def _split_plans(plans: list[ShardPlan], parts: int) -> list[ShardPlan]:
     return split
 
 
-def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _split_plans_by_bytes(plans: list[ShardPlan], feature_dim: int, limit: int) -> list[ShardPlan]:
+    """Each plan as runs of consecutive traces whose features (float32) take at most `limit` bytes (a trace
+    larger than that is a run of its own)."""
+    split = []
+    for plan in plans:
+        shard = read_shard(plan.path, with_hidden=False)
+        offsets = shard["capture_offsets"]
+        run, held = [], 0
+        for index, row in enumerate(plan.rows):
+            size = 4 * feature_dim * int(offsets[row + 1] - offsets[row])
+            if run and held + size > limit:
+                split.append(ShardPlan(path=plan.path, rows=[plan.rows[i] for i in run],
+                                       trace_ids=[plan.trace_ids[i] for i in run], labels=[plan.labels[i] for i in run]))
+                run, held = [], 0
+            run.append(index)
+            held += size
+        if run:
+            split.append(ShardPlan(path=plan.path, rows=[plan.rows[i] for i in run],
+                                   trace_ids=[plan.trace_ids[i] for i in run], labels=[plan.labels[i] for i in run]))
+    return split
+
+
+def _plan_examples(plan, recipe, stats, horizon, device: torch.device = torch.device("cpu")
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The plan's positions as one (features, targets) pair, the features written trace by trace into one
-    buffer (the values `trace_features` gives each trace, in trace order)."""
+    buffer (the values `trace_features` gives each trace, in trace order), on `device` (`stats` there too)."""
     if not plan.rows:
         return
     with safe_open(str(plan.path), framework="pt") as handle:
@@ -235,14 +266,16 @@ def _plan_examples(plan, recipe, stats, horizon) -> Iterator[tuple[torch.Tensor,
         low = spans[0][0]
         all_positions = handle.get_tensor("positions").long()
         hidden = handle.get_slice("hidden")[low : spans[-1][1]]  # only the rows of the plan's traces
-    features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim)
+    if device.type != "cpu":
+        hidden, all_positions = hidden.to(device, non_blocking=True), all_positions.to(device)
+    features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim, device=device)
     targets, at = [], 0
     for (c0, c1), trace_labels in zip(spans, plan.labels):
         positions = all_positions[c0:c1]
         trace_features(hidden[c0 - low : c1 - low], positions, recipe, stats, out=features[at : at + c1 - c0])
-        targets.append(_targets(trace_labels, positions, horizon))
+        targets.append(_targets(trace_labels, positions.cpu(), horizon))
         at += c1 - c0
-    yield features, torch.cat(targets)
+    yield features, torch.cat(targets).to(device)
 
 
 class TraceDataModule(L.LightningDataModule):
@@ -404,11 +437,22 @@ class TraceDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
 
-    def _stream(self, plans: list[ShardPlan], shuffle: bool) -> _PositionStream:
+    @property
+    def feature_device(self) -> torch.device:
+        """Where the loaders build features: the GPU the probe trains on (`accelerator="auto"`), or the CPU."""
+        if self.config.detector.feature_device == "auto" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _stream(self, plans: list[ShardPlan], shuffle: bool, device: torch.device | None = None) -> _PositionStream:
         return _PositionStream(plans, self.recipe, self.stats, self.config.labels.horizon,
-                               self.config.detector.batch_size, shuffle)
+                               self.config.detector.batch_size, shuffle, device or torch.device("cpu"))
 
     def _loader(self, plans: list[ShardPlan], shuffle: bool) -> DataLoader:
+        device = self.feature_device
+        if device.type != "cpu":  # features built on the GPU, in runs that fit there; no worker processes
+            plans = _split_plans_by_bytes(plans, self.recipe.feature_dim, GPU_PLAN_BYTES)
+            return DataLoader(self._stream(plans, shuffle, device), batch_size=None, num_workers=0)
         workers = self.config.detector.num_workers
         if plans and workers > len(plans):  # fewer shards than workers (a large model's few big shards): split them
             plans = _split_plans(plans, -(-workers // len(plans)))

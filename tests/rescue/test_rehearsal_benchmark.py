@@ -99,13 +99,17 @@ def test_the_rehearsal_runs_every_stage_of_the_large_shape_with_the_bf16_compari
     record = json.loads(results.read_text())["qwen3-8b"]
     stages = record["stages"]
     assert not any(name.startswith("decode") for name in stages)
-    assert list(stages)[:4] == ["build", "twin (round to nearest, published GPTQ layout)", "collect 2-bit",
-                                "collect bf16 (the same prompts, one batch)"]
+    assert list(stages) == ["build", "twin (round to nearest, published GPTQ layout)", "collect 2-bit", "label",
+                            "labels for timing", "train detector", "collect bf16 (the same prompts, one batch)"]
     assert all("error" not in stage and "skipped" not in stage for stage in stages.values()), stages
     two_bit, bf16 = stages["collect 2-bit"], stages["collect bf16 (the same prompts, one batch)"]
     assert two_bit["traces"] == bf16["traces"] == 8 and two_bit["complete"] and bf16["complete"]
-    assert bf16["prompts"] == 8 and bf16["batch"] == "8 (cpu)"
-    assert record["collect_2bit_over_bf16_tokens_per_s"] > 0
+    assert bf16["prompts"] == 8 and bf16["batch"] == "8 (cpu)" and bf16["budget"] == 64
+    # Marks every 256 steps and at the last: steps 0 and 63 of the one batch of 8.
+    assert [m for m, _ in two_bit["batches"][0]["marks"]] == [0, 63] and two_bit["batches"][0]["rows"] == 8
+    same = bf16["same_steps"]
+    assert same["steps"] == 63 and same["bf16_rows"] == same["two_bit_rows"] == 8
+    assert record["collect_2bit_over_bf16_tokens_per_s"] == same["two_bit_over_bf16"] > 0
     assert stages["train detector"]["positions_per_s"] > 0
 
 
@@ -121,13 +125,11 @@ def test_the_collection_takes_the_tile_the_linears_stage_found_faster_at_its_bat
     assert script.choose_tile({"us_per_layer": {"64": {"bf16": 1.0}}}, 64) is None
 
 
-def test_the_bf16_collection_is_given_the_2bit_time_less_what_its_linears_save():
+def test_the_bf16_collection_runs_the_steps_the_time_left_holds():
     script = rehearsal_script()
-    timed = {"layers": 36, "us_per_layer": {"16": {"bf16": 130.0, "fused, tiles of 64": 99.0},
-                                            "64": {"bf16": 150.0, "fused, tiles of 64": 400.0}}}
-    # 250 us a layer, 36 layers, 8,192 steps: 73.7 s less than the 2-bit collection's 300 s
-    assert abs(script.bf16_estimate(300.0, timed, 64, 64, 8192) - (300.0 - 8192 * 36 * 250e-6)) < 1e-6
-    assert script.bf16_estimate(300.0, {}, None, 64, 8192) == 270.0  # no linears stage: 0.9x
-    assert script.bf16_estimate(300.0, timed, 64, 16, 8192) == 300.0 + 8192 * 36 * 31e-6  # bf16 slower here
-    timed["us_per_layer"]["64"]["bf16"] = 0.0
-    assert script.bf16_estimate(100.0, timed, 64, 64, 8192) == 50.0  # never below half
+    marks = [(step, step * 0.03) for step in range(0, 8192, 256)] + [(8191, 8191 * 0.03)]  # 30 ms a step
+    assert script.seconds_to_step(marks, 4096) == 4096 * 0.03
+    assert script.seconds_to_step(marks, 100) is None  # not a marked step
+    assert script.bf16_budget(marks, 8192, 400.0) == 8192  # 1.05 x 245.7 s + 30 s fits
+    assert script.bf16_budget(marks, 8192, 200.0) == 5120  # 1.05 x 153.6 + 30 = 191.3 s; 5,632 steps need 207.4
+    assert script.bf16_budget(marks, 8192, 40.0) == 0  # not even 512 steps

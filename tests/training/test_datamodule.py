@@ -277,3 +277,39 @@ def test_more_workers_than_shards_split_the_shards_and_cover_every_position_once
     targets = torch.cat([t for _, t in loader])
     assert targets.shape[0] == single.counts["train"]["positions"]
     assert int(targets[:, 0].sum()) == single.counts["train"]["loop_within_h_positives"]
+
+
+def test_runs_of_traces_within_a_byte_limit_give_the_same_batches(planted, tmp_path):
+    """The GPU feature path reads a shard in runs of traces whose features fit `GPU_PLAN_BYTES`: every
+    run stays under the limit (unless one trace exceeds it), and the runs give the same validation
+    batches, in the same order, and the same training positions as whole shards."""
+    from training.datamodule import _PositionStream, _split_plans_by_bytes
+
+    data = TraceDataModule(synthetic_config(tmp_path), planted)
+    data.setup()
+    row_bytes = 4 * data.recipe.feature_dim
+    limit = 40 * row_bytes  # a few traces per run
+    for plans in (data.val_plans, data.train_plans):
+        runs = _split_plans_by_bytes(plans, data.recipe.feature_dim, limit)
+        assert len(runs) > len(plans)
+        assert [(r.path, row) for r in runs for row in r.rows] == [(p.path, row) for p in plans for row in p.rows]
+        for run in runs:
+            features = torch.cat([f for f, _ in _PositionStream([run], data.recipe, data.stats, HORIZON, 10**6,
+                                                                False)])
+            assert len(run.rows) == 1 or features.numel() * 4 <= limit
+    runs = _split_plans_by_bytes(data.val_plans, data.recipe.feature_dim, limit)
+    stream = _PositionStream(runs, data.recipe, data.stats, HORIZON, 128, shuffle=False, device="cpu")
+    assert torch.equal(torch.cat([f for f, _ in stream]), torch.cat([f for f, _ in data.val_dataloader()]))
+    runs = _split_plans_by_bytes(data.train_plans, data.recipe.feature_dim, limit)
+    shuffled = list(_PositionStream(runs, data.recipe, data.stats, HORIZON, 128, shuffle=True, device="cpu"))
+    targets = torch.cat([t for _, t in shuffled])
+    assert targets.shape[0] == data.counts["train"]["positions"]
+    assert int(targets[:, 0].sum()) == data.counts["train"]["loop_within_h_positives"]
+
+
+def test_feature_device_is_the_cpu_without_a_gpu_or_when_asked(planted, tmp_path, monkeypatch):
+    data = TraceDataModule(synthetic_config(tmp_path, **{"detector.feature_device": "cpu"}), planted)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert data.feature_device.type == "cpu"
+    with pytest.raises(Exception, match="feature_device"):
+        synthetic_config(tmp_path, **{"detector.feature_device": "tpu"})
