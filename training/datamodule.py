@@ -64,6 +64,11 @@ class ShardPlan:
     trace_ids: list[str]
     labels: list[TraceLabels]
 
+    def part(self, start: int, end: int) -> ShardPlan:
+        """The plan of its traces start..end-1 (the same shard, only their rows)."""
+        return ShardPlan(path=self.path, rows=self.rows[start:end], trace_ids=self.trace_ids[start:end],
+                         labels=self.labels[start:end])
+
 
 @dataclass
 class TraceExample:
@@ -227,8 +232,7 @@ def _split_plans(plans: list[ShardPlan], parts: int) -> list[ShardPlan]:
     split = []
     for plan in plans:
         size = -(-len(plan.rows) // parts)
-        split += [ShardPlan(path=plan.path, rows=plan.rows[i : i + size], trace_ids=plan.trace_ids[i : i + size],
-                            labels=plan.labels[i : i + size]) for i in range(0, len(plan.rows), size)]
+        split += [plan.part(i, i + size) for i in range(0, len(plan.rows), size)]
     return split
 
 
@@ -239,18 +243,15 @@ def _split_plans_by_bytes(plans: list[ShardPlan], feature_dim: int, limit: int) 
     for plan in plans:
         shard = read_shard(plan.path, with_hidden=False)
         offsets = shard["capture_offsets"]
-        run, held = [], 0
+        start, held = 0, 0
         for index, row in enumerate(plan.rows):
             size = 4 * feature_dim * int(offsets[row + 1] - offsets[row])
-            if run and held + size > limit:
-                split.append(ShardPlan(path=plan.path, rows=[plan.rows[i] for i in run],
-                                       trace_ids=[plan.trace_ids[i] for i in run], labels=[plan.labels[i] for i in run]))
-                run, held = [], 0
-            run.append(index)
+            if index > start and held + size > limit:
+                split.append(plan.part(start, index))
+                start, held = index, 0
             held += size
-        if run:
-            split.append(ShardPlan(path=plan.path, rows=[plan.rows[i] for i in run],
-                                   trace_ids=[plan.trace_ids[i] for i in run], labels=[plan.labels[i] for i in run]))
+        if plan.rows:
+            split.append(plan.part(start, len(plan.rows)))
     return split
 
 
@@ -266,8 +267,7 @@ def _plan_examples(plan, recipe, stats, horizon, device: torch.device = torch.de
         low = spans[0][0]
         all_positions = handle.get_tensor("positions").long()
         hidden = handle.get_slice("hidden")[low : spans[-1][1]]  # only the rows of the plan's traces
-    if device.type != "cpu":
-        hidden, all_positions = hidden.to(device, non_blocking=True), all_positions.to(device)
+    hidden, all_positions = hidden.to(device), all_positions.to(device)  # no copy on the CPU
     features = torch.empty(sum(c1 - c0 for c0, c1 in spans), recipe.feature_dim, device=device)
     targets, at = [], 0
     for (c0, c1), trace_labels in zip(spans, plan.labels):
@@ -444,9 +444,9 @@ class TraceDataModule(L.LightningDataModule):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _stream(self, plans: list[ShardPlan], shuffle: bool, device: torch.device | None = None) -> _PositionStream:
+    def _stream(self, plans: list[ShardPlan], shuffle: bool, device: str | torch.device = "cpu") -> _PositionStream:
         return _PositionStream(plans, self.recipe, self.stats, self.config.labels.horizon,
-                               self.config.detector.batch_size, shuffle, device or torch.device("cpu"))
+                               self.config.detector.batch_size, shuffle, device)
 
     def _loader(self, plans: list[ShardPlan], shuffle: bool) -> DataLoader:
         device = self.feature_device
