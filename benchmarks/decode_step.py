@@ -41,7 +41,7 @@ from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, st
 
 from inference.decoding.attention import DECODE_ATTENTIONS, use_decode_attention  # noqa: E402
 from inference.decoding.generate import Sampler  # noqa: E402
-from inference.decoding.kernels import Fused2BitLinear, gptq2_matmul  # noqa: E402
+from inference.decoding.kernels import Fused2BitLinear  # noqa: E402
 from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
 from inference.decoding.steps import DynamicSteps, StaticSteps  # noqa: E402
 
@@ -149,43 +149,6 @@ def linears_seconds(layers: list[list], rows: int, dtype=torch.bfloat16) -> floa
     device = "cuda" if CUDA else "cpu"
     inputs = {k: torch.randn(rows, k, device=device, dtype=dtype) for k in {m.in_features for ms in layers for m in ms}}
     return timed(lambda: [m(inputs[m.in_features]) for ms in layers for m in ms])
-
-
-class SumsKernel(nn.Module):
-    """A Fused2BitLinear's kernel with its split-K partial sums added by a second kernel, as before
-    2026-12-06 (no counters): the baseline of `--sums-kernel-too`."""
-
-    def __init__(self, fused: Fused2BitLinear):
-        super().__init__()
-        self.gptq, self.in_features = fused.gptq, fused.in_features
-
-    def forward(self, x):
-        gptq = self.gptq
-        return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias)
-
-
-def sums_in_second_kernel(model, on: bool) -> None:
-    """Every Fused2BitLinear of `model` runs its split-K sums as a second kernel (on) or in the
-    kernel's last program (off: its own counters, the default)."""
-    for module in model.modules():
-        if isinstance(module, Fused2BitLinear):
-            if on:
-                module.kept_counters, module.split_counters = module.split_counters, None
-            elif getattr(module, "kept_counters", None) is not None:
-                module.split_counters, module.kept_counters = module.kept_counters, None
-
-
-def sums_agreement(linears: list, rows: int, dtype) -> dict:
-    """For one layer's Fused2BitLinears: the largest difference between the sums in the last program and
-    in a second kernel, relative to the output's largest value, and whether two calls agree bit for bit."""
-    device = "cuda" if CUDA else "cpu"
-    largest, repeatable = 0.0, True
-    for fused in linears:
-        x = torch.randn(rows, fused.in_features, device=device, dtype=dtype)
-        one, two, other = fused(x), fused(x), SumsKernel(fused)(x)
-        repeatable &= torch.equal(one, two)
-        largest = max(largest, float((one.float() - other.float()).abs().max() / other.float().abs().max()))
-    return {"largest_relative_difference": largest, "bit_identical_reruns": repeatable}
 
 
 class GemLiteA16W2(nn.Module):
@@ -380,9 +343,6 @@ def main():
                         help="most rows the fused linears run through the kernel, up to kernels.MAX_ROWS (64) a call "
                         "(default inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before "
                         "2026-12-02)")
-    parser.add_argument("--sums-kernel-too", action="store_true",
-                        help="also time the 2-bit steps (graph, not compiled) and linears with the split-K sums in a "
-                        "second kernel, as before 2026-12-06, side by side")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which optional sections are skipped")
     parser.add_argument("--out", default="decode-step.json")
     args = parser.parse_args()
@@ -449,14 +409,6 @@ def main():
                                                              windowed=windowed), row)
                 report["steps"].append(row)
             use_decode_attention(model, args.attention[0])
-            if bits == 2 and args.sums_kernel_too:
-                row = {"precision": precision, "kernel": "fused, sums kernel", "batch": batch, "context": args.context,
-                       "cache": args.context + args.steps + 8, "windowed": True, "attention": args.attention[0],
-                       "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
-                sums_in_second_kernel(model, True)
-                guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps), row)
-                sums_in_second_kernel(model, False)
-                report["steps"].append(row)
         compiles = [(batch, attention) for batch in args.compile_batches for attention in args.attention]
         for batch, attention in compiles if "compile" not in args.skip and CUDA else ():
             if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
@@ -477,13 +429,6 @@ def main():
             guarded(f"{kernel}_rows{rows}", lambda: {"seconds_per_layer": linears_seconds(linears, rows, model.dtype)
                                                      / len(linears),
                                                      "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
-            if bits == 2 and args.sums_kernel_too:
-                baseline = [[SumsKernel(m) for m in ms] for ms in linears]
-                guarded(f"rows{rows}", lambda: sums_agreement(linears[0], rows, model.dtype),
-                        report.setdefault("sums_agreement", {}))
-                guarded(f"fused-sums-kernel_rows{rows}",
-                        lambda: {"seconds_per_layer": linears_seconds(baseline, rows, model.dtype) / len(linears),
-                                 "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
     layers_watched = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
     if "probe" not in args.skip and CUDA:
         def probe_overhead():
@@ -589,8 +534,6 @@ def tables(report: dict) -> str:
             continue
         lines.append(f"| {name} | {rows} | {value['seconds_per_layer'] * 1e6:.1f} | {value['floor_seconds'] * 1e6:.1f} "
                      f"| {value['seconds_per_layer'] / value['floor_seconds']:.2f} |")
-    for rows, value in report.get("sums_agreement", {}).items():
-        lines.append(f"sums in the last program against a second kernel, {rows}: {value}")
     return "\n".join(lines)
 
 

@@ -42,11 +42,9 @@ arithmetic, is what costs, and each layer is too small to fill an H100 without c
   unpacked once for the whole batch.
 - A layer's few thousand 4 KB tiles are too little work per column block to keep HBM busy with
   one program per block, so K is split too (split-K) until there are about three programs per
-  H100 SM (`launch_plan`), each prefetching its next tile while it unpacks the current one. The
-  last program of an N block to finish (an atomic count per block) adds the block's float32
-  partial sums in split order and writes the output, so the sums do not cost a second launch and
-  reruns agree bit for bit (no atomic adds of values). Without counters a second small kernel adds
-  them. With one split the kernel writes the output itself.
+  H100 SM (`launch_plan`), each prefetching its next tile while it unpacks the current one; a
+  second small kernel adds the float32 partial sums in a fixed order (no atomics, so reruns agree
+  bit for bit). With one split the kernel writes the output itself.
 """
 
 from __future__ import annotations
@@ -96,20 +94,17 @@ def _jit(kernel):
 # (the interpreter recognises that one and sums with numpy).
 @_jit
 def _gptq2_matmul_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr,
     M, N, K, group_size, zeros_stride, split_k, top_exponent_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_OFFSETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LAST_SUMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """x[:M] @ W[:, n block] over the K tiles pid_k, pid_k + split_k, ... of this program.
 
     Grid (N / BLOCK_N, split_k). BLOCK_M == 1: one row, on the FMA units; else tl.dot. BLOCK_K
     divides G (or there is one group), so each tile needs one row of scales and zeros. split_k == 1:
-    writes out [M, N] in its dtype, bias added; else the float32 partial sums [split_k, M, N], and
-    with LAST_SUMS the last program of an N block to finish (counted in counter_ptr[pid_n], which it
-    sets back to 0) adds that block's partial sums in split order and writes out, so no second kernel
-    runs.
+    writes out [M, N] in its dtype, bias added; else the float32 partial sums [split_k, M, N].
     FOLD_OFFSETS: subtract the 2**e offsets once per tile from the sums (cheap, but the cancellation
     costs about 2**-17 relative accuracy; fine for 16-bit x) rather than from every weight (exact,
     for float32 x). top_exponent_bits is (exponent bias + 6) << MANTISSA_BITS, passed at run time
@@ -210,22 +205,7 @@ def _gptq2_matmul_kernel(
             acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tile = rows[:, None] * N + cols[None, :]
-        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mask)
-        if LAST_SUMS:
-            # Every thread's partial sums are stored before the count goes up (bar.sync, then one
-            # thread's release at GPU scope); the last program acquires them all and reads them past
-            # L1, which may still hold this buffer's lines from an earlier call.
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if done == split_k - 1:
-                total = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-                for split in range(0, split_k):  # split order, whichever program came last: bit-stable
-                    total += tl.load(partial_ptr + split * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next call
+        tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @_jit
@@ -292,20 +272,13 @@ def launch_plan(rows: int, K: int, N: int, group_size: int) -> dict:
 
 
 def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None = None,
-                 counters: torch.Tensor | None = None) -> torch.Tensor:
+                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W [K, N] (+ bias) for 2-bit GPTQ buffers (layout in the module docstring), in x's dtype.
 
     For at most MAX_ROWS rows of x. No host sync and no branch on tensor values, so a CUDA graph
     can capture it (after one eager call per shape has compiled the kernels). Split-K partial sums
     are added in a fixed order rather than with atomics, so the result does not vary from run to
     run (greedy traces stay reproducible). float32 x multiplies in full float32 (no TF32).
-
-    counters: int32 zeros, at least `split_counter_count(K, N, group_size)` of them, on x's device
-    (`Fused2BitLinear` holds its own). With them, the last program of each N block adds the split-K
-    partial sums and the call is one kernel; without, a second kernel adds them. The kernel leaves
-    them at zero, so they serve every later call in the same stream; two calls running at once
-    (two streams) must not share them.
     """
     if triton is None:
         raise RuntimeError("gptq2_matmul needs Triton, which is not installed")
@@ -330,30 +303,18 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                          f"{qweight.device}, {qzeros.device}, {scales.device}")
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise ValueError(f"gptq2_matmul: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
-    if counters is not None and (counters.dtype != torch.int32 or counters.device != x.device
-                                 or counters.numel() < split_counter_count(K, N, group_size)):
-        raise ValueError(f"gptq2_matmul: counters must be at least {split_counter_count(K, N, group_size)} int32 "
-                         f"zeros on {x.device}, got {counters.numel()} {counters.dtype} on {counters.device}")
 
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     x2d = x.reshape(rows, K).contiguous()
     plan = launch_plan(rows, K, N, group_size)
-    _launch(x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), bias, out, group_size, plan,
-            counters)
+    _launch(x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), bias, out, group_size, plan)
     return out
 
 
-def split_counter_count(K: int, N: int, group_size: int) -> int:
-    """How many counters `gptq2_matmul` needs for a [K, N] weight: one per N block, which `launch_plan`
-    chooses from the shape alone, whatever the rows."""
-    return launch_plan(1, K, N, group_size)["grid"][0]
-
-
 def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor, group_size: int, plan: dict,
-            counters: torch.Tensor | None = None) -> None:
+            bias: torch.Tensor | None, out: torch.Tensor, group_size: int, plan: dict) -> None:
     """Runs `plan` for x [rows, K] into out [..., N] (checked and contiguous inputs)."""
     rows, K = x.shape
     N = qweight.shape[1]
@@ -364,16 +325,14 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     # models; 16-bit x: the cheaper folded offsets, far more accurate than x's own rounding.
     exact = x.dtype == torch.float32
     partial = out if split_k == 1 else torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device)
-    last_sums = split_k > 1 and counters is not None
     _gptq2_matmul_kernel[plan["grid"]](
         x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
-        counters if last_sums else qzeros,
         rows, N, K, group_size, qzeros.shape[1], split_k, (exponent_bias + 6) << mantissa_bits,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], MANTISSA_BITS=mantissa_bits,
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
-        LAST_SUMS=last_sums, num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
-    if split_k > 1 and not last_sums:
+    if split_k > 1:
         numel, splits = rows * N, triton.next_power_of_2(split_k)
         block = max(32, 4096 // splits)  # a [splits, block] tile of 16 KB or less per program
         _sum_splits_kernel[(triton.cdiv(numel, block),)](
@@ -402,10 +361,6 @@ class Fused2BitLinear(nn.Module):
         self.gptq = gptq
         self.in_features = gptq.in_features
         self.out_features = gptq.out_features
-        # The split-K counters of gptq2_matmul (one kernel per call); not in the state dict.
-        count = split_counter_count(gptq.in_features, gptq.out_features, gptq.group_size)
-        self.register_buffer("split_counters", torch.zeros(count, dtype=torch.int32, device=gptq.qweight.device),
-                             persistent=False)
 
     @classmethod
     def from_gptq(cls, module: nn.Module) -> Fused2BitLinear:
@@ -440,11 +395,10 @@ class Fused2BitLinear(nn.Module):
             return self.gptq(x)
         gptq = self.gptq
         if rows <= MAX_ROWS:
-            return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias,
-                                counters=self.split_counters)
+            return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias)
         flat = x.reshape(rows, x.shape[-1])
         parts = [gptq2_matmul(flat[start:start + MAX_ROWS], gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size,
-                              bias=gptq.bias, counters=self.split_counters) for start in range(0, rows, MAX_ROWS)]
+                              bias=gptq.bias) for start in range(0, rows, MAX_ROWS)]
         return torch.cat(parts).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

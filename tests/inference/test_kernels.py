@@ -122,47 +122,6 @@ def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kerne
     torch.testing.assert_close(fused, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_gptq2_matmul_with_counters_sums_the_splits_in_its_own_last_program(kernels, monkeypatch, rows):
-    """With counters, 3 splits of 8 K tiles: no second kernel, the last program of each N block adds
-    the partial sums and the bias, and leaves the counters at zero for the next call (here, with
-    other values), the way a CUDA graph replays it."""
-    module = random_2bit_linear(512, 160, group_size=64, bias=True)
-    split_k_ways(kernels, monkeypatch, 3)
-    monkeypatch.setattr(kernels, "_sum_splits_kernel", NotLaunched())
-    counters = torch.zeros(kernels.split_counter_count(512, 160, 64), dtype=torch.int32)
-    assert counters.numel() == kernels.launch_plan(rows, 512, 160, 64)["grid"][0] > 1
-
-    for seed in (0, 1):
-        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(seed))
-        fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size,
-                                     bias=module.bias, counters=counters)
-        torch.testing.assert_close(fused, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
-        assert counters.eq(0).all()
-
-
-@pytest.mark.parametrize("short, dtype, problem", [(1, torch.int32, "at least 3"), (0, torch.int64, "torch.int64")])
-def test_gptq2_matmul_rejects_counters_too_few_or_not_int32(kernels, short, dtype, problem):
-    module = random_2bit_linear(512, 160, group_size=64)
-    count = kernels.split_counter_count(512, 160, 64)
-    assert count == 3  # 160 columns in N blocks of 64
-    counters = torch.zeros(count - short, dtype=dtype)
-    with pytest.raises(ValueError, match=problem):
-        kernels.gptq2_matmul(torch.randn(1, 512), module.qweight, module.qzeros, module.scales, 64, counters=counters)
-
-
-def test_fused_linear_holds_its_counters_outside_the_state_dict(kernels, monkeypatch):
-    module = random_2bit_linear(512, 160, group_size=64, bias=True)
-    fused = kernels.Fused2BitLinear.from_gptq(module)
-    split_k_ways(kernels, monkeypatch, 4)
-    monkeypatch.setattr(kernels, "_sum_splits_kernel", NotLaunched())
-    x = torch.randn(2, 512)
-
-    torch.testing.assert_close(fused(x), x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
-    assert fused.split_counters.dtype == torch.int32 and fused.split_counters.eq(0).all()
-    assert not any(name.endswith("split_counters") for name in fused.state_dict())
-
-
 @pytest.mark.parametrize("shape", [(2, 8, 128), (1, 1, 128)])
 def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, shape):
     module = random_2bit_linear(128, 64, group_size=32, bias=True)
