@@ -361,6 +361,8 @@ class PretrainConfig:
         "longest trace in characters (longer draws are redrawn)", min=50))
     close_slips: bool = field(default=False, metadata=_help(
         "the slips verification must catch are off by one only (passes differ in one digit)"))
+    verify_steps: int = field(default=0, metadata=_help(
+        "steps a verification pass restates: 0 for the whole chain, n for its last n", min=0))
 
     def trace_style(self):
         """The `training.arith.TraceStyle` these fields describe (its fields not named here keep their defaults)."""

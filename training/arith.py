@@ -74,12 +74,17 @@ class TraceStyle:
     close_slips: bool = False
     """Uncorrected slips (the ones verification passes must catch) are off by one only, so an
     agreeing and a disagreeing pass differ in one digit of their result."""
+    verify_steps: int = 0
+    """Steps a verification pass restates: 0 for the whole chain; n for its last n steps only, which
+    makes passes short and alike, so more of them fit in `max_trace_chars`."""
 
     def __post_init__(self) -> None:
         for name in ("slip_rate", "recheck_rate", "verify_rate", "final_slip_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"TraceStyle.{name} must be in [0, 1), got {rate}")
+        if self.verify_steps < 0:
+            raise ValueError(f"TraceStyle.verify_steps must be 0 (the whole chain) or more, got {self.verify_steps}")
         if self.max_verification_passes < 1:
             raise ValueError(
                 f"TraceStyle.max_verification_passes must be at least 1, got {self.max_verification_passes}"
@@ -262,11 +267,11 @@ def _slipped(rng: random.Random, operation: Operation, value: int, avoid: set[in
     return rng.choice(sorted(candidates - avoid - {result}))
 
 
-def _verification_pass(chain: ArithChain, last_result: int) -> str:
+def _verification_pass(chain: ArithChain, last_result: int, steps: int = 0) -> str:
     values = chain.values
     lines = [o.step_line(v, r) for o, v, r in zip(chain.operations, values, values[1:])]
     lines[-1] = chain.operations[-1].step_line(values[-2], last_result)
-    return ", ".join(lines)
+    return ", ".join(lines[-steps:] if steps else lines)
 
 
 def write_trace(chain: ArithChain, rng: random.Random, style: TraceStyle | None = None) -> str:
@@ -336,7 +341,7 @@ def _draw_trace(chain: ArithChain, rng: random.Random, style: TraceStyle) -> str
                 result = _slipped(rng, chain.operations[-1], values[-2], avoid={previous}, close=style.close_slips)
             else:
                 result = answer
-            lines.append(f"{opening}: {_verification_pass(chain, result)}.")
+            lines.append(f"{opening}: {_verification_pass(chain, result, style.verify_steps)}.")
             if result == previous:
                 lines.append(f"That gives {result}, as before.")
                 break

@@ -274,3 +274,24 @@ def test_close_slips_make_disagreeing_passes_differ_by_one():
             target.update(abs(result - chain.answer) for result in [chain_result, *pass_results])
     assert offsets == {0, 1}  # every uncorrected slip is off by one, and some were drawn
     assert len(wide_offsets) > 2  # the default draws wider slips (two, ten, an operand)
+
+
+def test_verify_steps_restates_only_the_last_steps_in_each_pass():
+    style = TraceStyle(verify_rate=0.9, final_slip_rate=0.6, max_verification_passes=12, max_trace_chars=50000,
+                       verify_steps=1)
+    whole = dataclasses.replace(style, verify_steps=0)
+    verified = 0
+    for index in range(200):
+        chain = arith_chain("train", index)
+        short, full = (write_trace(chain, random.Random(index), s).splitlines() for s in (style, whole))
+        passes = [PASS.match(line).group(1) for line in short if PASS.match(line)]
+        full_passes = [PASS.match(line).group(1) for line in full if PASS.match(line)]
+        assert len(passes) == len(full_passes)  # the same draws: only the passes' text differs
+        for restated, complete in zip(passes, full_passes):
+            assert ", " not in restated and complete.endswith(restated)
+            last = chain.operations[-1]
+            assert restated.startswith(f"{chain.values[-2]} {last.op} {last.operand} = ")
+        verified += bool(passes)
+    assert verified > 100
+    with pytest.raises(ValueError, match="verify_steps"):
+        TraceStyle(verify_steps=-1)
