@@ -21,6 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def benchmark_script(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package), e.g. benchmark_script("rehearsal")."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tiny_qwen3(folder: Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
     """Save a random Qwen3ForCausalLM plus the embedded tokenizer into `folder`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

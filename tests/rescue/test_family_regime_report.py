@@ -1,20 +1,11 @@
-import importlib.util
 import shutil
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import REPO_ROOT as ROOT
+from conftest import benchmark_script
+
 RECORD = ROOT / "docs" / "regime" / "regime-tiny-m-seed1.json"
 
-
-def load_script(name: str):
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main = load_script("family_regime").main
+main = benchmark_script("family_regime").main
 
 
 def test_report_redraws_beside_the_record_under_its_own_name(tmp_path, capsys):

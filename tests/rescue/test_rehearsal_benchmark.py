@@ -1,23 +1,14 @@
 """benchmarks/rehearsal.py's measurements on a tiny random model (the GPU run's code path, on the CPU)."""
 
-import importlib.util
 import json
 
-
-from conftest import REPO_ROOT
-
-
-def rehearsal_script():
-    spec = importlib.util.spec_from_file_location("rehearsal_benchmark", REPO_ROOT / "benchmarks" / "rehearsal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script
 
 
 def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(tiny_model_dir, monkeypatch):
     from inference.decoding.models import load_full_precision
 
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     model, tokenizer = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
     budgets = []
     real_generate = __import__("inference.decoding.generate", fromlist=["generate"]).generate
@@ -39,7 +30,7 @@ def test_time_decode_stops_after_the_steps_asked_with_the_full_budget_allocated(
 
 
 def test_timing_labels_give_the_detector_both_classes(tmp_path):
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     labels = {"length": 100, "loop_onset": None, "loop_period": None, "budget_exhausted": True,
               "unclosed_think": True, "committed": False, "first_candidate_pos": None, "delayed_commitment": False,
               "correct": False, "fails_to_commit": True}
@@ -62,7 +53,7 @@ def test_the_bf16_comparison_collects_as_many_prompts_as_one_batch_holds(tiny_mo
     from inference.decoding.models import load_tokenizer
     from inference.prompts import render_prompt
 
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     rows = [{"unique_id": f"p{i}", "problem": f"What is {i} + {i}?" + " Think." * i, "answer": str(2 * i)}
             for i in range(8)]
     bench = tmp_path / "math500.jsonl"
@@ -91,7 +82,7 @@ def test_the_rehearsal_runs_every_stage_of_the_large_shape_with_the_bf16_compari
     data = tmp_path / "math500.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     results = tmp_path / "rehearsal.json"
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     assert script.main(["--data", str(data), "--out", str(tmp_path / "work"), "--results", str(results), "--tiny",
                         "--shapes", "qwen3-8b", "--collect-large", "--collect-bf16", "--budget", "64",
                         "--batch-size", "8", "--collect-prompts", "8", "--decode-budgets", "",
@@ -114,7 +105,7 @@ def test_the_rehearsal_runs_every_stage_of_the_large_shape_with_the_bf16_compari
 
 
 def test_the_collection_takes_the_tile_the_linears_stage_found_faster_at_its_batch():
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     timed = {"us_per_layer": {"16": {"bf16": 130.0, "fused, tiles of 64": 99.0, "fused, tiles of 16": 99.5},
                               "64": {"bf16": 150.0, "fused, tiles of 64": 210.0, "fused, tiles of 16": 380.0},
                               "86": {"bf16": 160.0, "fused, tiles of 64": 400.0, "fused, tiles of 16": 390.0}}}
@@ -126,7 +117,7 @@ def test_the_collection_takes_the_tile_the_linears_stage_found_faster_at_its_bat
 
 
 def test_the_bf16_collection_runs_the_steps_the_time_left_holds():
-    script = rehearsal_script()
+    script = benchmark_script("rehearsal")
     marks = [(step, step * 0.03) for step in range(0, 8192, 256)] + [(8191, 8191 * 0.03)]  # 30 ms a step
     assert script.seconds_to_step(marks, 4096) == 4096 * 0.03
     assert script.seconds_to_step(marks, 100) is None  # not a marked step

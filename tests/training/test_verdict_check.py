@@ -1,10 +1,9 @@
 """benchmarks/verdict_check.py: verdicts drawn in the style a model was trained on."""
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import benchmark_script
 
 from inference.errors import RescueError
 from training.tokenizer import build_tokenizer
@@ -12,10 +11,7 @@ from training.tokenizer import build_tokenizer
 
 @pytest.fixture(scope="module")
 def verdict_check():
-    spec = importlib.util.spec_from_file_location("verdict_check", REPO_ROOT / "benchmarks" / "verdict_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("verdict_check")
 
 
 def test_style_from_a_pretrain_record_writes_the_verdicts_in_that_style(verdict_check, tmp_path):
