@@ -13,6 +13,9 @@ In one process, for the shape's bf16 model and then its 2-bit twin (random weigh
 - the linears of one decoder layer (the 36 layers' in turn, so no weight is in L2 twice) at 1, 4 and
   16 rows: bf16 cuBLAS, the fused kernel and GemLite's A16W2 (HQQ format, the same codes, scales and
   zero points), with each kernel's error against the float32 product;
+- the fused kernel with q, k, v in one call and gate, up in one (`Grouped2BitLinear`), and each 2-bit
+  linear and grouped call alone against its floor (`per_linear`), at the same row counts; last, the 2-bit
+  step with its projections grouped so (`group_2bit_projections`), uncompiled and compiled;
 - the probe's overhead inside the 2-bit step, collection's tokens per second with capture and
   without, and that the windowed graphs choose the dynamic path's greedy tokens (embedded tiny-s).
 
@@ -41,7 +44,7 @@ from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, st
 
 from inference.decoding.attention import DECODE_ATTENTIONS, use_decode_attention  # noqa: E402
 from inference.decoding.generate import Sampler  # noqa: E402
-from inference.decoding.kernels import Fused2BitLinear  # noqa: E402
+from inference.decoding.kernels import Fused2BitLinear, Grouped2BitLinear, group_2bit_projections  # noqa: E402
 from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
 from inference.decoding.steps import DynamicSteps, StaticSteps  # noqa: E402
 
@@ -149,6 +152,35 @@ def linears_seconds(layers: list[list], rows: int, dtype=torch.bfloat16) -> floa
     device = "cuda" if CUDA else "cpu"
     inputs = {k: torch.randn(rows, k, device=device, dtype=dtype) for k in {m.in_features for ms in layers for m in ms}}
     return timed(lambda: [m(inputs[m.in_features]) for ms in layers for m in ms])
+
+
+def grouped_layer(layer) -> list[nn.Module]:
+    """A layer's 2-bit linears as four kernel calls: q, k and v in one (Grouped2BitLinear), o, gate and up
+    in one, down."""
+    q, k, v, o, gate, up, down = layer_linears(layer)
+    return [Grouped2BitLinear([q, k, v]), o, Grouped2BitLinear([gate, up]), down]
+
+
+def packed_bytes(module) -> int:
+    """Bytes a 2-bit linear's kernel call must read: packed codes, zero points and scales."""
+    buffers = module.gptq if isinstance(module, Fused2BitLinear) else module
+    return sum(t.numel() * t.element_size() for t in (buffers.qweight, buffers.qzeros, buffers.scales))
+
+
+def per_linear_seconds(linears: list[list], grouped: list[list], rows_list, dtype, bandwidth: float) -> dict:
+    """Microseconds per layer of each 2-bit linear alone and of each grouped call (every layer's in turn,
+    one CUDA graph), with its floor: where a layer's linear time goes at each row count."""
+    result = {}
+    named = [(name, [layer[index] for layer in linears]) for index, name in enumerate(LINEAR_NAMES)]
+    named += [(name, [layer[index] for layer in grouped]) for index, name in ((0, "qkv grouped"), (2, "gate_up grouped"))]
+    for name, modules in named:
+        floor = packed_bytes(modules[0]) / bandwidth
+        result[name] = {"floor_us": floor * 1e6}
+        for rows in rows_list:
+            seconds = linears_seconds([[m] for m in modules], rows, dtype) / len(modules)
+            result[name][f"rows_{rows}_us"] = seconds * 1e6
+        print("per linear", name, result[name], flush=True)
+    return result
 
 
 class GemLiteA16W2(nn.Module):
@@ -332,7 +364,7 @@ def main():
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
-                        "gemlite, probe, collection, agreement, compile")
+                        "grouped, gemlite, probe, collection, agreement, compile")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
@@ -429,6 +461,16 @@ def main():
             guarded(f"{kernel}_rows{rows}", lambda: {"seconds_per_layer": linears_seconds(linears, rows, model.dtype)
                                                      / len(linears),
                                                      "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
+        if bits == 2 and "grouped" not in args.skip and "linears" not in args.skip and left() > 60:
+            grouped = [grouped_layer(layer) for layer in model.model.layers]
+            for rows in args.rows:
+                guarded(f"fused-grouped_rows{rows}", lambda: {
+                    "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
+                    "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
+            guarded("per_linear", lambda: per_linear_seconds(linears, grouped, args.rows, model.dtype, bandwidth))
+            del grouped
+            if CUDA:
+                torch.cuda.empty_cache()
     layers_watched = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
     if "probe" not in args.skip and CUDA:
         def probe_overhead():
@@ -463,6 +505,21 @@ def main():
                     break
             return result
         guarded("gemlite", gemlite_section)
+    if "grouped" not in args.skip and report.get("quantized_linears") and left() > 30:
+        # The 2-bit step again with q/k/v and gate/up as one kernel call each (group_2bit_projections).
+        report["grouped_projections"] = group_2bit_projections(model)
+        points = [(batch, False) for batch in args.batches]
+        points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
+        for batch, compiled in points:
+            if left() < (150 if compiled else 20):
+                break
+            row = {"precision": "2bit", "kernel": "fused grouped" + (" + compile" if compiled else ""), "batch": batch,
+                   "context": args.context, "cache": args.context + args.steps + 8, "windowed": True,
+                   "attention": args.attention[0],
+                   "floor_seconds": decode_step_bytes(spec, 2, 128, batch, args.context)["total"] / bandwidth}
+            guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
+                                                         timings=row if compiled else None), row)
+            report["steps"].append(row)
     save()
     print(tables(report))
 
@@ -534,6 +591,14 @@ def tables(report: dict) -> str:
             continue
         lines.append(f"| {name} | {rows} | {value['seconds_per_layer'] * 1e6:.1f} | {value['floor_seconds'] * 1e6:.1f} "
                      f"| {value['seconds_per_layer'] / value['floor_seconds']:.2f} |")
+    per_linear = report.get("per_linear", {})
+    if per_linear and "error" not in per_linear:
+        rows_keys = [key for key in next(iter(per_linear.values())) if key.startswith("rows_")]
+        lines += ["", "| 2-bit call | floor us | " + " | ".join(f"{key[5:-3]} rows us (x floor)" for key in rows_keys) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in rows_keys) + " |"]
+        for name, value in per_linear.items():
+            cells = " | ".join(f"{value[key]:.1f} ({value[key] / value['floor_us']:.1f}x)" for key in rows_keys)
+            lines.append(f"| {name} | {value['floor_us']:.2f} | {cells} |")
     return "\n".join(lines)
 
 

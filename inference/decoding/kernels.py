@@ -405,6 +405,109 @@ class Fused2BitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.gptq.group_size}"
 
 
+class Grouped2BitLinear(nn.Module):
+    """Several Fused2BitLinear of one input (a layer's q, k and v projections, or gate and up) as one
+    fused-kernel call: their packed buffers concatenated along N, the product split back.
+
+    One launch (and one split-K sum) instead of one per member: at one row the small projections
+    (k_proj and v_proj of Qwen3-8B read 1 MB each) cost their launches, not their bytes. The
+    concatenated buffers are a copy: the members keep theirs for prefill. Every member needs the
+    same in_features and group size, a multiple of 16 outputs (a qzeros word packs 16 columns) and a
+    bias either in all members or in none.
+    """
+
+    def __init__(self, members: list[Fused2BitLinear]):
+        super().__init__()
+        if not members:
+            raise ValueError("Grouped2BitLinear: no members to group")
+        for member in members:
+            if not isinstance(member, Fused2BitLinear):
+                raise ValueError(f"Grouped2BitLinear: expected Fused2BitLinear members, got {type(member).__name__}")
+        first = members[0].gptq
+        for member in members:
+            gptq = member.gptq
+            if (gptq.in_features, gptq.group_size) != (first.in_features, first.group_size):
+                raise ValueError(f"Grouped2BitLinear: members differ in in_features or group_size: "
+                                 f"{(first.in_features, first.group_size)} and {(gptq.in_features, gptq.group_size)}")
+            if gptq.out_features % 16:
+                raise ValueError(f"Grouped2BitLinear: out_features must be a multiple of 16, got {gptq.out_features}")
+            if (gptq.bias is None) != (first.bias is None):
+                raise ValueError("Grouped2BitLinear: some members have a bias and some do not")
+        self.in_features, self.group_size = first.in_features, first.group_size
+        self.splits = [member.out_features for member in members]
+        self.register_buffer("qweight", torch.cat([m.gptq.qweight for m in members], 1).contiguous())
+        self.register_buffer("qzeros", torch.cat([m.gptq.qzeros for m in members], 1).contiguous())
+        self.register_buffer("scales", torch.cat([m.gptq.scales for m in members], 1).contiguous())
+        biases = [m.gptq.bias for m in members]
+        self.register_buffer("bias", None if biases[0] is None else torch.cat(biases).contiguous())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each member's product for x [..., in_features] with at most MAX_ROWS rows, in member order."""
+        out = gptq2_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, bias=self.bias)
+        return out.split(self.splits, -1)
+
+
+class _GroupRun:
+    """What the first member of a group ran last: its input and every member's part (not a module, so
+    the parts are no state of the model)."""
+
+    def __init__(self):
+        self.input: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+
+
+class GroupedMember(nn.Module):
+    """A Fused2BitLinear in its layer's place, answered from its group's one kernel call.
+
+    The first member of a group (`index` 0, which holds the Grouped2BitLinear) runs the whole group for
+    its input and keeps the parts; a later member called with that same input tensor returns its part,
+    as Qwen3's attention calls q, k and v (and its MLP gate and up) on one hidden state. Any other call,
+    and every call of more than MAX_ROWS rows (prefill), runs the member's own Fused2BitLinear.
+    """
+
+    def __init__(self, own: Fused2BitLinear, index: int, run: _GroupRun, group: Grouped2BitLinear | None = None):
+        super().__init__()
+        self.own = own
+        self.index = index
+        self.run = run
+        self.group = group  # the first member only: registered once, so .to() moves its buffers once
+        self.in_features, self.out_features = own.in_features, own.out_features
+
+    @property
+    def weight(self):
+        return self.own.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.group is not None:
+            if rows > MAX_ROWS:
+                self.run.input, self.run.parts = None, ()
+                return self.own(x)
+            self.run.input, self.run.parts = x, self.group(x)
+            return self.run.parts[0]
+        if self.run.input is x:
+            return self.run.parts[self.index]
+        return self.own(x)
+
+
+def group_2bit_projections(model: nn.Module) -> int:
+    """In every decoder layer whose projections are Fused2BitLinear, q, k and v become one kernel call and
+    gate and up another (GroupedMember); returns how many groups. The grouped buffers are a copy of
+    the members' (which prefill still reads): about 0.7x more 2-bit weight memory."""
+    groups = 0
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        for parent, names in ((getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj")),
+                              (getattr(layer, "mlp", None), ("gate_proj", "up_proj"))):
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(member, Fused2BitLinear) for member in members):
+                continue
+            grouped, run = Grouped2BitLinear(members), _GroupRun()
+            for index, (name, member) in enumerate(zip(names, members)):
+                setattr(parent, name, GroupedMember(member, index, run, grouped if index == 0 else None))
+            groups += 1
+    return groups
+
+
 def fuse_2bit_linears(model: nn.Module) -> int:
     """Swap every 2-bit TorchLinear / TritonV2Linear in `model` for a Fused2BitLinear; returns how many.
 

@@ -211,3 +211,88 @@ def test_fuse_2bit_linears_swaps_only_2bit_gptq_linears(kernels):
     assert [type(m).__name__ for m in (model[0], model[1][0], model[2], model[3])] == [
         "Fused2BitLinear", "Fused2BitLinear", "TorchLinear", "Linear"]
     torch.testing.assert_close(model[1](model[0](x)), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_grouped_linear_gives_each_members_product_in_one_kernel_call(kernels, monkeypatch, rows):
+    """q, k, v of different widths (as in Qwen3: k and v narrower than q), each with its own codes."""
+    members = [kernels.Fused2BitLinear.from_gptq(random_2bit_linear(128, n, group_size=64, bias=True, seed=seed))
+               for seed, n in enumerate((96, 32, 48))]
+    grouped = kernels.Grouped2BitLinear(members)
+    x = torch.randn(rows, 128)
+    calls = []
+    real = kernels.gptq2_matmul
+    monkeypatch.setattr(kernels, "gptq2_matmul", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    parts = grouped(x)
+
+    assert len(calls) == 1
+    assert [tuple(part.shape) for part in parts] == [(rows, 96), (rows, 32), (rows, 48)]
+    for part, member in zip(parts, members):
+        torch.testing.assert_close(part, x @ dequantized(member.gptq) + member.gptq.bias.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_linear_refuses_members_it_cannot_concatenate(kernels):
+    def fused(in_features, out_features, group_size=64, bias=False):
+        return kernels.Fused2BitLinear.from_gptq(random_2bit_linear(in_features, out_features, group_size, bias=bias))
+
+    with pytest.raises(ValueError, match="in_features or group_size"):
+        kernels.Grouped2BitLinear([fused(128, 32), fused(64, 32)])
+    with pytest.raises(ValueError, match="in_features or group_size"):
+        kernels.Grouped2BitLinear([fused(128, 32), fused(128, 32, group_size=32)])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.Grouped2BitLinear([fused(128, 32), fused(128, 40)])
+    with pytest.raises(ValueError, match="bias"):
+        kernels.Grouped2BitLinear([fused(128, 32, bias=True), fused(128, 32)])
+    with pytest.raises(ValueError, match="Fused2BitLinear"):
+        kernels.Grouped2BitLinear([fused(128, 32), nn.Linear(128, 32)])
+
+
+def tiny_fused_qwen3(kernels):
+    """A two-layer random Qwen3 whose seven projections per layer are random 2-bit Fused2BitLinear."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Qwen3ForCausalLM(config).eval()
+    seed = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    seed += 1
+                    module = random_2bit_linear(child.in_features, child.out_features, group_size=32, seed=seed)
+                    setattr(parent, name, kernels.Fused2BitLinear.from_gptq(module))
+    return model
+
+
+@pytest.mark.parametrize("max_rows", [64, 2])  # 2: the 5-token call is prefill-sized, members run their own
+def test_grouped_projections_keep_the_models_output_in_four_kernel_calls_a_layer(kernels, monkeypatch, max_rows):
+    model = tiny_fused_qwen3(kernels)
+    ids = torch.tensor([[5, 9, 2, 33, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    monkeypatch.setattr(kernels, "MAX_ROWS", max_rows)
+    calls = []
+    real = kernels.gptq2_matmul
+    monkeypatch.setattr(kernels, "gptq2_matmul", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+
+    assert kernels.group_2bit_projections(model) == 4  # q/k/v and gate/up of each of two layers
+    assert isinstance(model.model.layers[0].self_attn.k_proj, kernels.GroupedMember)
+    with torch.no_grad():
+        grouped = model(ids).logits
+
+    torch.testing.assert_close(grouped, expected, rtol=1e-4, atol=1e-4)
+    chunks = -(-5 // max_rows)  # Fused2BitLinear's own calls split 5 rows into MAX_ROWS-row chunks
+    assert len(calls) == (2 * 4 if max_rows == 64 else 2 * 7 * chunks)
+
+
+def test_grouped_member_answers_only_the_input_its_group_ran(kernels):
+    model = tiny_fused_qwen3(kernels)
+    kernels.group_2bit_projections(model)
+    attention = model.model.layers[0].self_attn
+    x, other = torch.randn(1, 64), torch.randn(1, 64)
+    attention.q_proj(x)
+    expected = other @ dequantized(attention.k_proj.own.gptq)
+    torch.testing.assert_close(attention.k_proj(other), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(attention.k_proj(x), x @ dequantized(attention.k_proj.own.gptq), rtol=1e-4, atol=1e-4)
