@@ -8,10 +8,24 @@ import sys
 from pathlib import Path
 
 from inference.config import RescueConfig
-from inference.errors import RescueError
+from inference.errors import ConfigError, RescueError
 
 
 PRECISIONS = ("fp16", "2bit")
+
+
+def refuse_shipped_destination(destination: str, command: str, field: str, flag: str) -> None:
+    """A ConfigError when a command would write into a model folder shipped with the package
+    (training/embedded/...): a retrain or a new GPTQ draw goes elsewhere, the shipped one stays."""
+    from inference.config import REPO_ROOT
+
+    path = Path(destination).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    shipped = (REPO_ROOT / "training" / "embedded").resolve()
+    if path.resolve() == shipped or shipped in path.resolve().parents:
+        raise ConfigError(f"{command}: {field} {destination} is a model shipped with the package; "
+                          f"pass {flag} DIR to write a new one elsewhere")
 
 
 def task_mismatch(config: RescueConfig) -> str | None:

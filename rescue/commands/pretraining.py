@@ -9,7 +9,7 @@ from pathlib import Path
 
 from inference.config import RescueConfig
 from inference.errors import ConfigError
-from rescue.commands.common import _lightning_logger
+from rescue.commands.common import _lightning_logger, refuse_shipped_destination
 
 
 def newest_checkpoint(folder: Path) -> Path:
@@ -75,6 +75,7 @@ def pretrain(config: RescueConfig, out: str | None = None, resume: bool = False,
         raise ConfigError("pretrain: --resume and --init exclude each other (resume continues a run; init starts one "
                           "from saved weights)")
     out_dir = Path(out or config.model.fp16)
+    refuse_shipped_destination(str(out_dir), "pretrain", "--out" if out else "model.fp16", "--out")
     run_dir = Path(config.output_dir) / config.model.name / "pretrain"
     checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
     if init:  # read before the traces are made, so a bad folder fails at once

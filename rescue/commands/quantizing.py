@@ -12,13 +12,16 @@ def quantize(config: RescueConfig, out: str | None = None) -> dict:
     from inference.decoding.quantize import quantize_model
     from training.benchmarks import calibration_problems
 
+    from rescue.commands.common import refuse_shipped_destination
+
+    out_dir = out or config.quantized_path
+    refuse_shipped_destination(out_dir, "quantize", "--out" if out else "model.quantized", "--model.quantized")
     calibration = config.quantization.calibration
     source = resolve_model_source(config.model.fp16, "model")
     problems = calibration_problems(calibration.benchmark, calibration.split, calibration.path, calibration.size)
     tokenizer = load_tokenizer(source)
     with_solution = calibration.text == "solution"
     texts = [render_prompt(tokenizer, p.question) + ((p.solution or "") if with_solution else "") for p in problems]
-    out_dir = out or config.quantized_path
     print(f"quantizing {config.model.fp16} to {config.quantization.bits} bits "
           f"(group size {config.quantization.group_size}) on {len(texts)} calibration problems "
           f"({'prompts and worked solutions' if with_solution else 'prompts only'})")

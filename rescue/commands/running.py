@@ -229,12 +229,13 @@ def _failure_kinds(summary: dict) -> list[str]:
                      + (f"; more of its traces still hold a wrong arithmetic step ({arithmetic:.1%}), which the "
                         "step checks act on" if arithmetic is not None and arithmetic > process else "") + ".")
     else:
-        lines.append(f"Fewer than {PROCESS_FAILURE_SHARE:.0%} of the 2-bit traces loop or fail to commit, so this "
-                     "model's failures are mostly not the paper's (loops, no commitment)"
+        lines.append(f"Fewer than {PROCESS_FAILURE_SHARE:.0%} of these 2-bit traces loop or fail to commit, so on "
+                     "them this twin's failures are mostly not the paper's (loops, no commitment)"
                      + (": they are wrong arithmetic steps, which the step checks act on" if arithmetic else "")
-                     + ". The embedded family's twin that shows the paper's phenomenon is tiny-m's "
-                     "(MODEL_CARD.md, \"The failure regime, measured\": one trained model and one GPTQ draw, "
-                     "not shipped; retrains of its config have not reproduced it, docs/regime/family-retrain.md).")
+                     + "." + ("" if summary.get("model") == "tiny-m" else
+                              " The embedded family's twin that shows the paper's phenomenon is tiny-m's, shipped "
+                              "with its model (`rescue run --config tiny-m`; MODEL_CARD.md: one trained model and "
+                              "one GPTQ draw)."))
     return lines
 
 

@@ -313,3 +313,30 @@ def test_library_logs_go_to_the_run_folder_and_the_console_keeps_the_stage_lines
     assert any(line.startswith("2bit on gsm8k/test (1 problems)") for line in printed)
     newest = max(logs.glob("evaluate-*.log"), key=lambda path: path.stat().st_mtime)
     assert "INFO gptqmodel: Kernel: " in newest.read_text()
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["quantize", "--config", "tiny-m"], "quantize: model.quantized training/embedded/tiny-m-2bit is a model shipped "
+                                         "with the package; pass --model.quantized DIR"),
+    (["quantize", "--config", "tiny-s", "--out", "training/embedded/tiny-s"], "quantize: --out training/embedded/tiny-s "
+                                                                               "is a model shipped with the package"),
+    (["pretrain", "--config", "tiny-s"], "pretrain: model.fp16 training/embedded/tiny-s is a model shipped with the "
+                                         "package; pass --out DIR"),
+])
+def test_shipped_models_are_never_overwritten(capsys, argv, line):
+    from inference.config import REPO_ROOT
+
+    shipped = REPO_ROOT / "training" / "embedded"
+    before = {path: path.stat().st_mtime_ns for path in shipped.rglob("*")}
+    assert line in run_failing(capsys, argv)
+    assert {path: path.stat().st_mtime_ns for path in shipped.rglob("*")} == before
+
+
+def test_tiny_m_config_uses_its_shipped_twin():
+    """rescue run skips quantization for tiny-m: the shipped twin records the config's model and settings."""
+    from inference.config import load_config
+    from rescue.commands.common import _quantized_matches
+
+    config = load_config("tiny-m")
+    assert _quantized_matches(config)
+    assert not _quantized_matches(load_config("tiny-m", {"quantization.calibration.size": 64}))

@@ -10,8 +10,9 @@ from rescue.commands import RUN_LEAVES_OUT, default_methods, run_methods
 def test_rescue_run_writes_a_report_then_skips_what_is_up_to_date(tmp_path, capsys):
     # tiny-s's FP16 traces run about 310 tokens: a budget below that cuts every trace, so no val trace ends
     # correct and the action policy has nothing to fit on.
-    argv = ["run", "--output_dir", str(tmp_path / "runs"), "--wandb", "disabled", "--budget", "512",
-            "--sampling.batch_size", "48", "--train-limit", "48", "--val-limit", "32", "--test-limit", "6"]
+    argv = ["run", "--config", "tiny-s", "--output_dir", str(tmp_path / "runs"), "--wandb", "disabled",
+            "--budget", "512", "--sampling.batch_size", "48", "--train-limit", "48", "--val-limit", "32",
+            "--test-limit", "6"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     report = tmp_path / "runs" / "tiny-s" / "report"
@@ -66,3 +67,5 @@ def test_the_report_says_whether_the_model_shows_the_papers_failures():
     mixed = "\n".join(_failure_kinds(summary(0.16, 0.88)))
     assert "shows the paper's phenomenon" in mixed and "still hold a wrong arithmetic step (88.0%)" in mixed
     assert _failure_kinds({"labels": {"train": {"rates": {}}}}) == []  # labels written before the rate existed
+    own = "\n".join(_failure_kinds({**summary(0.13, 0.54), "model": "tiny-m"}))  # tiny-m's own run points nowhere else
+    assert "on them this twin's failures are mostly not the paper's" in own and "rescue run --config tiny-m" not in own

@@ -21,8 +21,8 @@ def test_style_from_a_pretrain_record_writes_the_verdicts_in_that_style(verdict_
     tokenizer = build_tokenizer()
 
     overrides = verdict_check.trained_style(str(tmp_path))
-    own = verdict_check.verdict_prefixes("tiny-m", 120, 7, 400, tokenizer, overrides)
-    config = verdict_check.verdict_prefixes("tiny-m", 120, 7, 400, tokenizer)
+    own = verdict_check.verdict_prefixes("tiny-s", 120, 7, 400, tokenizer, overrides)
+    config = verdict_check.verdict_prefixes("tiny-s", 120, 7, 400, tokenizer)  # whole-chain passes
 
     assert overrides["pretrain.verify_steps"] == 1 and overrides["pretrain.final_slip_rate"] == 0.6
     assert "pretrain.max_rechecks" not in overrides
