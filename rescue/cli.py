@@ -93,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the Qwen3 shape to project to with --costs (default: the config's model name)")
 
     run = commands.add_parser("run", help="the main job: quantize, collect, label, train, compare; one report",
-                              description="On the config's model (default: the embedded tiny-s): quantize, collect "
-                                          "and label train/val traces, train the detector, compare every method "
-                                          "on the test split and write a report folder. Stages whose outputs "
-                                          "exist and match the config are skipped.")
+                              description="On the config's model (default: the embedded tiny-m and its shipped "
+                                          "2-bit twin): quantize, collect and label train/val traces, train the "
+                                          "detector, compare every method on the test split and write a report "
+                                          "folder. Stages whose outputs exist and match the config are skipped.")
     add_config_flags(run)
     run.add_argument("--train-limit", type=int, default=None,
                      help="training problems to collect (default: rescue.run_train_problems)")
