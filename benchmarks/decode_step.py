@@ -172,7 +172,8 @@ def per_linear_seconds(linears: list[list], grouped: list[list], rows_list, dtyp
     one CUDA graph), with its floor: where a layer's linear time goes at each row count."""
     result = {}
     named = [(name, [layer[index] for layer in linears]) for index, name in enumerate(LINEAR_NAMES)]
-    named += [(name, [layer[index] for layer in grouped]) for index, name in ((0, "qkv grouped"), (2, "gate_up grouped"))]
+    named += [(name, [layer[index] for layer in grouped])
+              for index, name in ((0, "qkv grouped"), (2, "gate_up grouped"))]
     for name, modules in named:
         floor = packed_bytes(modules[0]) / bandwidth
         result[name] = {"floor_us": floor * 1e6}
