@@ -1,7 +1,7 @@
 """`rescue <stage>`: argparse subcommands whose config flags are generated from the config dataclasses.
 
 Every config field is a `--section.field` flag (help text from the field), so nothing is declared
-twice; `--config` picks the YAML file (a path or a shipped name, default tiny-s) and flags override it.
+twice; `--config` picks the YAML file (a path or a shipped name, default tiny-m) and flags override it.
 """
 
 from __future__ import annotations
