@@ -435,11 +435,9 @@ class Grouped2BitLinear(nn.Module):
                 raise ValueError("Grouped2BitLinear: some members have a bias and some do not")
         self.in_features, self.group_size = first.in_features, first.group_size
         self.splits = [member.out_features for member in members]
-        self.register_buffer("qweight", torch.cat([m.gptq.qweight for m in members], 1).contiguous())
-        self.register_buffer("qzeros", torch.cat([m.gptq.qzeros for m in members], 1).contiguous())
-        self.register_buffer("scales", torch.cat([m.gptq.scales for m in members], 1).contiguous())
-        biases = [m.gptq.bias for m in members]
-        self.register_buffer("bias", None if biases[0] is None else torch.cat(biases).contiguous())
+        for name in ("qweight", "qzeros", "scales"):
+            self.register_buffer(name, torch.cat([getattr(m.gptq, name) for m in members], 1).contiguous())
+        self.register_buffer("bias", None if first.bias is None else torch.cat([m.gptq.bias for m in members]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each member's product for x [..., in_features] with at most MAX_ROWS rows, in member order."""

@@ -35,15 +35,22 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def local_path(ref: str) -> Path:
+    """`ref` as a local path; a relative one that exists only under the project root is taken from
+    there (configs name shipped models relative to it)."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
 def resolve_model_source(ref: str, role: str = "model") -> Path:
     """A local folder holding the model `ref` (a folder path or a Hugging Face id).
 
     A path-like `ref` must be a complete local folder. An id is taken from the Hugging Face cache,
     or downloaded when the hub is reachable and offline mode is off.
     """
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path  # configs name shipped models relative to the project root
+    path = local_path(ref)
     looks_local = path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1
     if looks_local:
         if not path.is_dir():

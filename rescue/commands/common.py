@@ -18,12 +18,11 @@ def refuse_shipped_destination(destination: str, command: str, field: str, flag:
     """A ConfigError when a command would write into a model folder shipped with the package
     (training/embedded/...): a retrain or a new GPTQ draw goes elsewhere, the shipped one stays."""
     from inference.config import REPO_ROOT
+    from inference.decoding.models import local_path
 
-    path = Path(destination).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
+    path = local_path(destination).resolve()
     shipped = (REPO_ROOT / "training" / "embedded").resolve()
-    if path.resolve() == shipped or shipped in path.resolve().parents:
+    if path == shipped or shipped in path.parents:
         raise ConfigError(f"{command}: {field} {destination} is a model shipped with the package; "
                           f"pass {flag} DIR to write a new one elsewhere")
 
