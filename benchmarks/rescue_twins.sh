@@ -5,7 +5,9 @@
 # Usage (on the device, after `source benchmarks/device_setup.sh`):
 #   benchmarks/rescue_twins.sh OUT SIZE[=FP16_DIR] CAL_SIZE...     e.g. benchmarks/rescue_twins.sh $OUT tiny-s 96 128 160
 # Env: TRAIN (1000), VAL (500), TEST (500), BATCH (250), LIMIT_S (per twin, 540), EXTRA (more flags),
-#      SMOKE (1: a small run of the whole pipeline first, stopping the script if it fails).
+#      SMOKE (1: a small run of the whole pipeline first, stopping the script if it fails),
+#      TWIN (a folder pattern with %s for the calibration size, e.g. runs/twins/tiny-m-cal%s: where that folder
+#      holds a twin it is used as it is, `--model.quantized`, instead of quantizing afresh on this machine).
 # Writes OUT/twins-SIZE.tar.gz (each twin's report folder and comparison.json) and OUT/twins-SIZE.md (the
 # goals and accuracies of every twin in one table), plus each twin's log.
 set -uo pipefail
@@ -24,6 +26,8 @@ one_twin() {
                --capture.shard_size "${BATCH:-250}" --sampling.decode static --quantization.calibration.size "$cal"
                ${EXTRA:-})
   [ "$fp16" != "$spec" ] && flags+=(--model.fp16 "$fp16")
+  local twin
+  [ -n "${TWIN:-}" ] && twin=$(printf "$TWIN" "$cal") && [ -f "$twin/rescue_quantize.json" ] && flags+=(--model.quantized "$twin")
   local began=$(date +%s)
   timeout "${LIMIT_S:-540}" python3 -m rescue.cli run "${flags[@]}" --train-limit "${TRAIN:-1000}" \
     --val-limit "${VAL:-500}" --test-limit "${TEST:-500}" > "$out/keep/log-$size-cal$cal.txt" 2>&1
