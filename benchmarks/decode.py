@@ -154,10 +154,9 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
 
     watched = list(layers) if probe is not None else []
     runner = StaticSteps(model, watched, resolve_layers(watched, model.config.num_hidden_layers),
-                         max_length=max_length or context + steps + 8, probe=probe, graph=True, compile=compile,
-                         windowed=windowed)
+                         max_length=max_length or context + steps + 8, probe=probe,
+                         graph=model.device.type == "cuda", compile=compile, windowed=windowed)
     device = model.device
-    runner.graph = device.type == "cuda"
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device=device),
                    torch.zeros(batch, 1, dtype=torch.long, device=device))
