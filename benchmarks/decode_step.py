@@ -155,8 +155,8 @@ def linears_seconds(layers: list[list], rows: int, dtype=torch.bfloat16) -> floa
 
 
 def grouped_layer(layer) -> list[nn.Module]:
-    """A layer's 2-bit linears as four kernel calls: q, k and v in one (Grouped2BitLinear), o, gate and up
-    in one, down."""
+    """A layer's 2-bit linears as four kernel calls: q+k+v (one Grouped2BitLinear), o, gate+up (another),
+    down."""
     q, k, v, o, gate, up, down = layer_linears(layer)
     return [Grouped2BitLinear([q, k, v]), o, Grouped2BitLinear([gate, up]), down]
 
@@ -418,6 +418,13 @@ def main():
         save()
         return target[key]
 
+    def step_row(precision: str, kernel: str, bits: int, batch: int, attention: str, cache: int | None = None,
+                 windowed: bool = True) -> dict:
+        """One measured step's record, with its floor (its cache defaults to just past what the steps fill)."""
+        return {"precision": precision, "kernel": kernel, "batch": batch, "context": args.context,
+                "cache": cache or args.context + args.steps + 8, "windowed": windowed, "attention": attention,
+                "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+
     model = build_bf16(args.shape, **overrides) if CUDA else build_bf16_cpu(args.shape, **overrides)
     layer_bytes = {16: sum(k * n * 2 for k, n in linear_shapes(spec)),
                    2: decode_step_bytes(spec, 2, 128)["linears"] / spec["num_hidden_layers"]}
@@ -434,9 +441,7 @@ def main():
                 points += [(args.context + args.budget, False, args.attention[0]),
                            (args.context + args.budget, True, args.attention[0])]
             for cache, windowed, attention in points:
-                row = {"precision": precision, "kernel": kernel, "batch": batch, "context": args.context,
-                       "cache": cache or args.context + args.steps + 8, "windowed": windowed, "attention": attention,
-                       "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+                row = step_row(precision, kernel, bits, batch, attention, cache, windowed)
                 use_decode_attention(model, attention)
                 guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, max_length=cache,
                                                              windowed=windowed), row)
@@ -446,9 +451,7 @@ def main():
         for batch, attention in compiles if "compile" not in args.skip and CUDA else ():
             if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
                 break
-            row = {"precision": precision, "kernel": kernel + " + compile", "batch": batch, "context": args.context,
-                   "cache": args.context + args.steps + 8, "windowed": True, "attention": attention,
-                   "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
+            row = step_row(precision, kernel + " + compile", bits, batch, attention)
             use_decode_attention(model, attention)
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=True,
                                                          timings=row), row)
@@ -514,10 +517,7 @@ def main():
         for batch, compiled in points:
             if left() < (150 if compiled else 20):
                 break
-            row = {"precision": "2bit", "kernel": "fused grouped" + (" + compile" if compiled else ""), "batch": batch,
-                   "context": args.context, "cache": args.context + args.steps + 8, "windowed": True,
-                   "attention": args.attention[0],
-                   "floor_seconds": decode_step_bytes(spec, 2, 128, batch, args.context)["total"] / bandwidth}
+            row = step_row("2bit", "fused grouped" + (" + compile" if compiled else ""), 2, batch, args.attention[0])
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
                                                          timings=row if compiled else None), row)
             report["steps"].append(row)
