@@ -8,6 +8,7 @@ each row count: every plan of the grid below runs the shape's linear of every la
 2-bit buffers at group 128, one per layer, so no weight is read from L2 twice), in one CUDA graph.
 
     grid: programs per SM {2, 3, 4, 6} x block_n {64, 128, 256} x warps {2, 4, 8} x lookahead {1, 2}
+          (each a flag: --programs-per-sm, --block-n, --warps, --lookahead)
 
 Each plan's output on layer 0 is checked against the shipped plan's (they differ only by the order of
 float32 sums). The floor of a call is its packed bytes (codes, zero points, scales) over the measured
@@ -114,10 +115,12 @@ def seconds_per_call(x, buffers, out, plan: dict, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats / len(buffers)
 
 
-def plan_grid(rows: int, K: int, N: int, sms: int) -> list[tuple[dict, dict]]:
-    """(choices, plan) for every point of the grid, the shipped plan first (choices {})."""
+def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS, LOOKAHEAD)
+              ) -> list[tuple[dict, dict]]:
+    """(choices, plan) for every point of `grid` (programs per SM, block_n, warps, lookahead), the shipped
+    plan first (choices {})."""
     plans = [({}, kernels.launch_plan(rows, K, N, GROUP))]
-    for per_sm, block_n, warps, lookahead in itertools.product(PROGRAMS_PER_SM, BLOCK_N, WARPS, LOOKAHEAD):
+    for per_sm, block_n, warps, lookahead in itertools.product(*grid):
         choices = {"programs_per_sm": per_sm, "block_n": block_n, "num_warps": warps, "lookahead": lookahead}
         plans.append((choices, kernels.launch_plan(rows, K, N, GROUP, programs=per_sm * sms, block_n=block_n,
                                                    num_warps=warps, lookahead=lookahead)))
@@ -134,6 +137,10 @@ def main() -> None:
                         help="shape fields to change, e.g. hidden_size=256 (a CPU smoke run)")
     parser.add_argument("--grid", choices=("full", "small"), default="full",
                         help="small: the shipped plan and lookahead 2 only (a CPU smoke run)")
+    parser.add_argument("--programs-per-sm", nargs="+", type=int, default=list(PROGRAMS_PER_SM))
+    parser.add_argument("--block-n", nargs="+", type=int, default=list(BLOCK_N))
+    parser.add_argument("--warps", nargs="+", type=int, default=list(WARPS))
+    parser.add_argument("--lookahead", nargs="+", type=int, default=list(LOOKAHEAD))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=500.0, help="seconds after which no new call is timed")
     parser.add_argument("--out", default="kernel-plans.json")
@@ -167,7 +174,7 @@ def main() -> None:
             x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
             out = torch.empty(rows, N, device=device, dtype=x.dtype)
             results, reference = [], None
-            grid = plan_grid(rows, K, N, sms)
+            grid = plan_grid(rows, K, N, sms, (args.programs_per_sm, args.block_n, args.warps, args.lookahead))
             if args.grid == "small":
                 grid = grid[:1] + [(c, p) for c, p in grid[1:] if c["lookahead"] == 2][:1]
             for choices, plan in grid:
