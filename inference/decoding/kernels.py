@@ -64,8 +64,15 @@ batches). Until 2026-12-03 it was 16, and a batch of 64 was four calls, each rer
 the whole packed weight (`benchmarks/rehearsal.py` times both on the collection batch)."""
 
 MAX_DECODE_ROWS = 64
-"""Most rows `Fused2BitLinear` runs through the kernel, MAX_ROWS at a time. More rows (prefill) go to
-GPTQModel's dequantizing forward, which writes and reads a 16-bit copy of the whole weight."""
+"""Most rows `Fused2BitLinear` runs through the kernel, MAX_ROWS at a time. More rows (prefill) are
+multiplied by the whole dequantized weight (`PREFILL`)."""
+
+PREFILL_PATHS = ("gptqmodel", "dequantize")
+PREFILL = "gptqmodel"
+"""How `Fused2BitLinear` runs a call of more than MAX_DECODE_ROWS rows (prefill): `gptqmodel`, the GPTQ
+module's own forward (GPTQModel's Triton dequantization of the whole weight, then a matmul), or
+`dequantize`, `gptq2_dequantize` (one pass over the packed buffers, one write of W) then a matmul.
+`benchmarks/prefill.py` times both against bf16."""
 
 WARPS = {1: 4, 16: 4, 32: 8, 64: 8}
 """Warps of a program by its tile rows (`launch_plan`'s block_m). 4 was measured best at 1 and 16 rows
@@ -240,6 +247,50 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, split_k,
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit
+def _gptq2_dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, K, N, group_size, zeros_stride,
+                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[k, n] = (q - z) * s of a [BLOCK_K, BLOCK_N] tile, in out's dtype. Grid (K / BLOCK_K, N / BLOCK_N);
+    BLOCK_K divides G (or there is one group), so the tile's scales and zero points are one row each."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    word_rows = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    fields = tl.arange(0, 16)
+    rows = 16 * word_rows[:, None] + fields[None, :]  # [BK/16, 16]: row 16r + i is code i of word row r
+    words = tl.load(qweight_ptr + word_rows[:, None] * N + cols[None, :],
+                    mask=(16 * word_rows[:, None] < K) & col_mask[None, :], other=0)
+    codes = (words[:, None, :] >> (2 * fields)[None, :, None]) & 3  # [BK/16, 16, BN]
+    group = (pid_k * BLOCK_K) // group_size
+    scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+    zero = (tl.load(qzeros_ptr + group * zeros_stride + cols // 16, mask=col_mask, other=0) >> (2 * (cols % 16))) & 3
+    weights = (codes - zero[None, None, :]).to(tl.float32) * scale[None, None, :]
+    tl.store(out_ptr + rows[:, :, None] * N + cols[None, None, :], weights.to(out_ptr.dtype.element_ty),
+             mask=(rows < K)[:, :, None] & col_mask[None, None, :])
+
+
+DEQUANTIZE_BLOCK_N = 128
+"""Columns of a dequantizing tile: each program reads [BLOCK_K / 16, 128] packed words (4 KB at BLOCK_K 128)
+and writes [BLOCK_K, 128] weights."""
+
+
+def gptq2_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole weight W [K, N] of 2-bit GPTQ buffers (layout in the module docstring), in `dtype` (default
+    the scales'): what `Fused2BitLinear` multiplies prefill-sized inputs by. One pass that reads the packed
+    buffers once and writes W once; W is (q - z) * s in float32, rounded once to `dtype`."""
+    if triton is None:
+        raise RuntimeError("gptq2_dequantize needs Triton, which is not installed")
+    K, N = qweight.shape[0] * 16, qweight.shape[1]
+    block_k = _block_k(K, group_size)
+    out = torch.empty(K, N, dtype=dtype or scales.dtype, device=qweight.device)
+    grid = (_cdiv(K, block_k), _cdiv(N, DEQUANTIZE_BLOCK_N))
+    _gptq2_dequantize_kernel[grid](qweight, qzeros, scales, out, K, N, group_size if group_size > 0 else K,
+                                   qzeros.shape[1], BLOCK_K=block_k, BLOCK_N=DEQUANTIZE_BLOCK_N)
+    return out
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -373,7 +424,7 @@ def _fusable_gptq_types() -> tuple[type, ...]:
 
 class Fused2BitLinear(nn.Module):
     """A GPTQModel 2-bit linear whose decoding calls (at most MAX_DECODE_ROWS rows, MAX_ROWS at a time)
-    run `gptq2_matmul` on its packed buffers; bigger calls (prefill) go to the module's own forward.
+    run `gptq2_matmul` on its packed buffers; bigger calls (prefill) multiply by the whole dequantized weight (`PREFILL`).
 
     The GPTQ module stays a submodule (`.gptq`), so `.to()` moves the buffers both paths read and
     they appear in the state dict under `<name>.gptq.`.
@@ -414,9 +465,17 @@ class Fused2BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > MAX_DECODE_ROWS:
-            return self.gptq(x)
         gptq = self.gptq
+        if rows > MAX_DECODE_ROWS:
+            if PREFILL == "gptqmodel":
+                return gptq(x)
+            if PREFILL != "dequantize":
+                raise ValueError(f"kernels.PREFILL must be one of {', '.join(PREFILL_PATHS)}, got {PREFILL!r}")
+            weight = gptq2_dequantize(gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, x.dtype)
+            out = x.reshape(rows, x.shape[-1]) @ weight
+            if gptq.bias is not None:
+                out += gptq.bias.to(out.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if rows <= MAX_ROWS:
             return gptq2_matmul(x, gptq.qweight, gptq.qzeros, gptq.scales, gptq.group_size, bias=gptq.bias)
         flat = x.reshape(rows, x.shape[-1])

@@ -195,6 +195,35 @@ def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(ke
         torch.testing.assert_close(fused(prefill), expected_prefill, rtol=1e-4, atol=1e-4)
 
 
+@shapes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptq2_dequantize_gives_gptqmodels_weight(kernels, in_features, out_features, group_size, dtype):
+    module = random_2bit_linear(in_features, out_features, group_size)
+
+    weight = kernels.gptq2_dequantize(module.qweight, module.qzeros, module.scales, module.group_size, dtype)
+
+    assert weight.shape == (in_features, out_features) and weight.dtype == dtype
+    assert torch.equal(weight.float(), dequantized(module))  # (q - z) * s is exact in fp16 for these scales
+
+
+def test_fused_linear_prefill_through_its_own_dequantization(kernels, monkeypatch):
+    """PREFILL dequantize: a call of more than MAX_DECODE_ROWS rows multiplies by gptq2_dequantize's W, bias
+    added, without the GPTQ module's forward; an unknown PREFILL is refused by name."""
+    module = random_2bit_linear(128, 64, group_size=64, bias=True)
+    fused = kernels.Fused2BitLinear.from_gptq(module)
+    prefill = torch.randn(2, 40, 128)  # 80 rows
+    monkeypatch.setattr(kernels, "PREFILL", "dequantize")
+    monkeypatch.setattr(module, "forward", lambda x: pytest.fail("prefill used the GPTQ module's forward"))
+
+    out = fused(prefill)
+
+    assert out.shape == (2, 40, 64)
+    torch.testing.assert_close(out, prefill @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(kernels, "PREFILL", "fast")
+    with pytest.raises(ValueError, match="kernels.PREFILL must be one of gptqmodel, dequantize"):
+        fused(prefill)
+
+
 @pytest.mark.parametrize("max_rows", [64, 16])
 @pytest.mark.parametrize("shape", [(17, 128), (2, 20, 128), (64, 128)])
 def test_fused_linear_runs_a_decoding_batch_of_up_to_64_rows_in_calls_of_max_rows(kernels, monkeypatch, shape, max_rows):
