@@ -15,7 +15,8 @@ A step check is priced at its prefilled tokens plus one FP16 decode step (its re
 
 `--steps F` (a `benchmarks/decode_step.py` JSON of the same shape) replaces the decode costs at each
 batch it measured by its fastest step per precision there (a compiled one, say); prefill costs stay
-the decode.py file's.
+the decode.py file's unless `--prefill F` (a `benchmarks/prefill.py` JSON of the same shape) replaces
+them with its bf16 and 2-bit prefill per token at its longest prompt (2-bit: the `--prefill-path` path).
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, fl
     return best
 
 
+def prefill_costs(path: Path, shape: str, prefill_path: str) -> dict[str, float]:
+    """Seconds per prefilled token of bf16 and of 2-bit through `prefill_path`, at the longest prompt measured."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        sys.exit(f"{path}: not a readable benchmarks/prefill.py JSON ({error})")
+    if not isinstance(report, dict) or not isinstance(report.get("prefill"), dict):
+        sys.exit(f"{path}: not a benchmarks/prefill.py result (no 'prefill' table)")
+    if report.get("shape") != shape or report.get("overrides"):
+        sys.exit(f"{path}: measured shape {report.get('shape')!r} {report.get('overrides') or ''}, not {shape!r}")
+    entries = list(report["prefill"].values())
+    tokens = max(entry["tokens"] for entry in entries)
+    found = {("fp16" if e["precision"] == "bf16" else "2bit"): e["per_token"] for e in entries
+             if e["tokens"] == tokens and (e["precision"] == "bf16" or e["path"] == prefill_path)}
+    if set(found) != {"fp16", "2bit"}:
+        sys.exit(f"{path}: no bf16 and 2-bit {prefill_path} prefill at {tokens} tokens")
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("comparison", type=Path)
@@ -81,6 +101,9 @@ def main():
     parser.add_argument("--prompt-max", type=int, default=512, help="longest prompt in tokens (at most)")
     parser.add_argument("--steps", type=Path, help="a benchmarks/decode_step.py JSON whose fastest steps replace "
                         "the decode costs at the batches it measured")
+    parser.add_argument("--prefill", type=Path, help="a benchmarks/prefill.py JSON whose prefill costs per token "
+                        "replace the decode.py file's")
+    parser.add_argument("--prefill-path", default="dequantize", help="the 2-bit prefill path of --prefill to use")
     args = parser.parse_args()
     summaries = method_summaries(args.comparison)
     lines = [f"Projection of {args.comparison} to per-token costs of {args.costs}", "",
@@ -94,6 +117,8 @@ def main():
                 if (name, costs.batch) in steps:
                     context, per_token, kernel = steps[name, costs.batch]
                     costs.points[precision], costs.kernels[precision] = [(context, per_token)], kernel
+            if args.prefill:
+                costs.prefill.update(prefill_costs(args.prefill, shape, args.prefill_path))
             lowest = min(points[0][0] for points in costs.points.values())
             if args.prompt_max + args.budget / 2 > lowest:
                 sys.exit(f"{args.comparison}: a trace's context may reach {args.prompt_max + args.budget / 2:.0f}, "
