@@ -181,7 +181,9 @@ def test_launch_plan_takes_the_least_tile_that_holds_the_rows(kernels, rows, til
     assert kernels.launch_plan(rows, 4096, 4096, 128)["num_warps"] == kernels.WARPS[tile]
 
 
-def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(kernels, monkeypatch):
+def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_gptqmodel_prefill(kernels, monkeypatch):
+    """PREFILL gptqmodel: a call of more than MAX_DECODE_ROWS rows goes to the GPTQ module's own forward."""
+    monkeypatch.setattr(kernels, "PREFILL", "gptqmodel")
     module = random_2bit_linear(128, 64, group_size=64, bias=True)
     fused = kernels.Fused2BitLinear.from_gptq(module)
     decode, prefill = torch.randn(1, 4, 128), torch.randn(1, 65, 128)
@@ -192,6 +194,7 @@ def test_fused_linear_runs_kernel_for_decoding_and_module_forward_for_prefill(ke
                                rtol=1e-4, atol=1e-4)
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "gptq2_matmul", lambda *args, **kwargs: pytest.fail("prefill used the kernel"))
+        patch.setattr(kernels, "gptq2_dequantize", lambda *args, **kwargs: pytest.fail("prefill used our dequantization"))
         torch.testing.assert_close(fused(prefill), expected_prefill, rtol=1e-4, atol=1e-4)
 
 
@@ -207,12 +210,12 @@ def test_gptq2_dequantize_gives_gptqmodels_weight(kernels, in_features, out_feat
 
 
 def test_fused_linear_prefill_through_its_own_dequantization(kernels, monkeypatch):
-    """PREFILL dequantize: a call of more than MAX_DECODE_ROWS rows multiplies by gptq2_dequantize's W, bias
-    added, without the GPTQ module's forward; an unknown PREFILL is refused by name."""
+    """PREFILL dequantize (the default): a call of more than MAX_DECODE_ROWS rows multiplies by gptq2_dequantize's
+    W, bias added, without the GPTQ module's forward; an unknown PREFILL is refused by name."""
+    assert kernels.PREFILL == "dequantize"
     module = random_2bit_linear(128, 64, group_size=64, bias=True)
     fused = kernels.Fused2BitLinear.from_gptq(module)
     prefill = torch.randn(2, 40, 128)  # 80 rows
-    monkeypatch.setattr(kernels, "PREFILL", "dequantize")
     monkeypatch.setattr(module, "forward", lambda x: pytest.fail("prefill used the GPTQ module's forward"))
 
     out = fused(prefill)
