@@ -1,14 +1,14 @@
 """Benchmark: the fused 2-bit kernel's launch plans on one GPU, against each linear's floor.
 
-`launch_plan` (`inference/decoding/kernels.py`) chooses the N block, the split of K, the warps and how
-many K tiles ahead a program loads from the shape alone; its choices were measured on an H100. This
+`launch_plan` (`inference/decoding/kernels.py`) chooses the N block, the split of K and the warps from the
+shape alone; its choices were measured on an H100. This
 times the alternatives on the machine at hand, for every linear shape of one decoder layer of a Qwen3
 shape (q, k, v, o, gate, up, down, and the grouped q+k+v and gate+up calls of `Grouped2BitLinear`) at
 each row count: every plan of the grid below runs the shape's linear of every layer in turn (random
 2-bit buffers at group 128, one per layer, so no weight is read from L2 twice), in one CUDA graph.
 
-    grid: programs per SM {2, 3, 4, 6} x block_n {64, 128, 256} x warps {2, 4, 8} x lookahead {1, 2}
-          (each a flag: --programs-per-sm, --block-n, --warps, --lookahead)
+    grid: programs per SM {2, 3, 4, 6} x block_n {64, 128, 256} x warps {2, 4, 8}
+          (each a flag: --programs-per-sm, --block-n, --warps)
 
 Each plan's output on layer 0 is checked against the shipped plan's (they differ only by the order of
 float32 sums). The floor of a call is its packed bytes (codes, zero points, scales) over the measured
@@ -42,7 +42,6 @@ GROUP = 128
 PROGRAMS_PER_SM = (2, 3, 4, 6)
 BLOCK_N = (64, 128, 256)
 WARPS = (2, 4, 8)
-LOOKAHEAD = (1, 2)
 
 
 def layer_calls(spec: dict) -> dict[str, tuple[int, int]]:
@@ -115,15 +114,15 @@ def seconds_per_call(x, buffers, out, plan: dict, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats / len(buffers)
 
 
-def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS, LOOKAHEAD)
+def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS)
               ) -> list[tuple[dict, dict]]:
-    """(choices, plan) for every point of `grid` (programs per SM, block_n, warps, lookahead), the shipped
-    plan first (choices {})."""
+    """(choices, plan) for every point of `grid` (programs per SM, block_n, warps), the shipped plan first
+    (choices {})."""
     plans = [({}, kernels.launch_plan(rows, K, N, GROUP))]
-    for per_sm, block_n, warps, lookahead in itertools.product(*grid):
-        choices = {"programs_per_sm": per_sm, "block_n": block_n, "num_warps": warps, "lookahead": lookahead}
+    for per_sm, block_n, warps in itertools.product(*grid):
+        choices = {"programs_per_sm": per_sm, "block_n": block_n, "num_warps": warps}
         plans.append((choices, kernels.launch_plan(rows, K, N, GROUP, programs=per_sm * sms, block_n=block_n,
-                                                   num_warps=warps, lookahead=lookahead)))
+                                                   num_warps=warps)))
     return plans
 
 
@@ -136,11 +135,10 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="shape fields to change, e.g. hidden_size=256 (a CPU smoke run)")
     parser.add_argument("--grid", choices=("full", "small"), default="full",
-                        help="small: the shipped plan and lookahead 2 only (a CPU smoke run)")
+                        help="small: the shipped plan and one other (a CPU smoke run)")
     parser.add_argument("--programs-per-sm", nargs="+", type=int, default=list(PROGRAMS_PER_SM))
     parser.add_argument("--block-n", nargs="+", type=int, default=list(BLOCK_N))
     parser.add_argument("--warps", nargs="+", type=int, default=list(WARPS))
-    parser.add_argument("--lookahead", nargs="+", type=int, default=list(LOOKAHEAD))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=500.0, help="seconds after which no new call is timed")
     parser.add_argument("--out", default="kernel-plans.json")
@@ -174,9 +172,9 @@ def main() -> None:
             x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
             out = torch.empty(rows, N, device=device, dtype=x.dtype)
             results, reference = [], None
-            grid = plan_grid(rows, K, N, sms, (args.programs_per_sm, args.block_n, args.warps, args.lookahead))
+            grid = plan_grid(rows, K, N, sms, (args.programs_per_sm, args.block_n, args.warps))
             if args.grid == "small":
-                grid = grid[:1] + [(c, p) for c, p in grid[1:] if c["lookahead"] == 2][:1]
+                grid = grid[:2]
             for choices, plan in grid:
                 try:
                     kernels._launch(x, *buffers[0], None, out, GROUP, plan)
@@ -189,7 +187,7 @@ def main() -> None:
                     results.append({"choices": choices, "error": f"{type(failure).__name__}: {failure}"[:300]})
                     continue
                 results.append({"choices": choices, "split_k": plan["split_k"], "block_n": plan["block_n"],
-                                "num_warps": plan["num_warps"], "lookahead": plan["lookahead"], "us": us,
+                                "num_warps": plan["num_warps"], "us": us,
                                 "x_floor": us / floor_us, "max_diff_vs_shipped": error})
             timed = [r for r in results if "us" in r]
             shipped = results[0] if "us" in results[0] else None

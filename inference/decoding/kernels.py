@@ -106,7 +106,7 @@ def _gptq2_matmul_kernel(
     M, N, K, group_size, zeros_stride, split_k, top_exponent_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_OFFSETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """x[:M] @ W[:, n block] over the K tiles pid_k, pid_k + split_k, ... of this program.
 
@@ -117,7 +117,6 @@ def _gptq2_matmul_kernel(
     costs about 2**-17 relative accuracy; fine for 16-bit x) rather than from every weight (exact,
     for float32 x). top_exponent_bits is (exponent bias + 6) << MANTISSA_BITS, passed at run time
     so that masking a code and setting its exponent compile to one LOP3 (a constant would need two).
-    LOOKAHEAD: how many tiles ahead of the one being unpacked a program has loads in flight (1 or 2).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -161,11 +160,12 @@ def _gptq2_matmul_kernel(
     x_offsets = (1 << (6 - 2 * (x_k % 16 % 3))).to(tl.float32)  # 2**e of each x_k
     words_ptrs = qweight_ptr + word_rows * N + cols3
 
-    # The loads of a program's next tile (or next two, LOOKAHEAD) are issued before its current tile
-    # is unpacked, so memory and arithmetic overlap within the program (Triton's own pipelining,
-    # num_stages, only stages loads that feed tl.dot, and slowed the tl.dot path down here). Each
-    # word is needed by this program only, x by every N block: the cache hints say so. Tiles past K
-    # load nothing.
+    # The loads of a program's next tile are issued before its current tile is unpacked, so memory
+    # and arithmetic overlap within the program (Triton's own pipelining, num_stages, only stages
+    # loads that feed tl.dot, and slowed the tl.dot path down here). Loading two tiles ahead was
+    # slower (4-8% at one row, up to 33% at 16, one H100, `benchmarks/kernel_plans.py` at commit
+    # fe5832a). Each word is needed by this program only, x by every N block: the cache hints say
+    # so. Tiles past K load nothing.
     k0 = pid_k * BLOCK_K
     step = split_k * BLOCK_K
     words = tl.load(words_ptrs + (k0 // 16) * N, mask=(k0 + 16 * word_rows < K) & (cols3 < N), other=0,
@@ -174,16 +174,8 @@ def _gptq2_matmul_kernel(
     zero_words = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols // 16,
                          mask=col_mask & (k0 < K), other=0)
     x = tl.load(x_ptrs + k0, mask=x_ok & (k0 + x_k < K), other=0.0, eviction_policy="evict_last")
-    if LOOKAHEAD == 2:
-        k1 = k0 + step
-        mid_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
-                            eviction_policy="evict_first")
-        mid_scale = tl.load(scales_ptr + (k1 // group_size) * N + cols, mask=col_mask & (k1 < K), other=0.0)
-        mid_zero_words = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols // 16,
-                                 mask=col_mask & (k1 < K), other=0)
-        mid_x = tl.load(x_ptrs + k1, mask=x_ok & (k1 + x_k < K), other=0.0, eviction_policy="evict_last")
     for k0 in range(pid_k * BLOCK_K, K, step):
-        k1 = k0 + LOOKAHEAD * step
+        k1 = k0 + step
         next_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
                              eviction_policy="evict_first")
         next_scale = tl.load(scales_ptr + (k1 // group_size) * N + cols, mask=col_mask & (k1 < K), other=0.0)
@@ -213,11 +205,7 @@ def _gptq2_matmul_kernel(
         if FOLD_OFFSETS:
             dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
         acc += scale.to(tl.float32)[None, :] * dots
-        if LOOKAHEAD == 2:
-            words, scale, zero_words, x = mid_words, mid_scale, mid_zero_words, mid_x
-            mid_words, mid_scale, mid_zero_words, mid_x = next_words, next_scale, next_zero_words, next_x
-        else:
-            words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
+        words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
 
     if BLOCK_M == 1:
         acc = tl.reduce(acc, 0, tl.standard._sum_combine)[None, :]
@@ -302,7 +290,7 @@ def _block_k(K: int, group_size: int) -> int:
 
 
 def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = TARGET_PROGRAMS,
-                block_n: int | None = None, num_warps: int | None = None, lookahead: int = 1) -> dict:
+                block_n: int | None = None, num_warps: int | None = None) -> dict:
     """Block sizes, split-K, warps, stages and grid of `gptq2_matmul` for `rows` rows of x [rows, K]
     and a [K, N] weight in groups of `group_size` rows: arithmetic on the shape alone.
 
@@ -321,11 +309,11 @@ def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = T
     - num_warps: WARPS by block_m; 4 at 1 and 16 rows (2 and 8 were 10-40% slower).
     - num_stages 1: Triton's pipeliner stages only loads that feed tl.dot, and staging those made the
       tl.dot path up to 2x slower here.
-    - lookahead 1: each program has the loads of its next K tile in flight while it unpacks one
-      (`benchmarks/kernel_plans.py` times 2 against it).
 
     The keywords replace these choices (`benchmarks/kernel_plans.py` times the alternatives): `programs`
-    the grid to aim for, `block_n` the N block (not halved then), `num_warps`, `lookahead` (1 or 2).
+    the grid to aim for, `block_n` the N block (not halved then), `num_warps`. On one H100 (2026-12-06,
+    Qwen3-8B shapes) no point of its grid beat these choices by more than 0.5% for a layer's linears at
+    one row, 3.5% at 16 rows.
     """
     block_k = _block_k(K, group_size)
     k_tiles = _cdiv(K, block_k)
@@ -339,11 +327,9 @@ def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = T
     split_k = max(1, min(k_tiles, programs // n_blocks))
     split_k = _cdiv(k_tiles, _cdiv(k_tiles, split_k))
     block_m = 1 if one_row else max(16, 1 << (rows - 1).bit_length())  # rows <= MAX_ROWS, a power of two
-    if lookahead not in (1, 2):
-        raise ValueError(f"launch_plan: lookahead must be 1 or 2, got {lookahead}")
     return {"block_m": block_m, "block_n": block_n, "block_k": block_k,
             "split_k": split_k, "num_warps": num_warps or WARPS.get(block_m, 4), "num_stages": 1,
-            "lookahead": lookahead, "grid": (n_blocks, split_k)}
+            "grid": (n_blocks, split_k)}
 
 
 def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -405,7 +391,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
         rows, N, K, group_size, qzeros.shape[1], split_k, (exponent_bias + 6) << mantissa_bits,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], MANTISSA_BITS=mantissa_bits,
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
-        LOOKAHEAD=plan.get("lookahead", 1), num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split_k > 1:
         numel, splits = rows * N, triton.next_power_of_2(split_k)

@@ -122,25 +122,6 @@ def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kerne
     torch.testing.assert_close(fused, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_two_tiles_ahead_gives_the_one_tile_ahead_result(kernels, monkeypatch, rows, split_k):
-    """lookahead 2 (loads two K tiles ahead of the one unpacked, the last ones past the program's tiles
-    masked) adds the same products in the same order as lookahead 1: bit for bit the same output."""
-    module = random_2bit_linear(512, 160, group_size=64, bias=True)
-    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(2))
-    outputs = {}
-    for lookahead in (1, 2):
-        planned = kernels.launch_plan(rows, 512, 160, 64)
-        plan = {**planned, "split_k": split_k, "grid": (planned["grid"][0], split_k), "lookahead": lookahead}
-        monkeypatch.setattr(kernels, "launch_plan", lambda *args, plan=plan: plan)
-        outputs[lookahead] = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales,
-                                                  module.group_size, bias=module.bias)
-
-    assert torch.equal(outputs[1], outputs[2])
-    torch.testing.assert_close(outputs[2], x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("shape", [(2, 8, 128), (1, 1, 128)])
 def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, shape):
     module = random_2bit_linear(128, 64, group_size=32, bias=True)
