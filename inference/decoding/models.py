@@ -180,12 +180,15 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
     once into a plain linear in `dtype`: the same 2-bit weight values, hence the same traces, but
     ordinary matmuls, which is much faster for small models and on the CPU. `kernel="fused"` keeps the
     packed weights and runs decoding steps through `inference.decoding.kernels.gptq2_matmul` (2-bit, CUDA only;
-    prefill through GPTQModel's torch kernel).
+    prefill multiplies by each weight dequantized whole, `kernels.PREFILL`). `kernel="fused-grouped"` is
+    `fused` with each decoder layer's q, k, v projections one kernel call and gate, up another
+    (`kernels.group_2bit_projections`; a copy of their packed buffers, about 0.7x more 2-bit weight memory).
     """
     source = resolve_model_source(ref, "2-bit model")
     settings = quantization_settings(source, bits)
-    if kernel == "fused" and settings["bits"] != 2:
-        raise ModelUnavailableError(f"{source}: model.kernel fused runs 2-bit checkpoints only; this one has "
+    fused = kernel in ("fused", "fused-grouped")
+    if fused and settings["bits"] != 2:
+        raise ModelUnavailableError(f"{source}: model.kernel {kernel} runs 2-bit checkpoints only; this one has "
                                     f"{settings['bits']} bits (use dequantized or gptq)")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from inference.console import library_output
@@ -194,20 +197,22 @@ def load_quantized(ref: str, device: str = "auto", kernel: str = "dequantized", 
         from gptqmodel import BACKEND, GPTQModel
 
     target = pick_device(device)
-    if kernel == "fused" and target.type != "cuda":
-        raise ModelUnavailableError(f"model.kernel fused runs on a CUDA GPU only, not on {target}; "
+    if fused and target.type != "cuda":
+        raise ModelUnavailableError(f"model.kernel {kernel} runs on a CUDA GPU only, not on {target}; "
                                     "use dequantized or gptq here")
-    backend = BACKEND.TORCH if target.type == "cpu" or kernel in ("dequantized", "fused") else BACKEND.AUTO
+    backend = BACKEND.TORCH if target.type == "cpu" or kernel == "dequantized" or fused else BACKEND.AUTO
     with library_output():
         wrapped = GPTQModel.load(str(source), device=str(target), backend=backend)
     model = wrapped.model.eval()
     if kernel == "dequantized":
         model = dequantize_linears(model).to(device=target, dtype=pick_dtype(dtype, target))
-    elif kernel == "fused":
-        from inference.decoding.kernels import fuse_2bit_linears
+    elif fused:
+        from inference.decoding.kernels import fuse_2bit_linears, group_2bit_projections
 
         try:
             fuse_2bit_linears(model)
+            if kernel == "fused-grouped":
+                group_2bit_projections(model)
         except ValueError as error:
             raise ModelUnavailableError(f"2-bit model folder {source}: {error}") from None
     if target.type == "cuda":

@@ -97,3 +97,5 @@ def test_settings_are_read_from_config_json_when_quantize_config_is_absent(publi
         quantization_settings(folder, bits=2)
     with pytest.raises(ModelUnavailableError, match="fused runs 2-bit checkpoints only"):
         load_quantized(str(folder), "cpu", kernel="fused")
+    with pytest.raises(ModelUnavailableError, match="fused-grouped runs 2-bit checkpoints only"):
+        load_quantized(str(folder), "cpu", kernel="fused-grouped")

@@ -169,6 +169,7 @@ def test_learned_refuses_a_missing_or_foreign_detector_before_generating(setup, 
     (["--methods", "rule", "--costs", "/no/decode.json", "--shape", "qwen3-8b"], "/no/decode.json: no such decode"),
     (["--methods", "rule", "--costs", "/no/decode.json"], "--shape 'tiny' is not a Qwen3 shape"),
     (["--methods", "2bit", "--model.kernel", "fused"], "model.kernel fused runs on a CUDA GPU only, not on cpu"),
+    (["--methods", "2bit", "--model.kernel", "fused-grouped"], "model.kernel fused-grouped runs on a CUDA GPU only"),
 ])
 def test_bad_rescue_settings_fail_before_generation(setup, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
