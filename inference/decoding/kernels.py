@@ -163,7 +163,7 @@ def _gptq2_matmul_kernel(
     # The loads of a program's next tile are issued before its current tile is unpacked, so memory
     # and arithmetic overlap within the program (Triton's own pipelining, num_stages, only stages
     # loads that feed tl.dot, and slowed the tl.dot path down here). Loading two tiles ahead was
-    # slower (4-8% at one row, up to 33% at 16, one H100, `benchmarks/kernel_plans.py` at commit
+    # slower (3-14% at one row, 1-33% at 16, one H100, `benchmarks/kernel_plans.py` at commit
     # fe5832a). Each word is needed by this program only, x by every N block: the cache hints say
     # so. Tiles past K load nothing.
     k0 = pid_k * BLOCK_K
