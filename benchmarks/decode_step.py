@@ -366,7 +366,7 @@ def main():
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
                         "grouped, gemlite, probe, collection, agreement, compile (every compiled step), fused-compile "
-                        "(the compiled 2-bit step with its projections apart)")
+                        "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
@@ -453,6 +453,8 @@ def main():
             if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
                 break
             if bits == 2 and "fused-compile" in args.skip:  # the grouped 2-bit step is still compiled, last
+                break
+            if bits == 16 and "bf16-compile" in args.skip:
                 break
             row = step_row(precision, kernel + " + compile", bits, batch, attention)
             use_decode_attention(model, attention)
