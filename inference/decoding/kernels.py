@@ -272,11 +272,12 @@ def gptq2_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     if triton is None:
         raise RuntimeError("gptq2_dequantize needs Triton, which is not installed")
     K, N = qweight.shape[0] * 16, qweight.shape[1]
+    group_size = group_size if group_size > 0 else K  # -1: one group over all rows
     block_k = _block_k(K, group_size)
     out = torch.empty(K, N, dtype=dtype or scales.dtype, device=qweight.device)
     grid = (_cdiv(K, block_k), _cdiv(N, DEQUANTIZE_BLOCK_N))
-    _gptq2_dequantize_kernel[grid](qweight, qzeros, scales, out, K, N, group_size if group_size > 0 else K,
-                                   qzeros.shape[1], BLOCK_K=block_k, BLOCK_N=DEQUANTIZE_BLOCK_N)
+    _gptq2_dequantize_kernel[grid](qweight, qzeros, scales, out, K, N, group_size, qzeros.shape[1],
+                                   BLOCK_K=block_k, BLOCK_N=DEQUANTIZE_BLOCK_N)
     return out
 
 
@@ -347,7 +348,7 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     rows = x.numel() // K if K else 0
     if rows > MAX_ROWS:
         raise ValueError(f"gptq2_matmul takes at most {MAX_ROWS} rows of x, got {rows} (x of shape "
-                         f"{tuple(x.shape)}); use the GPTQ module's own forward for prefill")
+                         f"{tuple(x.shape)}); multiply by gptq2_dequantize's weight for prefill")
     if _block_k(K, group_size) not in (16, 32, 64, 128):
         raise ValueError(f"gptq2_matmul: group_size must be 16, 32, 64, a multiple of 128 or at "
                          f"least in_features ({K}), got {group_size}")

@@ -188,6 +188,9 @@ def test_gptq2_dequantize_gives_gptqmodels_weight(kernels, in_features, out_feat
 
     assert weight.shape == (in_features, out_features) and weight.dtype == dtype
     assert torch.equal(weight.float(), dequantized(module))  # (q - z) * s is exact in fp16 for these scales
+    if group_size == -1:  # the module holds one group as in_features; -1 itself means the same
+        raw = kernels.gptq2_dequantize(module.qweight, module.qzeros, module.scales, -1, dtype)
+        assert torch.equal(raw, weight)
 
 
 def test_fused_linear_prefill_through_its_own_dequantization(kernels, monkeypatch):
