@@ -11,7 +11,8 @@ Stages per shape, each skipped when the time left (`--seconds`) cannot hold it:
 - linears (`--linear-rows`, CUDA): the seven linears of a decoder layer (the layers in turn, so no weight
   is in L2 twice) at those rows, side by side: bf16 cuBLAS, the fused kernel in tiles of up to 64 rows
   (one call per batch of up to 64) and in tiles of 16 (the kernel before 2026-12-03: four calls at 64
-  rows), and GPTQModel's dequantizing forward at more rows than MAX_DECODE_ROWS; the collection then
+  rows), and at more rows than MAX_DECODE_ROWS each prefill path (`kernels.PREFILL`: GPTQModel's
+  dequantizing forward, `gptq forward`, and the project's, `dequantize forward`); the collection then
   runs the faster tile at its batch;
 - collect: `rescue collect` of MATH-500 prompts at the budget (hidden states captured): wall time,
   tokens/s, peak memory, bytes per generated token and per trace set;
@@ -386,7 +387,7 @@ def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
     from inference.decoding.models import load_quantized
 
     model, _ = load_quantized(str(twin_dir), "cuda", kernel="fused", bits=2)
-    saved = kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS
+    saved, saved_prefill = (kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS), kernels.PREFILL
     fused = [layer_linears(layer) for layer in model.model.layers]
     dense = [[torch.nn.Linear(m.in_features, m.out_features, bias=False, device="cuda", dtype=torch.bfloat16)
               for m in layer] for layer in fused]
@@ -409,14 +410,17 @@ def time_linears(twin_dir: Path, rows_list: list[int]) -> dict:
                 outputs.append(fused[0][0](x).float())
             result["tile_max_relative_difference"][str(rows)] = float(
                 (outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
-            if rows > saved[1]:  # the decoding path at these rows is GPTQModel's forward: time it too
+            if rows > saved[1]:  # the decoding path at these rows is the prefill path: time both of them too
                 kernels.MAX_DECODE_ROWS = 0
-                try:
-                    times["gptq forward"] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
-                except Exception as error:  # a baseline that fails in a graph is a finding, not the stage's end
-                    times["gptq forward"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                for path, key in (("gptqmodel", "gptq forward"), ("dequantize", "dequantize forward")):
+                    kernels.PREFILL = path
+                    try:
+                        times[key] = round(1e6 * linears_seconds(fused, rows) / len(fused), 1)
+                    except Exception as error:  # a path that fails in a graph is a finding, not the stage's end
+                        times[key] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finally:
         kernels.MAX_ROWS, kernels.MAX_DECODE_ROWS = saved
+        kernels.PREFILL = saved_prefill
         del model, fused, dense
     return result
 
