@@ -69,9 +69,9 @@ def build_bf16(shape: str, **overrides) -> Qwen3ForCausalLM:
     return model.eval()
 
 
-def quantize_randomly(model, backend: str, group_size: int = 128) -> int:
-    """Swap every decoder-layer nn.Linear for a 2-bit GPTQModel module with random packed weights
-    (timing only). `backend`: gptq-torch (TorchLinear) or gptq-triton (TritonV2Linear)."""
+def quantize_randomly(model, backend: str, group_size: int = 128, device: str | torch.device = "cuda") -> int:
+    """Swap every decoder-layer nn.Linear for a 2-bit GPTQModel module with random packed weights and scales
+    in the layer's dtype (timing only). `backend`: gptq-torch (TorchLinear) or gptq-triton (TritonV2Linear)."""
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.nn_modules.qlinear.tritonv2 import TritonV2Linear
 
@@ -85,13 +85,13 @@ def quantize_randomly(model, backend: str, group_size: int = 128) -> int:
                 if not isinstance(child, torch.nn.Linear):
                     continue
                 k, n = child.in_features, child.out_features
-                with torch.device("cuda"):
+                with torch.device(device):
                     module = kind(bits=2, group_size=group_size, sym=True, desc_act=False, in_features=k,
                                   out_features=n, bias=False)
                 module.qweight.random_(-(2**31), 2**31 - 1)
                 module.qzeros.random_(-(2**31), 2**31 - 1)
-                module.scales = torch.rand(module.scales.shape, device="cuda").mul(0.02).to(torch.bfloat16)
-                module.g_idx.copy_(torch.arange(k, device="cuda", dtype=module.g_idx.dtype) // group_size)
+                module.scales = torch.rand(module.scales.shape, device=device).mul(0.02).to(child.weight.dtype)
+                module.g_idx.copy_(torch.arange(k, device=device, dtype=module.g_idx.dtype) // group_size)
                 module.post_init()
                 setattr(parent, name, module)
                 swapped += 1

@@ -34,6 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import copy_bandwidth  # noqa: E402
+from decode_step import timed  # noqa: E402
+
 from inference.decoding import kernels  # noqa: E402
 from inference.decoding.shapes import QWEN3_SHAPES  # noqa: E402
 
@@ -74,20 +78,6 @@ def packed_bytes(K: int, N: int) -> int:
     return K * N // 4 + (K // GROUP) * (N // 16) * 4 + (K // GROUP) * N * 2
 
 
-def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted), best of `repeats`."""
-    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats + 2):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        target.copy_(source)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - began)
-    return 2 * gib * 2**30 / best
-
-
 def run_plan(x: torch.Tensor, buffers, out: torch.Tensor, plan: dict) -> None:
     for qweight, qzeros, scales in buffers:
         kernels._launch(x, qweight, qzeros, scales, None, out, GROUP, plan)
@@ -95,23 +85,8 @@ def run_plan(x: torch.Tensor, buffers, out: torch.Tensor, plan: dict) -> None:
 
 def seconds_per_call(x, buffers, out, plan: dict, repeats: int) -> float:
     """Seconds per call, every layer's buffers in turn: one CUDA graph replayed `repeats` times (on a CPU,
-    one eager pass)."""
-    run_plan(x, buffers, out, plan)
-    if not CUDA:
-        began = time.perf_counter()
-        run_plan(x, buffers, out, plan)
-        return (time.perf_counter() - began) / len(buffers)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_plan(x, buffers, out, plan)
-    graph.replay()
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - began) / repeats / len(buffers)
+    eager passes)."""
+    return timed(lambda: run_plan(x, buffers, out, plan), repeats) / len(buffers)
 
 
 def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS)

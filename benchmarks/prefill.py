@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import copy_bandwidth, quantize_randomly  # noqa: E402
+
 from inference.decoding import kernels  # noqa: E402
 from inference.decoding.shapes import QWEN3_SHAPES, qwen3_config  # noqa: E402
 
@@ -57,14 +60,6 @@ def best_seconds(work, repeats: int = 3) -> float:
     return best
 
 
-def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted), best of `repeats`."""
-    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    seconds = best_seconds(lambda: target.copy_(source), repeats)
-    return 2 * gib * 2**30 / seconds
-
-
 def build(shape: str, overrides: dict, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen3ForCausalLM
 
@@ -80,33 +75,11 @@ def build(shape: str, overrides: dict, device: torch.device, dtype: torch.dtype)
     return model.eval()
 
 
-def quantize_randomly(model, device: torch.device) -> int:
+def quantize_and_fuse(model, device: torch.device) -> int:
     """Every decoder-layer nn.Linear becomes a 2-bit GPTQModel TorchLinear with random packed weights (as
     `load_quantized` loads a checkpoint for the fused kernel), wrapped in a Fused2BitLinear."""
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-
-    # GPTQModel wraps its torch dequantization in torch.compile on post_init; on CUDA it dequantizes with
-    # its Triton kernel instead, which this times. The compile is not what a prefill costs.
-    TorchLinear.optimize = lambda self, *args, **kwargs: None
-    swapped = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                k, n = child.in_features, child.out_features
-                with torch.device(device):
-                    module = TorchLinear(bits=2, group_size=GROUP, sym=True, desc_act=False, in_features=k,
-                                         out_features=n, bias=False)
-                module.qweight.random_(-(2**31), 2**31 - 1)
-                module.qzeros.random_(-(2**31), 2**31 - 1)
-                module.scales = torch.rand(module.scales.shape, device=device).mul(0.02).to(child.weight.dtype)
-                module.g_idx.copy_(torch.arange(k, device=device, dtype=module.g_idx.dtype) // GROUP)
-                module.post_init()
-                setattr(parent, name, kernels.Fused2BitLinear.from_gptq(module))
-                swapped += 1
-        if CUDA:
-            torch.cuda.empty_cache()
+    swapped = quantize_randomly(model, "gptq-torch", GROUP, device)
+    kernels.fuse_2bit_linears(model)
     return swapped
 
 
@@ -163,7 +136,7 @@ def main() -> None:
                                                "seconds": seconds, "per_token": seconds / tokens}
         print("prefill", report["prefill"][f"bf16_{tokens}"], flush=True)
         save()
-    report["quantized_linears"] = quantize_randomly(model, device)
+    report["quantized_linears"] = quantize_and_fuse(model, device)
     ids = torch.randint(0, model.config.vocab_size, (1, max(args.prompts)), device=device)
     logits = {}
     for path in kernels.PREFILL_PATHS:

@@ -412,7 +412,8 @@ def _fusable_gptq_types() -> tuple[type, ...]:
 
 class Fused2BitLinear(nn.Module):
     """A GPTQModel 2-bit linear whose decoding calls (at most MAX_DECODE_ROWS rows, MAX_ROWS at a time)
-    run `gptq2_matmul` on its packed buffers; bigger calls (prefill) multiply by the whole dequantized weight (`PREFILL`).
+    run `gptq2_matmul` on its packed buffers; bigger calls (prefill) multiply by the whole dequantized
+    weight (`PREFILL`).
 
     The GPTQ module stays a submodule (`.gptq`), so `.to()` moves the buffers both paths read and
     they appear in the state dict under `<name>.gptq.`.

@@ -19,7 +19,7 @@ def test_kernel_plans_smoke_run_records_each_plan_against_the_shipped_one(tmp_pa
     command = [sys.executable, str(ROOT / "benchmarks" / "kernel_plans.py"), "--shape", "qwen3-0.6b", "--override",
                "hidden_size=256", "intermediate_size=512", "num_attention_heads=2", "num_key_value_heads=1",
                "--layers", "1", "--rows", "1", "4", "--calls", "k_proj", "qkv grouped", "--grid", "small",
-               "--out", str(out)]
+               "--repeats", "1", "--out", str(out)]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
