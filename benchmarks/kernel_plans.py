@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import copy_bandwidth  # noqa: E402
-from decode_step import timed  # noqa: E402
+from decode_step import LINEAR_NAMES, timed  # noqa: E402
 
 from inference.decoding import kernels  # noqa: E402
-from inference.decoding.shapes import QWEN3_SHAPES  # noqa: E402
+from inference.decoding.shapes import QWEN3_SHAPES, linear_shapes  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 GROUP = 128
@@ -48,18 +48,16 @@ BLOCK_N = (64, 128, 256)
 WARPS = (2, 4, 8)
 
 
+SEVEN = LINEAR_NAMES
+FOUR = ("qkv grouped", "o_proj", "gate_up grouped", "down_proj")
+
+
 def layer_calls(spec: dict) -> dict[str, tuple[int, int]]:
     """(K, N) of every kernel call of a decoder layer: the seven linears and the two grouped calls."""
-    hidden, inter = spec["hidden_size"], spec["intermediate_size"]
-    q = spec["num_attention_heads"] * spec["head_dim"]
-    kv = spec["num_key_value_heads"] * spec["head_dim"]
-    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
-            "qkv grouped": (hidden, q + 2 * kv), "gate_up grouped": (hidden, 2 * inter)}
-
-
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FOUR = ("qkv grouped", "o_proj", "gate_up grouped", "down_proj")
+    calls = dict(zip(SEVEN, linear_shapes(spec)))
+    calls["qkv grouped"] = (calls["q_proj"][0], sum(calls[name][1] for name in SEVEN[:3]))
+    calls["gate_up grouped"] = (calls["gate_proj"][0], 2 * calls["gate_proj"][1])
+    return calls
 
 
 def random_buffers(K: int, N: int, layers: int, device) -> list[tuple[torch.Tensor, ...]]:
@@ -164,9 +162,9 @@ def main() -> None:
                 results.append({"choices": choices, "split_k": plan["split_k"], "block_n": plan["block_n"],
                                 "num_warps": plan["num_warps"], "us": us,
                                 "x_floor": us / floor_us, "max_diff_vs_shipped": error})
-            timed = [r for r in results if "us" in r]
+            measured = [r for r in results if "us" in r]
             shipped = results[0] if "us" in results[0] else None
-            best = min(timed, key=lambda r: r["us"]) if timed else None
+            best = min(measured, key=lambda r: r["us"]) if measured else None
             entry[f"rows_{rows}"] = {"shipped": shipped, "best": best, "plans": results}
             if shipped and best:
                 print(f"{name:16s} rows {rows:3d}: floor {floor_us:7.2f} us, shipped {shipped['us']:8.2f} us "

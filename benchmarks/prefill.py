@@ -32,18 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, quantize_randomly  # noqa: E402
+from decode import build_bf16, copy_bandwidth, quantize_randomly, sync  # noqa: E402
+from decode_step import build_bf16_cpu  # noqa: E402
 
 from inference.decoding import kernels  # noqa: E402
-from inference.decoding.shapes import QWEN3_SHAPES, qwen3_config  # noqa: E402
+from inference.decoding.shapes import QWEN3_SHAPES  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 GROUP = 128
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def best_seconds(work, repeats: int = 3) -> float:
@@ -58,21 +54,6 @@ def best_seconds(work, repeats: int = 3) -> float:
         sync()
         best = min(best, time.perf_counter() - began)
     return best
-
-
-def build(shape: str, overrides: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = qwen3_config(shape, attn_implementation="sdpa", **overrides)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 def quantize_and_fuse(model, device: torch.device) -> int:
@@ -118,7 +99,6 @@ def main() -> None:
     torch.set_grad_enabled(False)
     overrides = {field: int(value) for field, value in (item.split("=") for item in args.override)}
     device = torch.device("cuda" if CUDA else "cpu")
-    dtype = torch.bfloat16 if CUDA else torch.float32
     bandwidth = copy_bandwidth() if CUDA else 1e11
     report = {"device": torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "shape": args.shape,
@@ -129,7 +109,7 @@ def main() -> None:
     def save():
         Path(args.out).write_text(json.dumps(report, indent=2))
 
-    model = build(args.shape, overrides, device, dtype)
+    model = build_bf16(args.shape, **overrides) if CUDA else build_bf16_cpu(args.shape, **overrides)
     for tokens in args.prompts:
         seconds = prefill_seconds(model, tokens)
         report["prefill"][f"bf16_{tokens}"] = {"precision": "bf16", "path": "cuBLAS", "tokens": tokens,

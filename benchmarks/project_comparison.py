@@ -53,16 +53,24 @@ def projected_seconds(summary: dict, costs: ProjectedCosts, prefill: bool = True
     return summary["problems"] * seconds
 
 
-def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
-    """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
+def benchmark_record(path: Path, script: str, table: str, kind: type, shape: str) -> dict:
+    """The JSON record `script` wrote to `path`, with its `table` of type `kind`, measured at `shape` (exits with one
+    line naming the file otherwise)."""
     try:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        sys.exit(f"{path}: not a readable benchmarks/decode_step.py JSON ({error})")
-    if not isinstance(report, dict) or not isinstance(report.get("steps"), list):
-        sys.exit(f"{path}: not a benchmarks/decode_step.py result (no 'steps' list)")
-    if report.get("shape") != shape:
-        sys.exit(f"{path}: measured shape {report.get('shape')!r}, not {shape!r}")
+        sys.exit(f"{path}: not a readable benchmarks/{script} JSON ({error})")
+    if not isinstance(report, dict) or not isinstance(report.get(table), kind):
+        sys.exit(f"{path}: not a benchmarks/{script} result (no '{table}' {kind.__name__})")
+    if report.get("shape") != shape or report.get("overrides"):
+        changed = f" with {report['overrides']}" if report.get("overrides") else ""
+        sys.exit(f"{path}: measured shape {report.get('shape')!r}{changed}, not {shape!r}")
+    return report
+
+
+def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
+    """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
+    report = benchmark_record(path, "decode_step.py", "steps", list, shape)
     best = {}
     for row in report["steps"]:
         if isinstance(row.get("step_seconds"), float) and row.get("context") is not None:
@@ -74,14 +82,7 @@ def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, fl
 
 def prefill_costs(path: Path, shape: str, prefill_path: str) -> dict[str, float]:
     """Seconds per prefilled token of bf16 and of 2-bit through `prefill_path`, at the longest prompt measured."""
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        sys.exit(f"{path}: not a readable benchmarks/prefill.py JSON ({error})")
-    if not isinstance(report, dict) or not isinstance(report.get("prefill"), dict):
-        sys.exit(f"{path}: not a benchmarks/prefill.py result (no 'prefill' table)")
-    if report.get("shape") != shape or report.get("overrides"):
-        sys.exit(f"{path}: measured shape {report.get('shape')!r} {report.get('overrides') or ''}, not {shape!r}")
+    report = benchmark_record(path, "prefill.py", "prefill", dict, shape)
     entries = list(report["prefill"].values())
     tokens = max(entry["tokens"] for entry in entries)
     found = {("fp16" if e["precision"] == "bf16" else "2bit"): e["per_token"] for e in entries
@@ -111,14 +112,14 @@ def main():
              "| decode only s (x FP16) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for shape in args.shapes:
         steps = fastest_steps(args.steps, shape) if args.steps else {}
+        prefill = prefill_costs(args.prefill, shape, args.prefill_path) if args.prefill else {}
         for batch in args.batches:
             costs = load_projection(args.costs, shape, batch)
             for precision, name in (("fp16", "bf16"), ("2bit", "2bit")):
                 if (name, costs.batch) in steps:
                     context, per_token, kernel = steps[name, costs.batch]
                     costs.points[precision], costs.kernels[precision] = [(context, per_token)], kernel
-            if args.prefill:
-                costs.prefill.update(prefill_costs(args.prefill, shape, args.prefill_path))
+            costs.prefill.update(prefill)
             lowest = min(points[0][0] for points in costs.points.values())
             if args.prompt_max + args.budget / 2 > lowest:
                 sys.exit(f"{args.comparison}: a trace's context may reach {args.prompt_max + args.budget / 2:.0f}, "
