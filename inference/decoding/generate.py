@@ -20,7 +20,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inference.decoding.steps import DECODE_PATHS, DynamicSteps, StaticSteps, StepOutputs, StepProbe
+from transformers import DynamicCache
+
+from inference.decoding.steps import DECODE_PATHS, BatchPast, DynamicSteps, StaticSteps, StepOutputs, StepProbe
 
 FINISH_EOS = "eos"
 FINISH_BUDGET = "budget"
@@ -98,6 +100,9 @@ class Generation:
     finish_reasons: list[str]
     steps: int = 0
     prompt_lengths: list[int] = field(default_factory=list)
+    caches: list[DynamicCache] | None = None
+    """With `keep_cache`: per sequence, a one-row cache of every token it fed (`past`'s, the prompt's, then
+    all it generated but the last token)."""
 
 
 CANDIDATES_FROM_VOCAB = 8192
@@ -195,6 +200,8 @@ def generate(
     decode: str = "dynamic",
     probe: StepProbe | None = None,
     stack_dtype: torch.dtype | None = None,
+    past: Sequence[DynamicCache | None] | None = None,
+    keep_cache: bool = False,
 ) -> Generation:
     """Decode a left-padded batch until every sequence emits an EOS token or `max_new_tokens`.
 
@@ -209,6 +216,9 @@ def generate(
     output reaches the hook as `StepView.scores`.
     `stack_dtype`: also stack the `layers`' states of every row in this dtype inside the step
     (`StepView.outputs.stacked`), for a hook that keeps them all (trace collection).
+    `past`: per row, a one-row cache of the states of the tokens before its `input_ids` (None: none), as
+    `keep_cache` returns them; the rows' positions go on after it, and only `input_ids` are prefilled
+    (each row needs at least one real token there). `keep_cache`: return each row's cache (`Generation.caches`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -222,23 +232,34 @@ def generate(
         raise ValueError("stack_dtype stacks the states of `layers` for a hook: give both")
     watched = list(layers) if (hook is not None or probe is not None) else []
     watched_ids = layer_ids if watched else []
+    if past is not None and len(past) != batch:
+        raise ValueError(f"past has {len(past)} caches for a batch of {batch} rows")
+    attention_mask = attention_mask.to(device)
+    held = BatchPast.of(list(past)) if past is not None else None
+    if held is not None and not bool(attention_mask.bool()[:, -1].all()):
+        raise ValueError("every row given a past needs a real token last in input_ids (left padding)")
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if held is not None:
+        lengths_held = torch.tensor(held.lengths, device=device)
+        positions = positions + lengths_held[:, None]
+        columns = torch.arange(held.width, device=device)
+        attention_mask = torch.cat([(columns[None] >= held.width - lengths_held[:, None]).to(attention_mask.dtype),
+                                    attention_mask], dim=1)
     # Made inside the step (in the CUDA graph on the static path), for the hook to read.
     extras = {"top_prob": top_prob and hook is not None, "stack_dtype": stack_dtype}
     if decode in ("static", "compiled"):
-        steps = StaticSteps(model, watched, watched_ids, input_ids.shape[1] + max_new_tokens, probe=probe,
+        steps = StaticSteps(model, watched, watched_ids, attention_mask.shape[1] + max_new_tokens, probe=probe,
                             graph=device.type == "cuda", compile=decode == "compiled", **extras)
     else:
         steps = DynamicSteps(model, watched, watched_ids, probe=probe, **extras)
     eos = torch.tensor(list(eos_token_ids), device=device)
 
-    attention_mask = attention_mask.to(device)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     live = torch.ones(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     finish = [FINISH_BUDGET] * batch
 
-    outputs = steps.prefill(input_ids, attention_mask, positions)
+    outputs = steps.prefill(input_ids, attention_mask, positions, past=held)
     positions = positions[:, -1:]
     step = 0
     for step in range(max_new_tokens):
@@ -271,7 +292,8 @@ def generate(
 
     generated_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     prompt_lengths = attention_mask.sum(-1).tolist()
-    return Generation(generated_ids, finish, steps=step + 1, prompt_lengths=prompt_lengths)
+    caches = steps.row_caches([max(len(ids) - 1, 0) for ids in generated_ids]) if keep_cache else None
+    return Generation(generated_ids, finish, steps=step + 1, prompt_lengths=prompt_lengths, caches=caches)
 
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Tokens that end a trace: the tokenizer's EOS and the model's generation-config EOS ids."""

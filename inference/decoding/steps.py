@@ -80,6 +80,60 @@ def cache_argument(model) -> str:
     return name
 
 
+@dataclass
+class BatchPast:
+    """What a batch's rows already hold: per decoder layer, keys and values [batch, kv heads, width, head dim],
+    each row's states right-aligned (the columns before them copy its first state and are masked)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: list[int]
+
+    @property
+    def width(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    @classmethod
+    def of(cls, caches: list[DynamicCache | None]) -> "BatchPast | None":
+        """The rows' caches (None: nothing held) left-padded into one batch; None where no row holds anything.
+        The padding repeats each row's first state rather than zeros, so that a cache that counts its filled
+        slots by nonzero keys counts every column."""
+        lengths = [0 if cache is None else cache.get_seq_length() for cache in caches]
+        width = max(lengths, default=0)
+        if width == 0:
+            return None
+        reference = next(cache for cache, length in zip(caches, lengths) if length)
+        layers = []
+        for index, layer in enumerate(reference.layers):
+            shape = list(layer.keys.shape)
+            keys = layer.keys.new_zeros([len(caches), shape[1], width, shape[3]])
+            values = layer.values.new_zeros([len(caches), shape[1], width, layer.values.shape[3]])
+            for row, (cache, length) in enumerate(zip(caches, lengths)):
+                if not length:
+                    continue
+                held = cache.layers[index]
+                keys[row, :, width - length:] = held.keys[0, :, :length]
+                values[row, :, width - length:] = held.values[0, :, :length]
+                keys[row, :, :width - length] = held.keys[0, :, :1]
+                values[row, :, :width - length] = held.values[0, :, :1]
+            layers.append((keys, values))
+        return cls(layers, lengths)
+
+
+def _row_caches(layers, real: torch.Tensor, fed: list[int], prefilled: int) -> list[DynamicCache]:
+    """Per row, a cache of one row: the columns of `real` [batch, columns] set among the first `prefilled`,
+    then the next `fed[row]` columns (decode positions, all real for a row that was still generating)."""
+    caches = []
+    for row, count in enumerate(fed):
+        columns = torch.cat([real[row, :prefilled].nonzero().squeeze(1),
+                             torch.arange(prefilled, prefilled + count, device=real.device)])
+        cache = DynamicCache()
+        for index, layer in enumerate(layers):
+            cache.update(layer.keys[row:row + 1, :, columns].clone(), layer.values[row:row + 1, :, columns].clone(),
+                         index)
+        caches.append(cache)
+    return caches
+
+
 class DynamicSteps:
     """HF's own path: the cache grows, every step is an eager forward with a growing 2D mask."""
 
@@ -96,9 +150,18 @@ class DynamicSteps:
         logits, hidden, scores = _unpack(outputs, self.layers, self.layer_ids, self.probe)
         return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
 
-    def prefill(self, input_ids, attention_mask, positions):
-        self.mask = attention_mask
+    def prefill(self, input_ids, attention_mask, positions, past: "BatchPast | None" = None):
+        """`attention_mask` covers `past`'s positions, then `input_ids`'."""
+        if past is not None:
+            for layer, (keys, values) in enumerate(past.layers):
+                self.cache.update(keys, values, layer)
+        self.mask, self._prefilled = attention_mask, attention_mask.shape[1]
         return self._run(input_ids, attention_mask, positions)
+
+    def row_caches(self, fed: list[int]) -> list[DynamicCache]:
+        """Each row's states as a cache of its own: the real positions of the prefill, then the first `fed[row]`
+        decode positions."""
+        return _row_caches(self.cache.layers, self.mask.bool(), fed, self._prefilled)
 
     def step(self, tokens, positions):
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
@@ -168,16 +231,25 @@ class StaticSteps:
         # Outside torch.compile, so that `compiled` stores what `static` would store for the same states.
         return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
 
-    def prefill(self, input_ids, attention_mask, positions):
-        batch, prompt = input_ids.shape
+    def prefill(self, input_ids, attention_mask, positions, past: "BatchPast | None" = None):
+        """`attention_mask` covers `past`'s positions (written to the cache's first slots first), then
+        `input_ids`'."""
+        batch, length = input_ids.shape
+        prompt = attention_mask.shape[1]
+        held = prompt - length
         if prompt >= self.max_length:
             raise ValueError(f"a prompt of {prompt} tokens leaves no room in a static cache of {self.max_length}")
         device = input_ids.device
         real = attention_mask.to(device=device, dtype=torch.bool)
-        causal = torch.ones(prompt, prompt, dtype=torch.bool, device=device).tril()
-        square = (causal[None] & real[:, None, :]) | torch.eye(prompt, dtype=torch.bool, device=device)[None]
-        prefill_mask = torch.zeros(batch, 1, prompt, self.max_length, dtype=torch.bool, device=device)
-        prefill_mask[:, 0, :, :prompt] = square
+        if past is not None:
+            slots = torch.arange(held, device=device)
+            for layer, (keys, values) in enumerate(past.layers):
+                self.cache.update(keys, values, layer, {"cache_position": slots})
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        square = (causal[None] & real[:, None, held:]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        prefill_mask = torch.zeros(batch, 1, length, self.max_length, dtype=torch.bool, device=device)
+        prefill_mask[:, 0, :, :held] = real[:, None, :held]
+        prefill_mask[:, 0, :, held:prompt] = square
         self.mask = prefill_mask
         result = self._run(input_ids, positions)
         self.mask = torch.zeros(batch, 1, 1, self.max_length, dtype=torch.bool, device=device)
@@ -186,6 +258,11 @@ class StaticSteps:
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         return result
+
+    def row_caches(self, fed: list[int]) -> list[DynamicCache]:
+        """Each row's states as a cache of its own: the real positions of the prefill, then the first `fed[row]`
+        decode slots."""
+        return _row_caches(self.cache.layers, self.mask[:, 0, 0], fed, self.prompt)
 
     def step(self, tokens, positions):
         slot = self.prompt + self._steps

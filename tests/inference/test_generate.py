@@ -228,3 +228,52 @@ def test_unknown_decode_path_is_refused(model_and_tokenizer):
     with pytest.raises(ValueError, match="decode must be one of dynamic, static, compiled"):
         generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
                  decode="graph")
+
+
+def _left_padded(sequences, pad):
+    width = max(map(len, sequences))
+    ids = torch.tensor([[pad] * (width - len(q)) + q for q in sequences])
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences])
+    return ids, mask
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_a_kept_cache_goes_on_as_the_whole_sequence_read_again(model_and_tokenizer, decode):
+    """A batch resumed from the caches the last batch kept (cut back at different points per row, one row with
+    none) chooses the tokens and watched states of the same batch prefilled whole."""
+    model, tokenizer = model_and_tokenizer
+    pad, eos = tokenizer.pad_token_id, [tokenizer.eos_token_id]
+    enc = _batch(tokenizer, ["What is 2 + 3?", "Start with 17. Add 8, multiply by 3.", "Add 1 and 1."])
+    first = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=10, eos_token_ids=[-1],
+                     pad_token_id=pad, decode=decode, keep_cache=True)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+    fed = [prompt + ids[:-1] for prompt, ids in zip(prompts, first.generated_ids)]
+    assert [cache.get_seq_length() for cache in first.caches] == [len(q) for q in fed]
+    # Row 0 goes on after all it fed plus its last token and two more; row 1 is cut back 4 tokens and given
+    # others; row 2 starts from nothing.
+    extra = tokenizer.encode(" so", add_special_tokens=False)
+    sequences = [fed[0] + first.generated_ids[0][-1:] + extra * 2, fed[1][:-4] + extra, prompts[2] + extra]
+    kept = [len(fed[0]), len(fed[1]) - 4, 0]
+    caches = list(first.caches)
+    caches[1].crop(-4)
+    caches[2] = None
+    ids, mask = _left_padded([q[k:] for q, k in zip(sequences, kept)], pad)
+    seen_resumed, seen_whole = [], []
+    resumed = generate(model, ids, mask, max_new_tokens=8, eos_token_ids=eos, pad_token_id=pad, decode=decode,
+                       past=caches, layers=[-1], hook=_keep_views(seen_resumed), keep_cache=True)
+    ids, mask = _left_padded(sequences, pad)
+    whole = generate(model, ids, mask, max_new_tokens=8, eos_token_ids=eos, pad_token_id=pad, decode=decode,
+                     layers=[-1], hook=_keep_views(seen_whole))
+    assert resumed.generated_ids == whole.generated_ids
+    for a, b in zip(seen_resumed, seen_whole):
+        assert torch.allclose(a.hidden[-1], b.hidden[-1], atol=1e-4)
+    assert [cache.get_seq_length() for cache in resumed.caches] == [
+        len(q) + len(g) - 1 for q, g in zip(sequences, resumed.generated_ids)]
+
+
+def test_past_must_match_the_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?"])
+    with pytest.raises(ValueError, match="past has 2 caches for a batch of 1"):
+        generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=2, eos_token_ids=[0],
+                 pad_token_id=tokenizer.pad_token_id, past=[None, None])
