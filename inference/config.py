@@ -303,6 +303,17 @@ class ControlConfig:
         metadata=_help("step check: FP16 keeps each trace's KV cache between its checks, so a check reads only "
                        "the tokens written since the last one (memory: one FP16 cache per trace it has checked)"),
     )
+    round_cache: bool = field(
+        default=True,
+        metadata=_help("each trace keeps each model's KV cache between its batches, so a batch prefills only the "
+                       "tokens its cache lacks instead of prompt and trace so far (memory: see round_cache_gib)"),
+    )
+    round_cache_gib: float = field(
+        default=16.0,
+        metadata=_help("GiB that the kept KV caches of all traces (round_cache, step_check_cache) may hold "
+                       "together; a trace whose cache would pass it keeps none (Qwen3-8B: 147 KB per token)",
+                       min=0.0),
+    )
     fp16_budget: float = field(
         default=0.2,
         metadata=_help("learned trigger: FP16 tokens allowed, as a share of all tokens of a trace, when its detector "

@@ -33,7 +33,12 @@ Every trace is a small state machine; the controller moves a batch of them forwa
   time; without it the checks of a decoding step read their whole traces in one padded batch.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
-of `sampling.batch_size` (one prefill of prompt + trace so far per sequence, counted). Inside a batch
+of `sampling.batch_size`, each sequence prefilled once (counted: its tokens and the pass). With
+`rescue.round_cache` (the default) each trace keeps each model's KV cache from its last batch (FP16's is
+the one its step checks use too) until the trace ends: the next batch of that model prefills only the
+tokens after the longest prefix the cache still holds (cut back where the trace was cut), instead of the
+prompt and the whole trace so far. The caches of all traces together stay under `rescue.round_cache_gib`;
+a trace whose cache would pass it keeps none. Inside a batch
 each sequence stops on its own (EOS, its token limit, an alarm) while the others go on; once the
 sequences waiting for an action outnumber the ones still decoding, the whole batch pauses so the
 waiting ones are served in the next round instead of idling behind a few long traces.
@@ -81,6 +86,9 @@ class TraceState:
     """Most tokens the current phase may add."""
     tokens: Counter = field(default_factory=Counter)
     prefill: Counter = field(default_factory=Counter)
+    """Tokens each model read in prefills and checks (not those its held cache already had)."""
+    passes: Counter = field(default_factory=Counter)
+    """Prefill passes of each model over this trace (one per batch it joined)."""
     actions: list[dict] = field(default_factory=list)
     interventions: int = 0
     rewritten: set = field(default_factory=set)
@@ -89,9 +97,9 @@ class TraceState:
     """The current FP16 span ends at the next break (a step rewrite)."""
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
-    check_cache: DynamicCache | None = None
-    """FP16's KV cache of `check_ids` (`rescue.step_check_cache`), dropped when the trace ends."""
-    check_ids: list[int] = field(default_factory=list)
+    held: dict = field(default_factory=dict)
+    """Per model, (token ids, a one-row KV cache of them) kept between its batches (`rescue.round_cache`) and,
+    for FP16, its step checks (`rescue.step_check_cache`); dropped when the trace ends."""
 
     @property
     def step_rewrites(self) -> int:
@@ -133,6 +141,7 @@ class Controller:
         self.think_close = tokenizer.convert_tokens_to_ids("</think>")
         self.eos = eos_token_ids(tokenizer, models["2bit"])
         self.plan_stop = control.plan_stop
+        self._states: list[TraceState] = []
 
     # -- the state machine ------------------------------------------------------------------------
 
@@ -160,7 +169,7 @@ class Controller:
 
     def _finish(self, state: TraceState, reason: str) -> None:
         state.phase, state.finish_reason = DONE, reason
-        state.check_cache, state.check_ids = None, []
+        state.held.clear()
 
     def _after_segment(self, state: TraceState, new: list[int], stop: _Stop | None) -> None:
         """Move a trace on after one batch added `new` tokens to it."""
@@ -289,20 +298,16 @@ class Controller:
         """`_check_results` for one sequence, from `state`'s FP16 cache: the cache is cut back to the longest
         prefix it shares with the sequence (and to before `start`, whose prediction must be read), FP16
         reads the rest, and the cache then holds the whole sequence."""
-        held = state.check_ids
-        common = next((i for i, (a, b) in enumerate(zip(held, sequence)) if a != b), min(len(held), len(sequence)))
-        begin = min(common, start - 1)
-        if state.check_cache is None or begin == 0:
-            state.check_cache, begin = DynamicCache(), 0
-        elif state.check_cache.get_seq_length() > begin:  # negative: tokens to remove (every transformers 5)
-            state.check_cache.crop(begin - state.check_cache.get_seq_length())
+        cache, begin = self._resume(state, "fp16", sequence, before=start)
+        if cache is None:
+            cache = DynamicCache()
         ids = torch.tensor([sequence[begin:]], device=self.device)
         positions = torch.arange(begin, len(sequence), device=self.device)[None]
         model = self.models["fp16"]
         keep = len(sequence) - start + 1  # logits of positions start - 1 .. the last: token start is read at 0
         logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                       **{cache_argument(model): state.check_cache}).logits[0, -keep:].float()
-        state.check_ids = list(sequence)
+                       **{cache_argument(model): cache}).logits[0, -keep:].float()
+        self._hold(state, "fp16", list(sequence), cache)
         lowest, rejected = self._judge(logits, 0, sequence, start)
         return lowest, rejected, len(sequence) - begin
 
@@ -316,6 +321,30 @@ class Controller:
         checked = range(start, len(sequence))
         rejected = next((i for i, p in zip(checked, token_probs) if p < self.control.step_check_min_prob), None)
         return min(token_probs), rejected
+
+    def _resume(self, state: TraceState, precision: str, sequence: list[int], before: int | None = None
+                ) -> tuple[DynamicCache | None, int]:
+        """`precision`'s held cache of `state` cut back to the longest prefix it shares with `sequence` (and to
+        before index `before`, default the last token, whose prediction must be read), and that prefix's length;
+        (None, 0) where nothing is held or shared."""
+        entry = state.held.pop(precision, None)
+        if entry is None:
+            return None, 0
+        ids, cache = entry
+        common = next((i for i, (a, b) in enumerate(zip(ids, sequence)) if a != b), min(len(ids), len(sequence)))
+        begin = min(common, (len(sequence) if before is None else before) - 1)
+        if begin <= 0:
+            return None, 0
+        if cache.get_seq_length() > begin:  # negative: tokens to remove (every transformers 5)
+            cache.crop(begin - cache.get_seq_length())
+        return cache, begin
+
+    def _hold(self, state: TraceState, precision: str, ids: list[int], cache: DynamicCache) -> None:
+        """Keep `cache` (of `ids`) for `state`'s next use of `precision`, unless all held caches would then pass
+        `rescue.round_cache_gib`."""
+        limit = self.control.round_cache_gib * 2**30
+        if _cache_bytes(cache) + sum(_cache_bytes(c) for s in self._states for _, c in s.held.values()) <= limit:
+            state.held[precision] = (ids, cache)
 
     def _check_inline(self, batch: list[TraceState], alarms: dict, bases: list[int], new: list[list[int]],
                       stops: dict) -> None:
@@ -364,6 +393,7 @@ class Controller:
         for index, problem in enumerate(problems):
             prompt = self.tokenizer(render_prompt(self.tokenizer, problem.question), add_special_tokens=False)
             states.append(TraceState(index, problem, list(prompt.input_ids), phase=REASON))
+        self._states = states
         for state in states:
             self._start(state)
         generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
@@ -388,10 +418,13 @@ class Controller:
     def _decode_batch(self, batch: list[TraceState], precision: str, generator: torch.Generator) -> None:
         model = self.models[precision]
         sequences = [s.prompt_ids + s.generated for s in batch]
-        input_ids, mask = self._left_padded(sequences)
+        keep = self.control.round_cache
+        resumed = [self._resume(state, precision, ids) if keep else (None, 0) for state, ids in zip(batch, sequences)]
+        input_ids, mask = self._left_padded([ids[begin:] for ids, (_, begin) in zip(sequences, resumed)])
         pad = self.tokenizer.pad_token_id
-        for state, ids in zip(batch, sequences):
-            state.prefill[precision] += len(ids)
+        for state, ids, (_, begin) in zip(batch, sequences, resumed):
+            state.prefill[precision] += len(ids) - begin
+            state.passes[precision] += 1
         bases = [len(s.generated) for s in batch]
         watched = [s.phase in (PROBE, REASON) and self.think_close not in s.generated
                    and s.interventions < self.control.max_interventions for s in batch]
@@ -444,9 +477,12 @@ class Controller:
         layers = self.trigger.layers if precision == "2bit" and any(watched) else ()
         result = generate(model, input_ids, mask, max_new_tokens=max(s.limit for s in batch), eos_token_ids=self.eos,
                           pad_token_id=pad, sampler=self.sampler, generator=generator, layers=layers, hook=hook,
-                          decode=self.sampling.decode)
+                          decode=self.sampling.decode, past=[cache for cache, _ in resumed] if keep else None,
+                          keep_cache=keep)
         share = (time.perf_counter() - began) / len(batch)
         for row, state in enumerate(batch):
+            if keep:
+                self._hold(state, precision, sequences[row] + result.generated_ids[row][:-1], result.caches[row])
             new = result.generated_ids[row][: state.limit]
             state.tokens[precision] += len(new)
             state.wall_seconds += share
@@ -463,3 +499,7 @@ class Controller:
         body = body.lstrip()
         return bool(body) and self.plan_stop in body
 
+
+def _cache_bytes(cache: DynamicCache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)

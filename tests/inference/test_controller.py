@@ -36,11 +36,12 @@ class Scripted(Trigger):
 
     def __init__(self, alarm_at, back=5):
         self.alarm_at, self.back = alarm_at, back
-        self.seen = {}
+        self.seen, self.tokens = {}, {}
 
     def observe(self, seqs, positions, tokens, hidden, top_prob):
-        for seq, position in zip(seqs, positions):
+        for seq, position, token in zip(seqs, positions, tokens.tolist()):
             self.seen.setdefault(seq, []).append(position)
+            self.tokens.setdefault(seq, {})[position] = token
         return [Alarm("loop", p, p - self.back) if self.alarm_at.get(s) == p else None for s, p in zip(seqs, positions)]
 
 
@@ -349,7 +350,7 @@ def test_cached_step_checks_read_only_the_new_tokens_and_judge_as_a_whole_read(p
         for a, b in zip(with_cache.actions, whole.actions):
             if a["kind"] == "check":
                 assert a["min_prob"] == pytest.approx(b["min_prob"], abs=2e-4)
-        assert with_cache.check_cache is None  # dropped when the trace ended
+        assert with_cache.held == {}  # dropped when the trace ended
     read = {cached: sum(s.prefill["fp16"] for s in states) for cached, states in runs.items()}
     assert read[True] < read[False]
     if threshold == 0.0:
@@ -357,3 +358,47 @@ def test_cached_step_checks_read_only_the_new_tokens_and_judge_as_a_whole_read(p
         for state in runs[True]:
             positions = [a["position"] for a in state.actions]
             assert state.prefill["fp16"] == (len(state.prompt_ids) + positions[-1] + 1 if positions else 0)
+
+
+def _handback_runs(pair, **control):
+    """Every sequence alarms at 2-bit position 8 (onset 5); FP16 writes 4 tokens and hands back; with the round
+    cache on and off."""
+    models, tokenizer = pair
+    runs, seen = {}, {}
+    for cached in (True, False):
+        trigger = Scripted({i: 8 for i in range(6)}, back=3)
+        config = ControlConfig(on_alarm="fallback", fallback_span=4, round_cache=cached, **control)
+        runs[cached] = Controller(models, tokenizer, trigger, config, _sampling(batch_size=6), "rule").run(
+            _problems(6), progress=False)
+        seen[cached] = trigger.tokens
+    return runs, seen
+
+
+def test_the_round_cache_prefills_only_what_a_trace_added_since_its_models_last_batch(pair):
+    runs, seen = _handback_runs(pair)
+    handed_back = 0
+    for index, (with_cache, whole) in enumerate(zip(runs[True], runs[False])):
+        assert with_cache.generated == whole.generated and with_cache.actions == whole.actions
+        assert with_cache.passes == whole.passes and with_cache.tokens == whole.tokens
+        prompt = len(with_cache.prompt_ids)
+        if [a["kind"] for a in with_cache.actions] != ["fallback", "handback"] or with_cache.tokens["fp16"] != 4:
+            continue
+        handed_back += 1
+        # The 2-bit model read the prompt, then only FP16's 4 tokens (less those that repeat the cut 2-bit ones):
+        # its cache held prompt + its first 8 tokens, cut back to the onset. Read whole, it reads the prompt, then
+        # prompt + 5 kept + 4 written.
+        first = [seen[True][index][p] for p in range(9)]
+        assert with_cache.generated[:5] == first[:5]
+        same = next((i for i in range(4) if with_cache.generated[5 + i] != first[5 + i]), 3)
+        assert with_cache.prefill["2bit"] == prompt + 4 - same
+        assert whole.prefill["2bit"] == prompt + prompt + 5 + 4
+        assert with_cache.prefill["fp16"] == whole.prefill["fp16"] == prompt + 5  # FP16 held nothing before
+        assert with_cache.passes == {"2bit": 2, "fp16": 1}
+        assert with_cache.held == {}  # dropped when the trace ended
+    assert handed_back >= 2
+
+
+def test_round_caches_past_their_memory_cap_are_not_kept(pair):
+    runs, _ = _handback_runs(pair, round_cache_gib=0.0)
+    for capped, whole in zip(runs[True], runs[False]):
+        assert capped.generated == whole.generated and capped.prefill == whole.prefill
