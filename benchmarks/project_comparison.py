@@ -11,7 +11,8 @@ script refuses a comparison whose budget could take a trace past that point.
     python benchmarks/project_comparison.py docs/compare/run-tiny-m-cpu.json \
         benchmarks/results/decode-h200-run1.json --shapes qwen3-8b qwen3-32b --budget 1024
 
-A step check is priced at its prefilled tokens plus one FP16 decode step (its read of the FP16 weights).
+A step check is priced at its prefilled tokens plus one FP16 decode step (its read of the FP16 weights), and
+so is every prefill pass of either model (where the comparison counted them: `mean_passes_*`).
 
 `--steps F` (a `benchmarks/decode_step.py` JSON of the same shape) replaces the decode costs at each
 batch it measured by its fastest step per precision there (a compiled one, say); prefill costs stay
@@ -40,16 +41,18 @@ def method_summaries(path: Path) -> dict[str, dict]:
 
 def projected_seconds(summary: dict, costs: ProjectedCosts, prefill: bool = True) -> float:
     """Seconds of a method's traces at `costs` (flat below the lowest measured context). With `prefill`,
-    the prefilled tokens at the prefill costs and, for every FP16 step check, one FP16 decode step on top
-    of its tokens: a check that reads a few cached tokens still reads the FP16 weights once, which the
-    per-token prefill cost (measured on long prompts) does not price."""
+    the prefilled tokens at the prefill costs and, for every FP16 step check and every prefill pass, one
+    decode step of its model on top of its tokens: a pass that reads a few cached tokens still reads the
+    weights once, which the per-token prefill cost (measured on long prompts) does not price."""
     lowest = 0.0  # ProjectedCosts clamps every context below its lowest point to that point's cost
     seconds = (summary["mean_tokens_2bit"] * costs.decode("2bit", lowest)
                + summary["mean_tokens_fp16"] * costs.decode("fp16", lowest))
     if prefill:
         seconds += (summary["mean_prefill_2bit"] * costs.prefill["2bit"]
                     + summary["mean_prefill_fp16"] * costs.prefill["fp16"]
-                    + summary.get("mean_checks_fp16", 0.0) * costs.decode("fp16", lowest))
+                    + summary.get("mean_passes_2bit", 0.0) * costs.decode("2bit", lowest)
+                    + (summary.get("mean_checks_fp16", 0.0) + summary.get("mean_passes_fp16", 0.0))
+                    * costs.decode("fp16", lowest))
     return summary["problems"] * seconds
 
 

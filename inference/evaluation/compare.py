@@ -173,8 +173,11 @@ class ProjectedCosts:
     projected seconds are its tokens by precision times the measured decode cost per token at the
     comparison's batch size (the nearest measured batch) and at the trace's mean context (prompt +
     half its generated tokens, interpolated linearly between the measured contexts, clamped at their
-    ends), plus its prefilled tokens times the measured prefill cost. Each precision's decode costs
-    come from one kernel: the fastest of those measured at every context of that batch size.
+    ends), plus its prefilled tokens times the measured prefill cost, plus one decode step of the
+    model's for each of its prefill passes and FP16 step checks: a pass that reads a few tokens (a
+    resumption from a kept cache) still reads the weights once, which the per-token prefill cost
+    (measured on long prompts) does not price. Each precision's decode costs come from one kernel: the
+    fastest of those measured at every context of that batch size.
     """
 
     def __init__(self, report: dict, shape: str, batch: int, source: str = ""):
@@ -222,7 +225,8 @@ class ProjectedCosts:
 
     def seconds(self, record) -> float:
         context = record.prompt_tokens + record.generated_tokens / 2
-        return (record.tokens_2bit * self.decode("2bit", context) + record.tokens_fp16 * self.decode("fp16", context)
+        return ((record.tokens_2bit + record.passes_2bit) * self.decode("2bit", context)
+                + (record.tokens_fp16 + record.passes_fp16 + record.checks_fp16) * self.decode("fp16", context)
                 + record.prefill_2bit * self.prefill["2bit"] + record.prefill_fp16 * self.prefill["fp16"])
 
     def describe(self) -> dict:

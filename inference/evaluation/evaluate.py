@@ -50,8 +50,12 @@ class ProblemRecord:
     tokens_forced: int = 0
     """Tokens the controller wrote itself (a commit's closing text)."""
     prefill_2bit: int = 0
-    """Tokens the 2-bit model prefilled (the prompt, plus the trace so far at every resumption)."""
+    """Tokens the 2-bit model prefilled (the prompt, then at every resumption what its kept cache lacks, or the
+    whole trace so far without `rescue.round_cache`)."""
     prefill_fp16: int = 0
+    passes_2bit: int = 0
+    """Prefill passes of the 2-bit model (one per batch the trace joined: each reads its weights once)."""
+    passes_fp16: int = 0
     checks_fp16: int = 0
     """FP16 forward passes that checked an arithmetic step's result (each reads the FP16 weights once)."""
     actions: list = field(default_factory=list)
@@ -122,7 +126,8 @@ def run_method(
                     correct=is_correct(answer, problem.answer),
                     wall_seconds=round(share, 4),
                     text=text,
-                    **{f"tokens_{precision}": len(ids), f"prefill_{precision}": int(prompt_len)},
+                    **{f"tokens_{precision}": len(ids), f"prefill_{precision}": int(prompt_len),
+                       f"passes_{precision}": 1},
                 )
             )
             generated_total += len(ids)
@@ -153,6 +158,7 @@ def run_controlled(models: dict, tokenizer, problems: Sequence[Problem], *, meth
             correct=is_correct(answer, problem.answer), wall_seconds=round(state.wall_seconds, 4), text=text,
             tokens_2bit=state.tokens["2bit"], tokens_fp16=state.tokens["fp16"], tokens_forced=state.tokens["forced"],
             prefill_2bit=state.prefill["2bit"], prefill_fp16=state.prefill["fp16"], checks_fp16=state.checks,
+            passes_2bit=state.passes["2bit"], passes_fp16=state.passes["fp16"],
             actions=state.actions,
         ))
     return records
@@ -185,7 +191,8 @@ def summarize(records: Sequence[ProblemRecord]) -> dict:
 
     low, high = wilson_interval(sum(r.correct for r in records), count)
     by_precision = {}
-    for name in ("tokens_2bit", "tokens_fp16", "tokens_forced", "prefill_2bit", "prefill_fp16", "checks_fp16"):
+    for name in ("tokens_2bit", "tokens_fp16", "tokens_forced", "prefill_2bit", "prefill_fp16", "checks_fp16",
+                 "passes_2bit", "passes_fp16"):
         values = [getattr(r, name) for r in records]
         by_precision[f"mean_{name}"] = statistics.fmean(values) if values else 0.0
         by_precision[f"p90_{name}"] = _percentile(values, 0.9)

@@ -46,3 +46,20 @@ def test_prefill_record_of_another_shape_is_refused(tmp_path):
     done = project("--prefill", prefill_record(tmp_path / "prefill.json", shape="qwen3-32b"))
     assert done.returncode != 0
     assert "prefill.json: measured shape 'qwen3-32b'" in done.stderr and "not 'qwen3-8b'" in done.stderr
+
+
+def test_every_prefill_pass_and_check_is_priced_at_one_decode_step_of_its_model():
+    from types import SimpleNamespace
+
+    from conftest import benchmark_script
+
+    projected_seconds = benchmark_script("project_comparison").projected_seconds
+    costs = SimpleNamespace(decode=lambda precision, context: {"2bit": 2.0, "fp16": 5.0}[precision],
+                            prefill={"2bit": 0.25, "fp16": 0.5})
+    summary = {"problems": 10, "mean_tokens_2bit": 100, "mean_tokens_fp16": 20, "mean_prefill_2bit": 40,
+               "mean_prefill_fp16": 30, "mean_checks_fp16": 3}
+    older = projected_seconds(summary, costs)  # a comparison from before passes were counted
+    assert older == 10 * (100 * 2.0 + 20 * 5.0 + 40 * 0.25 + 30 * 0.5 + 3 * 5.0)
+    counted = projected_seconds({**summary, "mean_passes_2bit": 4, "mean_passes_fp16": 2}, costs)
+    assert counted == older + 10 * (4 * 2.0 + 2 * 5.0)
+    assert projected_seconds(summary, costs, prefill=False) == 10 * (100 * 2.0 + 20 * 5.0)

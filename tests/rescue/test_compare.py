@@ -87,8 +87,10 @@ def test_projected_costs_pick_the_nearest_batch_the_fastest_kernel_and_interpola
     assert middle == pytest.approx((projection.decode("fp16", 1024) + projection.decode("fp16", 8192)) / 2)
     record = ProblemRecord("p", "rule", 0, prompt_tokens=1000, generated_tokens=48, finish_reason="eos",
                            closed_think=True, loop=False, answer="1", gold="1", correct=True, wall_seconds=0.0,
-                           text="", tokens_2bit=40, tokens_fp16=8, prefill_2bit=1000, prefill_fp16=1100)
-    expected = (40 * projection.decode("2bit", 1024) + 8 * projection.decode("fp16", 1024)
+                           text="", tokens_2bit=40, tokens_fp16=8, prefill_2bit=1000, prefill_fp16=1100,
+                           checks_fp16=3, passes_2bit=2, passes_fp16=1)
+    # Every prefill pass and step check also reads its model's weights once: one decode step each.
+    expected = ((40 + 2) * projection.decode("2bit", 1024) + (8 + 1 + 3) * projection.decode("fp16", 1024)
                 + 1000 * 2e-5 + 1100 * 1e-5)
     assert projection.seconds(record) == pytest.approx(expected)
     with pytest.raises(ValueError, match="no measured decode steps for shape 'qwen3-0.6b'"):
@@ -129,7 +131,9 @@ def test_compare_runs_every_method_on_the_same_problems(setup, tmp_path):
     # Projected to Qwen3-8B's measured costs: FP16-only traces cost their tokens at the bf16 rate.
     assert comparison["projection"]["shape"] == "qwen3-8b" and comparison["projection"]["batch"] == 1
     fp16_records = [json.loads(line) for line in (out / "fp16" / "records.jsonl").read_text().splitlines()]
-    expected = sum(r["tokens_fp16"] * 6.0e-3 + r["prefill_fp16"] * 1e-5 for r in fp16_records)  # contexts < 1k
+    expected = sum((r["tokens_fp16"] + r["passes_fp16"]) * 6.0e-3 + r["prefill_fp16"] * 1e-5  # contexts < 1k
+                   for r in fp16_records)
+    assert all(r["passes_fp16"] == 1 for r in fp16_records)  # one batch each
     assert methods["fp16"]["projected_seconds"] == pytest.approx(expected)
     assert all(m["projected_seconds"] > 0 for m in methods.values())
     assert "projected s (x FP16)" in (out / "comparison.md").read_text()
