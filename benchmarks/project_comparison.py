@@ -14,8 +14,9 @@ script refuses a comparison whose budget could take a trace past that point.
 A step check is priced at its prefilled tokens plus one FP16 decode step (its read of the FP16 weights), and
 so is every prefill pass of either model (where the comparison counted them: `mean_passes_*`).
 
-`--steps F` (a `benchmarks/decode_step.py` JSON of the same shape) replaces the decode costs at each
-batch it measured by its fastest step per precision there (a compiled one, say); prefill costs stay
+`--steps F...` (`benchmarks/decode_step.py` JSONs of the same shape) replace the decode costs at each batch
+they measured by the fastest step per precision there (a compiled one, say), both precisions of a batch from
+one file: the one whose fastest bf16 step at that batch is fastest (FP16 is priced at its best); prefill costs stay
 the decode.py file's unless `--prefill F` (a `benchmarks/prefill.py` JSON of the same shape) replaces
 them with its bf16 and 2-bit prefill per token at its longest prompt (2-bit: the `--prefill-path` path).
 """
@@ -71,6 +72,19 @@ def benchmark_record(path: Path, script: str, table: str, kind: type, shape: str
     return report
 
 
+def fastest_steps_of(paths: list[Path], shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
+    """`fastest_steps` of several records: each batch's bf16 and 2-bit steps from the record whose fastest bf16
+    step at that batch is fastest (so that both precisions of a batch were measured in one run)."""
+    found = [fastest_steps(path, shape) for path in paths]
+    best = {}
+    for batch in sorted({batch for steps in found for _, batch in steps}):
+        both = [steps for steps in found if ("bf16", batch) in steps and ("2bit", batch) in steps]
+        if both:
+            chosen = min(both, key=lambda steps: steps["bf16", batch][1])
+            best.update({key: value for key, value in chosen.items() if key[1] == batch})
+    return best
+
+
 def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
     """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
     report = benchmark_record(path, "decode_step.py", "steps", list, shape)
@@ -103,8 +117,8 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 1])
     parser.add_argument("--budget", type=int, required=True, help="the comparison's token budget")
     parser.add_argument("--prompt-max", type=int, default=512, help="longest prompt in tokens (at most)")
-    parser.add_argument("--steps", type=Path, help="a benchmarks/decode_step.py JSON whose fastest steps replace "
-                        "the decode costs at the batches it measured")
+    parser.add_argument("--steps", type=Path, nargs="+", help="benchmarks/decode_step.py JSONs whose fastest steps "
+                        "replace the decode costs at the batches they measured (each batch's pair from one file)")
     parser.add_argument("--prefill", type=Path, help="a benchmarks/prefill.py JSON whose prefill costs per token "
                         "replace the decode.py file's")
     parser.add_argument("--prefill-path", default="dequantize", help="the 2-bit prefill path of --prefill to use")
@@ -114,7 +128,7 @@ def main():
              "| shape | batch | method | accuracy | 2-bit tokens | FP16 tokens | projected s (x FP16) "
              "| decode only s (x FP16) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for shape in args.shapes:
-        steps = fastest_steps(args.steps, shape) if args.steps else {}
+        steps = fastest_steps_of(args.steps, shape) if args.steps else {}
         prefill = prefill_costs(args.prefill, shape, args.prefill_path) if args.prefill else {}
         for batch in args.batches:
             costs = load_projection(args.costs, shape, batch)

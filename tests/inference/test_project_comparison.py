@@ -63,3 +63,30 @@ def test_every_prefill_pass_and_check_is_priced_at_one_decode_step_of_its_model(
     counted = projected_seconds({**summary, "mean_passes_2bit": 4, "mean_passes_fp16": 2}, costs)
     assert counted == older + 10 * (4 * 2.0 + 2 * 5.0)
     assert projected_seconds(summary, costs, prefill=False) == 10 * (100 * 2.0 + 20 * 5.0)
+
+
+def test_each_batch_takes_both_precisions_from_the_record_with_the_fastest_bf16_step(tmp_path):
+    from conftest import benchmark_script
+
+    module = benchmark_script("project_comparison")
+
+    def record(name, rows):
+        steps = [{"precision": p, "kernel": k, "attention": "split", "batch": b, "context": 1024, "step_seconds": t}
+                 for p, k, b, t in rows]
+        path = tmp_path / name
+        path.write_text(json.dumps({"shape": "qwen3-8b", "steps": steps}))
+        return path
+
+    compiled_1 = record("a.json", [("bf16", "cuBLAS", 1, 0.010), ("bf16", "cuBLAS + compile", 1, 0.007),
+                                   ("2bit", "fused grouped + compile", 1, 0.003), ("bf16", "cuBLAS", 16, 0.012),
+                                   ("2bit", "fused grouped", 16, 0.009)])
+    compiled_16 = record("b.json", [("bf16", "cuBLAS", 1, 0.0101), ("2bit", "fused grouped", 1, 0.0061),
+                                    ("bf16", "cuBLAS + compile", 16, 0.0084), ("2bit", "fused grouped", 16, 0.0092),
+                                    ("2bit", "fused grouped + compile", 16, 0.0054)])
+    steps = module.fastest_steps_of([compiled_1, compiled_16], "qwen3-8b")
+    assert steps["bf16", 1][1:] == (0.007, "cuBLAS + compile, split")
+    assert steps["2bit", 1][1:] == (0.003, "fused grouped + compile, split")
+    assert steps["bf16", 16][1] == 0.0084 / 16 and steps["2bit", 16][1] == 0.0054 / 16
+    # A record that measured only one precision at a batch supplies nothing there.
+    lone = record("c.json", [("bf16", "cuBLAS + compile", 16, 0.001)])
+    assert module.fastest_steps_of([compiled_16, lone], "qwen3-8b")["bf16", 16][1] == 0.0084 / 16
