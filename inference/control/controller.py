@@ -98,7 +98,7 @@ class TraceState:
     finish_reason: str = "budget"
     wall_seconds: float = 0.0
     held: dict = field(default_factory=dict)
-    """Per model, (token ids, a one-row KV cache of them) kept between its batches (`rescue.round_cache`) and,
+    """Per model, (token ids, a one-row KV cache of them, its bytes) kept between its batches (`rescue.round_cache`) and,
     for FP16, its step checks (`rescue.step_check_cache`); dropped when the trace ends."""
 
     @property
@@ -141,7 +141,8 @@ class Controller:
         self.think_close = tokenizer.convert_tokens_to_ids("</think>")
         self.eos = eos_token_ids(tokenizer, models["2bit"])
         self.plan_stop = control.plan_stop
-        self._states: list[TraceState] = []
+        self._held_bytes = 0
+        """Bytes of all traces' held caches (`TraceState.held`), kept under `rescue.round_cache_gib`."""
 
     # -- the state machine ------------------------------------------------------------------------
 
@@ -169,7 +170,8 @@ class Controller:
 
     def _finish(self, state: TraceState, reason: str) -> None:
         state.phase, state.finish_reason = DONE, reason
-        state.held.clear()
+        for precision in list(state.held):
+            self._drop(state, precision)
 
     def _after_segment(self, state: TraceState, new: list[int], stop: _Stop | None) -> None:
         """Move a trace on after one batch added `new` tokens to it."""
@@ -327,10 +329,10 @@ class Controller:
         """`precision`'s held cache of `state` cut back to the longest prefix it shares with `sequence` (and to
         before index `before`, default the last token, whose prediction must be read), and that prefix's length;
         (None, 0) where nothing is held or shared."""
-        entry = state.held.pop(precision, None)
+        entry = self._drop(state, precision)
         if entry is None:
             return None, 0
-        ids, cache = entry
+        ids, cache, _ = entry
         common = next((i for i, (a, b) in enumerate(zip(ids, sequence)) if a != b), min(len(ids), len(sequence)))
         begin = min(common, (len(sequence) if before is None else before) - 1)
         if begin <= 0:
@@ -342,9 +344,17 @@ class Controller:
     def _hold(self, state: TraceState, precision: str, ids: list[int], cache: DynamicCache) -> None:
         """Keep `cache` (of `ids`) for `state`'s next use of `precision`, unless all held caches would then pass
         `rescue.round_cache_gib`."""
-        limit = self.control.round_cache_gib * 2**30
-        if _cache_bytes(cache) + sum(_cache_bytes(c) for s in self._states for _, c in s.held.values()) <= limit:
-            state.held[precision] = (ids, cache)
+        size = _cache_bytes(cache)
+        if self._held_bytes + size <= self.control.round_cache_gib * 2**30:
+            state.held[precision] = (ids, cache, size)
+            self._held_bytes += size
+
+    def _drop(self, state: TraceState, precision: str) -> tuple | None:
+        """Take `precision`'s held cache entry (ids, cache, bytes) away from `state` (None: none held)."""
+        entry = state.held.pop(precision, None)
+        if entry is not None:
+            self._held_bytes -= entry[2]
+        return entry
 
     def _check_inline(self, batch: list[TraceState], alarms: dict, bases: list[int], new: list[list[int]],
                       stops: dict) -> None:
@@ -393,7 +403,6 @@ class Controller:
         for index, problem in enumerate(problems):
             prompt = self.tokenizer(render_prompt(self.tokenizer, problem.question), add_special_tokens=False)
             states.append(TraceState(index, problem, list(prompt.input_ids), phase=REASON))
-        self._states = states
         for state in states:
             self._start(state)
         generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)

@@ -368,9 +368,10 @@ def _handback_runs(pair, **control):
     for cached in (True, False):
         trigger = Scripted({i: 8 for i in range(6)}, back=3)
         config = ControlConfig(on_alarm="fallback", fallback_span=4, round_cache=cached, **control)
-        runs[cached] = Controller(models, tokenizer, trigger, config, _sampling(batch_size=6), "rule").run(
-            _problems(6), progress=False)
+        controller = Controller(models, tokenizer, trigger, config, _sampling(batch_size=6), "rule")
+        runs[cached] = controller.run(_problems(6), progress=False)
         seen[cached] = trigger.tokens
+        assert controller._held_bytes == 0  # every trace ended, and its caches were dropped
     return runs, seen
 
 
@@ -402,3 +403,15 @@ def test_round_caches_past_their_memory_cap_are_not_kept(pair):
     runs, _ = _handback_runs(pair, round_cache_gib=0.0)
     for capped, whole in zip(runs[True], runs[False]):
         assert capped.generated == whole.generated and capped.prefill == whole.prefill
+    # Room for three of the six first 2-bit caches (prompt + 8 tokens, float32): the first three traces of the
+    # batch keep theirs and resume from them; the others, and FP16 after them, read whole.
+    models, tokenizer = pair
+    config = models["2bit"].config
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    prompt = len(runs[False][0].prompt_ids)
+    assert all(len(state.prompt_ids) == prompt for state in runs[False])
+    runs, _ = _handback_runs(pair, round_cache_gib=3.5 * (prompt + 8) * per_token / 2**30)
+    kept = [capped.prefill["2bit"] < whole.prefill["2bit"] for capped, whole in zip(runs[True], runs[False])]
+    assert kept[3:] == [False] * 3 and any(kept[:3])
+    for capped, whole in zip(runs[True], runs[False]):
+        assert capped.generated == whole.generated and capped.prefill["fp16"] == whole.prefill["fp16"]
