@@ -314,6 +314,11 @@ class ControlConfig:
                        "together; a trace whose cache would pass it keeps none (Qwen3-8B: 147 KB per token)",
                        min=0.0),
     )
+    active_traces: int = field(
+        default=0,
+        metadata=_help("most traces the controller moves at once (a trace starts once another ends), so that "
+                       "only theirs hold round caches; 0 = all of them from the start", min=0),
+    )
     fp16_budget: float = field(
         default=0.2,
         metadata=_help("learned trigger: FP16 tokens allowed, as a share of all tokens of a trace, when its detector "

@@ -33,7 +33,9 @@ Every trace is a small state machine; the controller moves a batch of them forwa
   time; without it the checks of a decoding step read their whole traces in one padded batch.
 
 A round groups the unfinished traces by the model they need next and decodes each group in batches
-of `sampling.batch_size`, each sequence prefilled once (counted: its tokens and the pass). With
+of `sampling.batch_size`, each sequence prefilled once (counted: its tokens and the pass); with
+`rescue.active_traces` N, only the first N unfinished traces take part, and a trace starts in the first
+round after one ends (0, the default: every trace from the first round). With
 `rescue.round_cache` (the default) each trace keeps each model's KV cache from its last batch (FP16's is
 the one its step checks use too) until the trace ends: the next batch of that model prefills only the
 tokens after the longest prefix the cache still holds (cut back where the trace was cut), instead of the
@@ -403,14 +405,21 @@ class Controller:
         for index, problem in enumerate(problems):
             prompt = self.tokenizer(render_prompt(self.tokenizer, problem.question), add_special_tokens=False)
             states.append(TraceState(index, problem, list(prompt.input_ids), phase=REASON))
-        for state in states:
-            self._start(state)
         generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
         bar = tqdm(total=len(states), desc=self.method, unit="problem", disable=not progress, dynamic_ncols=True)
-        done = sum(s.phase == DONE for s in states)
-        bar.update(done)
+        done = started = 0
+        limit = self.control.active_traces
         while True:
-            pending = [s for s in states if s.phase != DONE]
+            pending = [s for s in states[:started] if s.phase != DONE]
+            while started < len(states) and (not limit or len(pending) < limit):
+                state = states[started]
+                started += 1
+                self._start(state)
+                if state.phase != DONE:
+                    pending.append(state)
+            finished = sum(s.phase == DONE for s in states)
+            bar.update(finished - done)
+            done = finished
             if not pending:
                 break
             for precision in ("2bit", "fp16"):

@@ -415,3 +415,35 @@ def test_round_caches_past_their_memory_cap_are_not_kept(pair):
     assert kept[3:] == [False] * 3 and any(kept[:3])
     for capped, whole in zip(runs[True], runs[False]):
         assert capped.generated == whole.generated and capped.prefill["fp16"] == whole.prefill["fp16"]
+
+
+def test_active_traces_bounds_the_traces_in_flight_and_their_held_caches(pair):
+    """With rescue.active_traces 2, no batch holds more than 2 traces and at most 2 traces hold caches; every
+    trace still ends, each as it would alone (greedy, with the unbounded run's tokens)."""
+    models, tokenizer = pair
+    runs, seen = {}, []
+    for active in (0, 2):
+        trigger = Scripted({i: 8 for i in range(6)}, back=3)
+        config = ControlConfig(on_alarm="fallback", fallback_span=4, active_traces=active)
+        controller = Controller(models, tokenizer, trigger, config, _sampling(temperature=0.0, batch_size=4), "rule")
+        decode_batch = controller._decode_batch
+
+        def spy(batch, precision, generator):
+            if active:
+                holding = [s for s in controller_states if s.held]
+                seen.append((len(batch), len(holding)))
+            decode_batch(batch, precision, generator)
+
+        controller_states = []
+        original_start = controller._start
+
+        def start(state):
+            controller_states.append(state)
+            original_start(state)
+
+        controller._decode_batch, controller._start = spy, start
+        runs[active] = controller.run(_problems(6), progress=False)
+    assert seen and max(size for size, _ in seen) <= 2 and max(holding for _, holding in seen) <= 2
+    assert len(controller_states) == 6 and all(s.phase == "done" for s in runs[2])
+    for bounded, unbounded in zip(runs[2], runs[0]):
+        assert bounded.generated == unbounded.generated and bounded.actions == unbounded.actions
