@@ -13,14 +13,12 @@ from functools import cached_property
 from typing import Callable, Sequence
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from transformers import DynamicCache
 
 from inference.decoding.steps import DECODE_PATHS, BatchPast, DynamicSteps, StaticSteps, StepOutputs, StepProbe
 

@@ -90,7 +90,7 @@ class BatchPast:
 
     @property
     def width(self) -> int:
-        return self.layers[0][0].shape[2] if self.layers else 0
+        return self.layers[0][0].shape[2]
 
     @classmethod
     def of(cls, caches: list[DynamicCache | None]) -> "BatchPast | None":
