@@ -13,6 +13,8 @@ In one process, for the shape's bf16 model and then its 2-bit twin (random weigh
 - the linears of one decoder layer (the 36 layers' in turn, so no weight is in L2 twice) at 1, 4 and
   16 rows: bf16 cuBLAS, the fused kernel and GemLite's A16W2 (HQQ format, the same codes, scales and
   zero points), with each kernel's error against the float32 product;
+- the bf16 step and the linears of a layer with q, k, v as one matmul and gate, up as another
+  (`group_linear_projections`, the members' weights views of the group's);
 - the fused kernel with q, k, v in one call and gate, up in one (`Grouped2BitLinear`), and each 2-bit
   linear and grouped call alone against its floor (`per_linear`), at the same row counts; last, the 2-bit
   step with its projections grouped so (`group_2bit_projections`), uncompiled and compiled;
@@ -44,7 +46,14 @@ from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, st
 
 from inference.decoding.attention import DECODE_ATTENTIONS, use_decode_attention  # noqa: E402
 from inference.decoding.generate import Sampler  # noqa: E402
-from inference.decoding.kernels import Fused2BitLinear, Grouped2BitLinear, group_2bit_projections  # noqa: E402
+from inference.decoding.kernels import (  # noqa: E402
+    Fused2BitLinear,
+    Grouped2BitLinear,
+    GroupedMember,
+    group_2bit_projections,
+    group_linear_projections,
+    ungroup_projections,
+)
 from inference.decoding.shapes import QWEN3_SHAPES, decode_step_bytes, linear_shapes  # noqa: E402
 from inference.decoding.steps import DynamicSteps, StaticSteps  # noqa: E402
 
@@ -365,7 +374,7 @@ def main():
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
-                        "grouped, gemlite, probe, collection, agreement, compile (every compiled step), fused-compile "
+                        "grouped, bf16-grouped, gemlite, probe, collection, agreement, compile (every compiled step), fused-compile "
                         "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
@@ -470,6 +479,8 @@ def main():
             guarded(f"{kernel}_rows{rows}", lambda: {"seconds_per_layer": linears_seconds(linears, rows, model.dtype)
                                                      / len(linears),
                                                      "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
+        if bits == 16 and "bf16-grouped" not in args.skip:
+            bf16_grouped_section(model, args, step_row, guarded, left, report, layer_bytes, bandwidth)
         if bits == 2 and "grouped" not in args.skip and "linears" not in args.skip and left() > 60:
             grouped = [grouped_layer(layer) for layer in model.model.layers]
             for rows in args.rows:
@@ -528,6 +539,29 @@ def main():
             report["steps"].append(row)
     save()
     print(tables(report))
+
+
+def bf16_grouped_section(model, args, step_row, guarded, left, report, layer_bytes, bandwidth) -> None:
+    """The bf16 step with q/k/v and gate/up as one matmul each (`group_linear_projections`), uncompiled at
+    each batch and compiled at each compile batch, and the grouped linears of a layer at each row count;
+    then the projections go back apart (the 2-bit twin is quantized from them)."""
+    report["bf16_grouped_projections"] = group_linear_projections(model)
+    points = [(batch, False) for batch in args.batches]
+    points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
+    for batch, compiled in points:
+        if left() < (150 if compiled else 20):
+            break
+        row = step_row("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, args.attention[0])
+        guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
+                                                     timings=row if compiled else None), row)
+        report["steps"].append(row)
+    grouped = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer) if
+                not isinstance(m, GroupedMember) or m.group is not None] for layer in model.model.layers]
+    for rows in args.rows if "linears" not in args.skip and left() > 30 else ():
+        guarded(f"cuBLAS-grouped_rows{rows}", lambda: {
+            "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
+            "floor_seconds": layer_bytes[16] / bandwidth}, report["linears"])
+    ungroup_projections(model)
 
 
 def has_gptqmodel() -> bool:

@@ -525,21 +525,59 @@ class _GroupRun:
         self.parts: tuple[torch.Tensor, ...] = ()
 
 
-class GroupedMember(nn.Module):
-    """A Fused2BitLinear in its layer's place, answered from its group's one kernel call.
+class GroupedLinear(nn.Module):
+    """Several bf16/fp16 nn.Linear of one input (a layer's q, k and v projections, or gate and up) as one
+    matmul: one weight [sum of out_features, in_features], the members' weights made views of its rows, so
+    grouping takes no memory. Group a model after moving it to its device (`.to()` would copy the views
+    apart). Every member needs the same in_features and dtype and a bias either in all or in none."""
 
-    The first member of a group (`index` 0, which holds the Grouped2BitLinear) runs the whole group for
-    its input and keeps the parts; a later member called with that same input tensor returns its part,
-    as Qwen3's attention calls q, k and v (and its MLP gate and up) on one hidden state. Any other call,
-    and every call of more than MAX_ROWS rows (prefill), runs the member's own Fused2BitLinear.
+    def __init__(self, members: list[nn.Linear]):
+        super().__init__()
+        if not members:
+            raise ValueError("GroupedLinear: no members to group")
+        for member in members:
+            if type(member) is not nn.Linear:
+                raise ValueError(f"GroupedLinear: expected nn.Linear members, got {type(member).__name__}")
+        first = members[0]
+        for member in members:
+            if (member.in_features, member.weight.dtype) != (first.in_features, first.weight.dtype):
+                raise ValueError(f"GroupedLinear: members differ in in_features or dtype: {first.in_features}, "
+                                 f"{first.weight.dtype} and {member.in_features}, {member.weight.dtype}")
+            if (member.bias is None) != (first.bias is None):
+                raise ValueError("GroupedLinear: some members have a bias and some do not")
+        self.in_features = first.in_features
+        self.splits = [member.out_features for member in members]
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in members]), requires_grad=False)
+        self.bias = None if first.bias is None else nn.Parameter(torch.cat([m.bias.detach() for m in members]),
+                                                                 requires_grad=False)
+        for name in ("weight",) + (() if self.bias is None else ("bias",)):
+            for member, part in zip(members, getattr(self, name).split(self.splits)):
+                setattr(member, name, nn.Parameter(part, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each member's product for x [..., in_features], in member order."""
+        return nn.functional.linear(x, self.weight, self.bias).split(self.splits, -1)
+
+
+class GroupedMember(nn.Module):
+    """A linear in its layer's place, answered from its group's one call (Grouped2BitLinear or GroupedLinear).
+
+    The first member of a group (`index` 0, which holds the group) runs the whole group for its input and
+    keeps the parts; a later member called with that same input tensor returns its part, as Qwen3's
+    attention calls q, k and v (and its MLP gate and up) on one hidden state; the last one lets the parts
+    go. Any other call runs the member's own linear, and so does every call of more than `max_rows` rows
+    (a 2-bit group's MAX_ROWS: prefill; None for bf16 groups, which take any rows).
     """
 
-    def __init__(self, own: Fused2BitLinear, index: int, run: _GroupRun, group: Grouped2BitLinear | None = None):
+    def __init__(self, own: nn.Module, index: int, run: _GroupRun, group: nn.Module | None = None, *,
+                 last: bool = False, max_rows: int | None = None):
         super().__init__()
         self.own = own
         self.index = index
         self.run = run
         self.group = group  # the first member only: registered once, so .to() moves its buffers once
+        self.last = last
+        self.max_rows = max_rows
         self.in_features, self.out_features = own.in_features, own.out_features
 
     @property
@@ -549,32 +587,64 @@ class GroupedMember(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self.group is not None:
-            if rows > MAX_ROWS:
+            if self.max_rows is not None and rows > self.max_rows:
                 self.run.input, self.run.parts = None, ()
                 return self.own(x)
             self.run.input, self.run.parts = x, self.group(x)
             return self.run.parts[0]
         if self.run.input is x:
-            return self.run.parts[self.index]
+            part = self.run.parts[self.index]
+            if self.last:
+                self.run.input, self.run.parts = None, ()
+            return part
         return self.own(x)
+
+
+_PROJECTION_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def _group_projections(model: nn.Module, kind: type, make_group, max_rows: int | None) -> int:
+    groups = 0
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        for parent_name, names in _PROJECTION_GROUPS:
+            parent = getattr(layer, parent_name, None)
+            members = [getattr(parent, name, None) for name in names]
+            if not all(type(member) is kind for member in members):
+                continue
+            grouped, run = make_group(members), _GroupRun()
+            for index, (name, member) in enumerate(zip(names, members)):
+                setattr(parent, name, GroupedMember(member, index, run, grouped if index == 0 else None,
+                                                    last=index == len(names) - 1, max_rows=max_rows))
+            groups += 1
+    return groups
 
 
 def group_2bit_projections(model: nn.Module) -> int:
     """In every decoder layer whose projections are Fused2BitLinear, q, k and v become one kernel call and
     gate and up another (GroupedMember); returns how many groups. The grouped buffers are a copy of
     the members' (which prefill still reads): about 0.7x more 2-bit weight memory."""
-    groups = 0
+    return _group_projections(model, Fused2BitLinear, Grouped2BitLinear, MAX_ROWS)
+
+
+def group_linear_projections(model: nn.Module) -> int:
+    """The same for a bf16/fp16 model's nn.Linear projections (GroupedLinear, for any number of rows); returns
+    how many groups. No memory is added: the members' weights become views of the group's."""
+    return _group_projections(model, nn.Linear, GroupedLinear, None)
+
+
+def ungroup_projections(model: nn.Module) -> int:
+    """Puts every grouped projection's own linear back in its place; returns how many. A bf16 member keeps
+    its weight as a view of the group's rows."""
+    restored = 0
     for layer in getattr(getattr(model, "model", model), "layers", []):
-        for parent, names in ((getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj")),
-                              (getattr(layer, "mlp", None), ("gate_proj", "up_proj"))):
-            members = [getattr(parent, name, None) for name in names]
-            if not all(isinstance(member, Fused2BitLinear) for member in members):
-                continue
-            grouped, run = Grouped2BitLinear(members), _GroupRun()
-            for index, (name, member) in enumerate(zip(names, members)):
-                setattr(parent, name, GroupedMember(member, index, run, grouped if index == 0 else None))
-            groups += 1
-    return groups
+        for parent_name, names in _PROJECTION_GROUPS:
+            parent = getattr(layer, parent_name, None)
+            for name in names:
+                member = getattr(parent, name, None)
+                if isinstance(member, GroupedMember):
+                    setattr(parent, name, member.own)
+                    restored += 1
+    return restored
 
 
 def fuse_2bit_linears(model: nn.Module) -> int:
