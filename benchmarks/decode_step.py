@@ -44,6 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import InGraphProbe, build_bf16, collection_rate, copy_bandwidth, step_latency  # noqa: E402
 
+import inference.decoding.kernels as kernels  # noqa: E402
 from inference.decoding.attention import DECODE_ATTENTIONS, use_decode_attention  # noqa: E402
 from inference.decoding.generate import Sampler  # noqa: E402
 from inference.decoding.kernels import (  # noqa: E402
@@ -374,7 +375,8 @@ def main():
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
-                        "grouped, bf16-grouped, gemlite, probe, collection, agreement, compile (every compiled step), fused-compile "
+                        "grouped, bf16-grouped, per-linear, gemlite, probe, collection, agreement, compile (every compiled step), "
+                        "sums-kernel (the compiled grouped 2-bit step with the split-K sums kernel), fused-compile "
                         "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
@@ -398,8 +400,6 @@ def main():
     import transformers
 
     if args.max_decode_rows is not None:
-        import inference.decoding.kernels as kernels
-
         kernels.MAX_DECODE_ROWS = args.max_decode_rows
     overrides = {field: int(value) for field, value in (item.split("=") for item in args.override)}
     spec = {**QWEN3_SHAPES[args.shape], **overrides}
@@ -487,7 +487,8 @@ def main():
                 guarded(f"fused-grouped_rows{rows}", lambda: {
                     "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
                     "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
-            guarded("per_linear", lambda: per_linear_seconds(linears, grouped, args.rows, model.dtype, bandwidth))
+            if "per-linear" not in args.skip:
+                guarded("per_linear", lambda: per_linear_seconds(linears, grouped, args.rows, model.dtype, bandwidth))
             del grouped
             if CUDA:
                 torch.cuda.empty_cache()
@@ -528,15 +529,22 @@ def main():
     if "grouped" not in args.skip and report.get("quantized_linears") and left() > 30:
         # The 2-bit step again with q/k/v and gate/up as one kernel call each (group_2bit_projections).
         report["grouped_projections"] = group_2bit_projections(model)
-        points = [(batch, False) for batch in args.batches]
-        points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
-        for batch, compiled in points:
-            if left() < (150 if compiled else 20):
+        # Compiled, the split-K sums are torch's, fused into what reads each product (kernels.SPLIT_SUMS "auto"),
+        # then, for comparison, the sums kernel's as before 2026-12-06 ("kernel").
+        points = [(batch, False, "auto") for batch in args.batches]
+        if "compile" not in args.skip and CUDA:
+            points += [(batch, True, "auto") for batch in args.compile_batches]
+            points += [(batch, True, "kernel") for batch in args.compile_batches if "sums-kernel" not in args.skip]
+        for batch, compiled, sums in points:
+            if left() < (110 if compiled else 20):
                 break
-            row = step_row("2bit", "fused grouped" + (" + compile" if compiled else ""), 2, batch, args.attention[0])
+            kernels.SPLIT_SUMS = sums
+            name = "fused grouped" + (" + compile" if compiled else "") + (", sums kernel" if sums == "kernel" else "")
+            row = step_row("2bit", name, 2, batch, args.attention[0])
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
                                                          timings=row if compiled else None), row)
             report["steps"].append(row)
+        kernels.SPLIT_SUMS = "auto"
     save()
     print(tables(report))
 

@@ -88,6 +88,14 @@ TARGET_PROGRAMS = 3 * H100_SMS
 eight on the Qwen3-8B shapes), so that each SM has loads in flight while it unpacks. Fewer SMs
 (smaller GPUs) just run more waves."""
 
+SPLIT_SUMS_PATHS = ("auto", "kernel", "torch")
+SPLIT_SUMS = "auto"
+"""Who adds a split-K call's float32 partial sums: `kernel`, `_sum_splits_kernel` (one launch, the sums in a
+fixed order); `torch`, `partial.sum(0)` in torch, which torch.compile fuses into what reads the product next
+(the norms, rotary, activation and residual adds of a compiled step), so the call is one launch, not two;
+`auto`, torch while torch.compile traces, the kernel otherwise. Either way the order is fixed when the code
+compiles, so reruns agree bit for bit; the two orders differ by float32 rounding."""
+
 _FLOAT_BITS = {torch.float32: (23, 127), torch.float16: (10, 15), torch.bfloat16: (7, 127)}
 """Mantissa bits and exponent bias of each x dtype, for building 2**e + q directly as float bits."""
 
@@ -366,18 +374,26 @@ def gptq2_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise ValueError(f"gptq2_matmul: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
 
+    if SPLIT_SUMS not in SPLIT_SUMS_PATHS:
+        raise ValueError(f"kernels.SPLIT_SUMS must be one of {', '.join(SPLIT_SUMS_PATHS)}, got {SPLIT_SUMS!r}")
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     x2d = x.reshape(rows, K).contiguous()
     plan = launch_plan(rows, K, N, group_size)
-    _launch(x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), bias, out, group_size, plan)
-    return out
+    partial = _launch(x2d, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), bias, out, group_size, plan)
+    if partial is None:
+        return out
+    total = partial.sum(0)
+    if bias is not None:
+        total = total + bias.float()
+    return total.to(x.dtype).reshape(out.shape)
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor, group_size: int, plan: dict) -> None:
-    """Runs `plan` for x [rows, K] into out [..., N] (checked and contiguous inputs)."""
+            bias: torch.Tensor | None, out: torch.Tensor, group_size: int, plan: dict) -> torch.Tensor | None:
+    """Runs `plan` for x [rows, K] into out [..., N] (checked and contiguous inputs). Returns None, or with
+    split-K sums left to torch (SPLIT_SUMS), the float32 partial sums [split_k, rows, N] for the caller to add."""
     rows, K = x.shape
     N = qweight.shape[1]
     split_k = plan["split_k"]
@@ -394,6 +410,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
+    if split_k > 1 and (SPLIT_SUMS == "torch" or SPLIT_SUMS == "auto" and torch.compiler.is_compiling()):
+        return partial
     if split_k > 1:
         numel, splits = rows * N, triton.next_power_of_2(split_k)
         block = max(32, 4096 // splits)  # a [splits, block] tile of 16 KB or less per program
@@ -401,6 +419,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
             partial, bias if bias is not None else partial, out, numel, N, split_k,
             HAS_BIAS=bias is not None, BLOCK=block, SPLITS=splits,
         )
+    return None
 
 
 def _fusable_gptq_types() -> tuple[type, ...]:

@@ -106,13 +106,15 @@ def test_gptq2_matmul_one_row_in_bfloat16(kernels, in_features, out_features, gr
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, split_k):
+@pytest.mark.parametrize("split_k, sums", [(1, "auto"), (3, "auto"), (3, "torch")])
+def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, split_k, sums):
     """One split walking all 8 K tiles and writing the output itself, bias included, or 3 splits
-    taking 3, 3 and 2 of them, which the second kernel adds up with the bias."""
+    taking 3, 3 and 2 of them, which the second kernel adds up with the bias (or torch does: SPLIT_SUMS,
+    as under torch.compile)."""
     module = random_2bit_linear(512, 160, group_size=64, bias=True)
     split_k_ways(kernels, monkeypatch, split_k)
-    if split_k == 1:
+    monkeypatch.setattr(kernels, "SPLIT_SUMS", sums)
+    if split_k == 1 or sums == "torch":
         monkeypatch.setattr(kernels, "_sum_splits_kernel", NotLaunched())
     x = torch.randn(rows, 512)
 
@@ -122,9 +124,19 @@ def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kerne
     torch.testing.assert_close(fused, x @ dequantized(module) + module.bias.float(), rtol=1e-4, atol=1e-4)
 
 
+def test_gptq2_matmul_refuses_an_unknown_split_sums_path(kernels, monkeypatch):
+    module = random_2bit_linear(128, 32, group_size=64)
+    monkeypatch.setattr(kernels, "SPLIT_SUMS", "atomic")
+    with pytest.raises(ValueError, match="SPLIT_SUMS must be one of auto, kernel, torch, got 'atomic'"):
+        kernels.gptq2_matmul(torch.randn(1, 128), module.qweight, module.qzeros, module.scales, module.group_size)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 128), (1, 1, 128)])
-def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, shape):
+@pytest.mark.parametrize("sums", ["kernel", "torch"])
+def test_gptq2_matmul_keeps_leading_dims_and_adds_bias(kernels, monkeypatch, shape, sums):
     module = random_2bit_linear(128, 64, group_size=32, bias=True)
+    split_k_ways(kernels, monkeypatch, 2)
+    monkeypatch.setattr(kernels, "SPLIT_SUMS", sums)
     x = torch.randn(shape)
 
     fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size,
