@@ -145,11 +145,13 @@ class InGraphProbe(torch.nn.Module):
 
 
 def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=(), compile: bool = False,
-                 timings: dict | None = None, max_length: int | None = None, windowed: bool = True) -> float:
+                 timings: dict | None = None, max_length: int | None = None, windowed: bool = True,
+                 logits: dict | None = None) -> float:
     """Seconds per decode step: graph replays over a static cache holding `context` positions (with
     `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time).
     `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
-    step attends over only the filled part of it (`StaticSteps`)."""
+    step attends over only the filled part of it (`StaticSteps`). The fed tokens are the same at every
+    call of one batch size; `logits` gets the last step's logits (float32, on the CPU) under "logits"."""
     from inference.decoding.generate import resolve_layers
 
     watched = list(layers) if probe is not None else []
@@ -157,7 +159,7 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
                          max_length=max_length or context + steps + 8, probe=probe,
                          graph=model.device.type == "cuda", compile=compile, windowed=windowed)
     device = model.device
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(batch)).to(device)
     runner.prefill(ids, torch.ones(batch, 1, dtype=torch.long, device=device),
                    torch.zeros(batch, 1, dtype=torch.long, device=device))
     # The cache now "holds" `context` positions: attention reads them all (their values do not matter).
@@ -169,7 +171,7 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     tokens = ids[:, 0]
     began = time.perf_counter()
     for _ in range(3):  # eager warm-up (compiles with `compile`), capture, one replay
-        runner.step(tokens, positions)
+        out = runner.step(tokens, positions)
     sync()
     if timings is not None:
         timings["warm_up_seconds"] = time.perf_counter() - began
@@ -179,7 +181,9 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
         replay()
     sync()
     seconds = (time.perf_counter() - began) / steps
-    del runner
+    if logits is not None:
+        logits["logits"] = out.logits.float().cpu()  # on the graph path, the tensor every replay rewrites
+    del runner, out
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds

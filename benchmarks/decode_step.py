@@ -535,15 +535,25 @@ def main():
         if "compile" not in args.skip and CUDA:
             points += [(batch, True, "auto") for batch in args.compile_batches]
             points += [(batch, True, "kernel") for batch in args.compile_batches if "sums-kernel" not in args.skip]
+        uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
         for batch, compiled, sums in points:
             if left() < (110 if compiled else 20):
                 break
             kernels.SPLIT_SUMS = sums
             name = "fused grouped" + (" + compile" if compiled else "") + (", sums kernel" if sums == "kernel" else "")
             row = step_row("2bit", name, 2, batch, args.attention[0])
+            kept = {}
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
-                                                         timings=row if compiled else None), row)
+                                                         timings=row if compiled else None, logits=kept), row)
             report["steps"].append(row)
+            if "logits" in kept and not compiled:
+                uncompiled[batch] = kept["logits"]
+            elif "logits" in kept and batch in uncompiled:
+                reference = uncompiled[batch]
+                row["logits_vs_uncompiled"] = {
+                    "relative_error": float((kept["logits"] - reference).norm() / reference.norm()),
+                    "argmax_agreement": float((kept["logits"].argmax(-1) == reference.argmax(-1)).float().mean())}
+                print("compiled against uncompiled logits", row["logits_vs_uncompiled"], flush=True)
         kernels.SPLIT_SUMS = "auto"
     save()
     print(tables(report))
