@@ -459,7 +459,7 @@ def main():
             use_decode_attention(model, args.attention[0])
         compiles = [(batch, attention) for batch in args.compile_batches for attention in args.attention]
         for batch, attention in compiles if "compile" not in args.skip and CUDA else ():
-            if left() < 150:  # a compile of the 8B step took 98-190 s on an H100
+            if left() < 100:  # a compile of the 8B step warmed up in 32-77 s on an H100 (2026-12-06)
                 break
             if bits == 2 and "fused-compile" in args.skip:  # the grouped 2-bit step is still compiled, last
                 break
@@ -537,7 +537,7 @@ def main():
             points += [(batch, True, "kernel") for batch in args.compile_batches if "sums-kernel" not in args.skip]
         uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
         for batch, compiled, sums in points:
-            if left() < (110 if compiled else 20):
+            if left() < (100 if compiled else 20):
                 break
             kernels.SPLIT_SUMS = sums
             name = "fused grouped" + (" + compile" if compiled else "") + (", sums kernel" if sums == "kernel" else "")
@@ -567,7 +567,7 @@ def bf16_grouped_section(model, args, step_row, guarded, left, report, layer_byt
     points = [(batch, False) for batch in args.batches]
     points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
     for batch, compiled in points:
-        if left() < (150 if compiled else 20):
+        if left() < (100 if compiled else 20):
             break
         row = step_row("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, args.attention[0])
         guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
