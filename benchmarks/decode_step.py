@@ -376,7 +376,7 @@ def main():
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
                         "grouped, bf16-grouped, per-linear, gemlite, probe, collection, agreement, compile (every compiled step), "
-                        "sums-kernel (the compiled grouped 2-bit step with the split-K sums kernel), fused-compile "
+                        "sums-kernel (the compiled grouped 2-bit step with the split-K sums kernel), 2bit (every 2-bit section), fused-compile "
                         "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
@@ -439,6 +439,8 @@ def main():
     layer_bytes = {16: sum(k * n * 2 for k, n in linear_shapes(spec)),
                    2: decode_step_bytes(spec, 2, 128)["linears"] / spec["num_hidden_layers"]}
     for precision, bits in (("bf16", 16), ("2bit", 2)):
+        if bits == 2 and "2bit" in args.skip:
+            break
         if bits == 2:
             report["quantized_linears"] = quantize_with_gptqmodel(model) if has_gptqmodel() else quantize_standalone(model)
             gc.collect()
