@@ -376,7 +376,7 @@ def main():
                         help="shape fields to change, e.g. num_hidden_layers=1 (a CPU smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
                         "grouped, bf16-grouped, per-linear, gemlite, probe, collection, agreement, compile (every compiled step), "
-                        "sums-kernel (the compiled grouped 2-bit step with the split-K sums kernel), 2bit (every 2-bit section), fused-compile "
+                        "sums-torch (the compiled grouped 2-bit step with torch's split-K sums), 2bit (every 2-bit section), fused-compile "
                         "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
@@ -531,18 +531,18 @@ def main():
     if "grouped" not in args.skip and report.get("quantized_linears") and left() > 30:
         # The 2-bit step again with q/k/v and gate/up as one kernel call each (group_2bit_projections).
         report["grouped_projections"] = group_2bit_projections(model)
-        # Compiled, the split-K sums are torch's, fused into what reads each product (kernels.SPLIT_SUMS "auto"),
-        # then, for comparison, the sums kernel's as before 2026-12-06 ("kernel").
-        points = [(batch, False, "auto") for batch in args.batches]
+        # Compiled: with the split-K sums kernel (kernels.SPLIT_SUMS "kernel", the default), then with the sums
+        # left to torch, which inductor may fuse into what reads each product ("auto").
+        points = [(batch, False, "kernel") for batch in args.batches]
         if "compile" not in args.skip and CUDA:
-            points += [(batch, True, "auto") for batch in args.compile_batches]
-            points += [(batch, True, "kernel") for batch in args.compile_batches if "sums-kernel" not in args.skip]
+            points += [(batch, True, "kernel") for batch in args.compile_batches]
+            points += [(batch, True, "auto") for batch in args.compile_batches if "sums-torch" not in args.skip]
         uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
         for batch, compiled, sums in points:
             if left() < (100 if compiled else 20):
                 break
             kernels.SPLIT_SUMS = sums
-            name = "fused grouped" + (" + compile" if compiled else "") + (", sums kernel" if sums == "kernel" else "")
+            name = "fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
             row = step_row("2bit", name, 2, batch, args.attention[0])
             kept = {}
             guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
@@ -556,7 +556,7 @@ def main():
                     "relative_error": float((kept["logits"] - reference).norm() / reference.norm()),
                     "argmax_agreement": float((kept["logits"].argmax(-1) == reference.argmax(-1)).float().mean())}
                 print("compiled against uncompiled logits", row["logits_vs_uncompiled"], flush=True)
-        kernels.SPLIT_SUMS = "auto"
+        kernels.SPLIT_SUMS = "kernel"
     save()
     print(tables(report))
 

@@ -88,13 +88,15 @@ TARGET_PROGRAMS = 3 * H100_SMS
 eight on the Qwen3-8B shapes), so that each SM has loads in flight while it unpacks. Fewer SMs
 (smaller GPUs) just run more waves."""
 
-SPLIT_SUMS_PATHS = ("auto", "kernel", "torch")
-SPLIT_SUMS = "auto"
+SPLIT_SUMS_PATHS = ("kernel", "torch", "auto")
+SPLIT_SUMS = "kernel"
 """Who adds a split-K call's float32 partial sums: `kernel`, `_sum_splits_kernel` (one launch, the sums in a
-fixed order); `torch`, `partial.sum(0)` in torch, which torch.compile fuses into what reads the product next
-(the norms, rotary, activation and residual adds of a compiled step), so the call is one launch, not two;
-`auto`, torch while torch.compile traces, the kernel otherwise. Either way the order is fixed when the code
-compiles, so reruns agree bit for bit; the two orders differ by float32 rounding."""
+fixed order); `torch`, `partial.sum(0)` in torch, which torch.compile can fuse into what reads the product
+next (the norms, rotary, activation and residual adds of a compiled step), so that the call is one launch,
+not two; `auto`, torch while torch.compile traces, the kernel otherwise. Either way the order is fixed when
+the code compiles, so reruns agree bit for bit; the two orders differ by float32 rounding. `kernel` stays the
+default until a GPU run of `benchmarks/decode_step.py` (which times the compiled grouped 2-bit step both
+ways) shows `auto` faster: on the CPU the torch path is tested in Triton's interpreter only, not compiled."""
 
 _FLOAT_BITS = {torch.float32: (23, 127), torch.float16: (10, 15), torch.bfloat16: (7, 127)}
 """Mantissa bits and exponent bias of each x dtype, for building 2**e + q directly as float bits."""

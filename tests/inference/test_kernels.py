@@ -106,11 +106,11 @@ def test_gptq2_matmul_one_row_in_bfloat16(kernels, in_features, out_features, gr
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("split_k, sums", [(1, "auto"), (3, "auto"), (3, "torch")])
+@pytest.mark.parametrize("split_k, sums", [(1, "kernel"), (3, "kernel"), (3, "auto"), (3, "torch")])
 def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, split_k, sums):
     """One split walking all 8 K tiles and writing the output itself, bias included, or 3 splits
-    taking 3, 3 and 2 of them, which the second kernel adds up with the bias (or torch does: SPLIT_SUMS,
-    as under torch.compile)."""
+    taking 3, 3 and 2 of them, which the second kernel adds up with the bias (or torch does: SPLIT_SUMS
+    "torch"; "auto" leaves them to torch only while torch.compile traces, so here to the kernel)."""
     module = random_2bit_linear(512, 160, group_size=64, bias=True)
     split_k_ways(kernels, monkeypatch, split_k)
     monkeypatch.setattr(kernels, "SPLIT_SUMS", sums)
@@ -127,7 +127,7 @@ def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kerne
 def test_gptq2_matmul_refuses_an_unknown_split_sums_path(kernels, monkeypatch):
     module = random_2bit_linear(128, 32, group_size=64)
     monkeypatch.setattr(kernels, "SPLIT_SUMS", "atomic")
-    with pytest.raises(ValueError, match="SPLIT_SUMS must be one of auto, kernel, torch, got 'atomic'"):
+    with pytest.raises(ValueError, match="SPLIT_SUMS must be one of kernel, torch, auto, got 'atomic'"):
         kernels.gptq2_matmul(torch.randn(1, 128), module.qweight, module.qzeros, module.scales, module.group_size)
 
 
