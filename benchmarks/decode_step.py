@@ -17,7 +17,9 @@ In one process, for the shape's bf16 model and then its 2-bit twin (random weigh
   (`group_linear_projections`, the members' weights views of the group's);
 - the fused kernel with q, k, v in one call and gate, up in one (`Grouped2BitLinear`), and each 2-bit
   linear and grouped call alone against its floor (`per_linear`), at the same row counts; last, the 2-bit
-  step with its projections grouped so (`group_2bit_projections`), uncompiled and compiled;
+  step with its projections grouped so (`group_2bit_projections`), uncompiled and compiled, compiled once with
+  the split-K sums kernel and once with the sums left to torch (`kernels.SPLIT_SUMS`), each compiled step's
+  logits against the uncompiled one's;
 - the probe's overhead inside the 2-bit step, collection's tokens per second with capture and
   without, and that the windowed graphs choose the dynamic path's greedy tokens (embedded tiny-s).
 
