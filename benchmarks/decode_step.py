@@ -437,6 +437,14 @@ def main():
                 "cache": cache or args.context + args.steps + 8, "windowed": windowed, "attention": attention,
                 "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
 
+    def timed_step(precision: str, kernel: str, bits: int, batch: int, compiled: bool, logits: dict | None = None):
+        """The step at `batch` (compiled or not) over the first --attention, timed into a new row of the report."""
+        row = step_row(precision, kernel, bits, batch, args.attention[0])
+        guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
+                                                     timings=row if compiled else None, logits=logits), row)
+        report["steps"].append(row)
+        return row
+
     model = build_bf16(args.shape, **overrides) if CUDA else build_bf16_cpu(args.shape, **overrides)
     layer_bytes = {16: sum(k * n * 2 for k, n in linear_shapes(spec)),
                    2: decode_step_bytes(spec, 2, 128)["linears"] / spec["num_hidden_layers"]}
@@ -484,7 +492,22 @@ def main():
                                                      / len(linears),
                                                      "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
         if bits == 16 and "bf16-grouped" not in args.skip:
-            bf16_grouped_section(model, args, step_row, guarded, left, report, layer_bytes, bandwidth)
+            # The bf16 step and linears with q/k/v and gate/up as one matmul each, then apart again: the 2-bit
+            # twin is quantized from the projections.
+            report["bf16_grouped_projections"] = group_linear_projections(model)
+            points = [(batch, False) for batch in args.batches]
+            points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
+            for batch, compiled in points:
+                if left() < (100 if compiled else 20):
+                    break
+                timed_step("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, compiled)
+            calls = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer)
+                      if getattr(m, "index", 0) == 0] for layer in model.model.layers]
+            for rows in args.rows if "linears" not in args.skip and left() > 30 else ():
+                guarded(f"cuBLAS-grouped_rows{rows}", lambda: {
+                    "seconds_per_layer": linears_seconds(calls, rows, model.dtype) / len(calls),
+                    "floor_seconds": layer_bytes[16] / bandwidth}, report["linears"])
+            ungroup_projections(model)
         if bits == 2 and "grouped" not in args.skip and "linears" not in args.skip and left() > 60:
             grouped = [grouped_layer(layer) for layer in model.model.layers]
             for rows in args.rows:
@@ -545,11 +568,8 @@ def main():
                 break
             kernels.SPLIT_SUMS = sums
             name = "fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
-            row = step_row("2bit", name, 2, batch, args.attention[0])
             kept = {}
-            guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
-                                                         timings=row if compiled else None, logits=kept), row)
-            report["steps"].append(row)
+            row = timed_step("2bit", name, 2, batch, compiled, logits=kept)
             if "logits" in kept and not compiled:
                 uncompiled[batch] = kept["logits"]
             elif "logits" in kept and batch in uncompiled:
@@ -561,29 +581,6 @@ def main():
         kernels.SPLIT_SUMS = "kernel"
     save()
     print(tables(report))
-
-
-def bf16_grouped_section(model, args, step_row, guarded, left, report, layer_bytes, bandwidth) -> None:
-    """The bf16 step with q/k/v and gate/up as one matmul each (`group_linear_projections`), uncompiled at
-    each batch and compiled at each compile batch, and the grouped linears of a layer at each row count;
-    then the projections go back apart (the 2-bit twin is quantized from them)."""
-    report["bf16_grouped_projections"] = group_linear_projections(model)
-    points = [(batch, False) for batch in args.batches]
-    points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
-    for batch, compiled in points:
-        if left() < (100 if compiled else 20):
-            break
-        row = step_row("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, args.attention[0])
-        guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
-                                                     timings=row if compiled else None), row)
-        report["steps"].append(row)
-    grouped = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer) if
-                not isinstance(m, GroupedMember) or m.group is not None] for layer in model.model.layers]
-    for rows in args.rows if "linears" not in args.skip and left() > 30 else ():
-        guarded(f"cuBLAS-grouped_rows{rows}", lambda: {
-            "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
-            "floor_seconds": layer_bytes[16] / bandwidth}, report["linears"])
-    ungroup_projections(model)
 
 
 def has_gptqmodel() -> bool:

@@ -412,15 +412,16 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
-    if split_k > 1 and (SPLIT_SUMS == "torch" or SPLIT_SUMS == "auto" and torch.compiler.is_compiling()):
+    if split_k == 1:
+        return None
+    if SPLIT_SUMS == "torch" or SPLIT_SUMS == "auto" and torch.compiler.is_compiling():
         return partial
-    if split_k > 1:
-        numel, splits = rows * N, triton.next_power_of_2(split_k)
-        block = max(32, 4096 // splits)  # a [splits, block] tile of 16 KB or less per program
-        _sum_splits_kernel[(triton.cdiv(numel, block),)](
-            partial, bias if bias is not None else partial, out, numel, N, split_k,
-            HAS_BIAS=bias is not None, BLOCK=block, SPLITS=splits,
-        )
+    numel, splits = rows * N, triton.next_power_of_2(split_k)
+    block = max(32, 4096 // splits)  # a [splits, block] tile of 16 KB or less per program
+    _sum_splits_kernel[(triton.cdiv(numel, block),)](
+        partial, bias if bias is not None else partial, out, numel, N, split_k,
+        HAS_BIAS=bias is not None, BLOCK=block, SPLITS=splits,
+    )
     return None
 
 
@@ -624,19 +625,24 @@ class GroupedMember(nn.Module):
 _PROJECTION_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
-def _group_projections(model: nn.Module, kind: type, make_group, max_rows: int | None) -> int:
-    groups = 0
+def _projection_sites(model: nn.Module):
+    """(module, names of its projections that one group may hold) for every decoder layer's attention and MLP."""
     for layer in getattr(getattr(model, "model", model), "layers", []):
         for parent_name, names in _PROJECTION_GROUPS:
-            parent = getattr(layer, parent_name, None)
-            members = [getattr(parent, name, None) for name in names]
-            if not all(type(member) is kind for member in members):
-                continue
-            grouped, run = make_group(members), _GroupRun()
-            for index, (name, member) in enumerate(zip(names, members)):
-                setattr(parent, name, GroupedMember(member, index, run, grouped if index == 0 else None,
-                                                    last=index == len(names) - 1, max_rows=max_rows))
-            groups += 1
+            yield getattr(layer, parent_name, None), names
+
+
+def _group_projections(model: nn.Module, kind: type, make_group, max_rows: int | None) -> int:
+    groups = 0
+    for parent, names in _projection_sites(model):
+        members = [getattr(parent, name, None) for name in names]
+        if not all(type(member) is kind for member in members):
+            continue
+        grouped, run = make_group(members), _GroupRun()
+        for index, (name, member) in enumerate(zip(names, members)):
+            setattr(parent, name, GroupedMember(member, index, run, grouped if index == 0 else None,
+                                                last=index == len(names) - 1, max_rows=max_rows))
+        groups += 1
     return groups
 
 
@@ -657,14 +663,12 @@ def ungroup_projections(model: nn.Module) -> int:
     """Puts every grouped projection's own linear back in its place; returns how many. A bf16 member keeps
     its weight as a view of the group's rows."""
     restored = 0
-    for layer in getattr(getattr(model, "model", model), "layers", []):
-        for parent_name, names in _PROJECTION_GROUPS:
-            parent = getattr(layer, parent_name, None)
-            for name in names:
-                member = getattr(parent, name, None)
-                if isinstance(member, GroupedMember):
-                    setattr(parent, name, member.own)
-                    restored += 1
+    for parent, names in _projection_sites(model):
+        for name in names:
+            member = getattr(parent, name, None)
+            if isinstance(member, GroupedMember):
+                setattr(parent, name, member.own)
+                restored += 1
     return restored
 
 
