@@ -452,6 +452,9 @@ def main():
         if bits == 2 and "2bit" in args.skip:
             break
         if bits == 2:
+            if CUDA:  # the compiled bf16 steps and their graphs must not keep the bf16 weights alive
+                torch._dynamo.reset()
+            gc.collect()
             report["quantized_linears"] = quantize_with_gptqmodel(model) if has_gptqmodel() else quantize_standalone(model)
             gc.collect()
             if CUDA:
@@ -508,6 +511,7 @@ def main():
                     "seconds_per_layer": linears_seconds(calls, rows, model.dtype) / len(calls),
                     "floor_seconds": layer_bytes[16] / bandwidth}, report["linears"])
             ungroup_projections(model)
+            del calls  # the bf16 groups hold every projection's weight: a 32B twin would not fit an 80 GB card
         if bits == 2 and "grouped" not in args.skip and "linears" not in args.skip and left() > 60:
             grouped = [grouped_layer(layer) for layer in model.model.layers]
             for rows in args.rows:
@@ -519,6 +523,7 @@ def main():
             del grouped
             if CUDA:
                 torch.cuda.empty_cache()
+        del linears  # the bf16 linears must go before quantization
     layers_watched = [spec["num_hidden_layers"] // 2, 3 * spec["num_hidden_layers"] // 4, spec["num_hidden_layers"] - 1]
     if "probe" not in args.skip and CUDA:
         def probe_overhead():
