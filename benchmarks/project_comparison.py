@@ -16,7 +16,8 @@ so is every prefill pass of either model (where the comparison counted them: `me
 
 `--steps F...` (`benchmarks/decode_step.py` JSONs of the same shape) replace the decode costs at each batch
 they measured by the fastest step per precision there (a compiled one, say), both precisions of a batch from
-one file: the one whose fastest bf16 step at that batch is fastest (FP16 is priced at its best); prefill costs stay
+one file: the one whose fastest bf16 step at that batch is fastest (FP16 is priced at its best; `--leave-out`
+drops steps by kernel name, a path the rescue does not take, say); prefill costs stay
 the decode.py file's unless `--prefill F` (a `benchmarks/prefill.py` JSON of the same shape) replaces
 them with its bf16 and 2-bit prefill per token at its longest prompt (2-bit: the `--prefill-path` path).
 """
@@ -72,10 +73,11 @@ def benchmark_record(path: Path, script: str, table: str, kind: type, shape: str
     return report
 
 
-def fastest_steps_of(paths: list[Path], shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
+def fastest_steps_of(paths: list[Path], shape: str, leave_out: tuple[str, ...] = ()
+                     ) -> dict[tuple[str, int], tuple[int, float, str]]:
     """`fastest_steps` of several records: each batch's bf16 and 2-bit steps from the record whose fastest bf16
     step at that batch is fastest (so that both precisions of a batch were measured in one run)."""
-    found = [fastest_steps(path, shape) for path in paths]
+    found = [fastest_steps(path, shape, leave_out) for path in paths]
     best = {}
     for batch in sorted({batch for steps in found for _, batch in steps}):
         both = [steps for steps in found if ("bf16", batch) in steps and ("2bit", batch) in steps]
@@ -85,11 +87,15 @@ def fastest_steps_of(paths: list[Path], shape: str) -> dict[tuple[str, int], tup
     return best
 
 
-def fastest_steps(path: Path, shape: str) -> dict[tuple[str, int], tuple[int, float, str]]:
-    """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step."""
+def fastest_steps(path: Path, shape: str, leave_out: tuple[str, ...] = ()
+                  ) -> dict[tuple[str, int], tuple[int, float, str]]:
+    """(precision, batch) -> (context, seconds per token, kernel and attention) of the fastest measured step,
+    steps whose kernel names contain any of `leave_out` left out."""
     report = benchmark_record(path, "decode_step.py", "steps", list, shape)
     best = {}
     for row in report["steps"]:
+        if any(text in row.get("kernel", "") for text in leave_out):
+            continue
         if isinstance(row.get("step_seconds"), float) and row.get("context") is not None:
             key, per_token = (row["precision"], row["batch"]), row["step_seconds"] / row["batch"]
             if key not in best or per_token < best[key][1]:
@@ -119,6 +125,9 @@ def main():
     parser.add_argument("--prompt-max", type=int, default=512, help="longest prompt in tokens (at most)")
     parser.add_argument("--steps", type=Path, nargs="+", help="benchmarks/decode_step.py JSONs whose fastest steps "
                         "replace the decode costs at the batches they measured (each batch's pair from one file)")
+    parser.add_argument("--leave-out", nargs="+", default=[], metavar="TEXT",
+                        help="--steps rows whose kernel names contain TEXT are not priced (e.g. 'sums in torch', "
+                        "a path the rescue does not take by default)")
     parser.add_argument("--prefill", type=Path, help="a benchmarks/prefill.py JSON whose prefill costs per token "
                         "replace the decode.py file's")
     parser.add_argument("--prefill-path", default="dequantize", help="the 2-bit prefill path of --prefill to use")
@@ -128,7 +137,7 @@ def main():
              "| shape | batch | method | accuracy | 2-bit tokens | FP16 tokens | projected s (x FP16) "
              "| decode only s (x FP16) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for shape in args.shapes:
-        steps = fastest_steps_of(args.steps, shape) if args.steps else {}
+        steps = fastest_steps_of(args.steps, shape, tuple(args.leave_out)) if args.steps else {}
         prefill = prefill_costs(args.prefill, shape, args.prefill_path) if args.prefill else {}
         for batch in args.batches:
             costs = load_projection(args.costs, shape, batch)

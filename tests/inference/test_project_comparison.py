@@ -90,3 +90,18 @@ def test_each_batch_takes_both_precisions_from_the_record_with_the_fastest_bf16_
     # A record that measured only one precision at a batch supplies nothing there.
     lone = record("c.json", [("bf16", "cuBLAS + compile", 16, 0.001)])
     assert module.fastest_steps_of([compiled_16, lone], "qwen3-8b")["bf16", 16][1] == 0.0084 / 16
+
+
+def test_steps_left_out_by_kernel_name_are_not_priced(tmp_path):
+    from conftest import benchmark_script
+
+    module = benchmark_script("project_comparison")
+    steps = [{"precision": p, "kernel": k, "attention": "split", "batch": 1, "context": 1024, "step_seconds": t}
+             for p, k, t in (("bf16", "cuBLAS + compile", 0.007), ("2bit", "fused grouped + compile", 0.0032),
+                             ("2bit", "fused grouped + compile, sums in torch", 0.0031))]
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"shape": "qwen3-8b", "steps": steps}))
+    assert module.fastest_steps_of([path], "qwen3-8b")["2bit", 1][1] == 0.0031
+    kept = module.fastest_steps_of([path], "qwen3-8b", ("sums in torch",))
+    assert kept["2bit", 1][1:] == (0.0032, "fused grouped + compile, split")
+    assert kept["bf16", 1][1] == 0.007
