@@ -110,8 +110,9 @@ def check_tokenizer_matches(model, tokenizer, source: Path) -> None:
         )
 
 
-def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
-    """The full-precision model (eval mode) and its tokenizer."""
+def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto", grouped: bool = False):
+    """The full-precision model (eval mode) and its tokenizer; with `grouped`, each layer's q/k/v and gate/up
+    projections run as one matmul each (`kernels.group_linear_projections`)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(ref, "model")
@@ -123,6 +124,10 @@ def load_full_precision(ref: str, dtype: str = "auto", device: str = "auto"):
     model = model.to(target).eval()
     if target.type == "cuda":
         use_grouped_attention(model)
+    if grouped:
+        from inference.decoding.kernels import group_linear_projections
+
+        group_linear_projections(model)
     tokenizer = load_tokenizer(source)
     check_tokenizer_matches(model, tokenizer, source)
     return model, tokenizer

@@ -76,7 +76,8 @@ def _load_for_precision(config: RescueConfig, precision: str):
     from inference.decoding.models import load_full_precision, load_quantized
 
     if precision == "fp16":
-        return load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
+        return load_full_precision(config.model.fp16, config.model.dtype, config.model.device,
+                                   config.model.fp16_grouped)
     return load_quantized(config.quantized_path, config.model.device, config.model.kernel, config.model.dtype,
                           bits=config.quantization.bits)
 

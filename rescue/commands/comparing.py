@@ -84,7 +84,8 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
         models["2bit"], tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
                                                    config.model.dtype)
     if need_fp16:
-        models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device)
+        models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device,
+                                                        config.model.fp16_grouped)
     detector = folder = None
     if any(learned_budget(m, config) is not None or rule_budget(m) is not None for m in methods):
         from detector.artifact import load_detector

@@ -83,3 +83,20 @@ def test_grouped_projections_choose_the_dynamic_paths_greedy_tokens(model_and_to
     expected = tokens("dynamic")
     kernels.group_linear_projections(model)
     assert tokens(decode) == expected
+
+
+def test_full_precision_model_loads_grouped_where_the_config_asks(tiny_model_dir):
+    from inference.config import load_config
+    from inference.decoding.models import load_full_precision
+
+    apart, _ = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu")
+    grouped, _ = load_full_precision(str(tiny_model_dir), dtype="float32", device="cpu", grouped=True)
+    members = [m for m in grouped.modules() if isinstance(m, kernels.GroupedMember)]
+    assert len(members) == 5 * grouped.config.num_hidden_layers
+    assert not any(isinstance(m, kernels.GroupedMember) for m in apart.modules())
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    torch.testing.assert_close(grouped(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    assert load_config("qwen3-8b").model.fp16_grouped  # the GPU configs group, the embedded ones do not
+    assert not load_config("tiny-m").model.fp16_grouped
+    assert load_config("tiny-m", {"model.fp16_grouped": True}).model.fp16_grouped
