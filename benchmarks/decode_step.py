@@ -438,11 +438,23 @@ def main():
                 "floor_seconds": decode_step_bytes(spec, bits, 128, batch, args.context)["total"] / bandwidth}
 
     def timed_step(precision: str, kernel: str, bits: int, batch: int, compiled: bool, logits: dict | None = None):
-        """The step at `batch` (compiled or not) over the first --attention, timed into a new row of the report."""
+        """The step at `batch` (compiled or not) over the first --attention, timed into a new row of the report.
+        With `logits` (batch -> the uncompiled step's last logits), an uncompiled step's logits are kept there and
+        a compiled step's are compared with them (the same tokens are fed at every call of one batch size)."""
         row = step_row(precision, kernel, bits, batch, args.attention[0])
+        kept = {}
         guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
-                                                     timings=row if compiled else None, logits=logits), row)
+                                                     timings=row if compiled else None,
+                                                     logits=kept if logits is not None else None), row)
         report["steps"].append(row)
+        if "logits" in kept and not compiled:
+            logits[batch] = kept["logits"]
+        elif "logits" in kept and batch in logits:
+            reference = logits[batch]
+            row["logits_vs_uncompiled"] = {
+                "relative_error": float((kept["logits"] - reference).norm() / reference.norm()),
+                "argmax_agreement": float((kept["logits"].argmax(-1) == reference.argmax(-1)).float().mean())}
+            print("compiled against uncompiled logits", row["logits_vs_uncompiled"], flush=True)
         return row
 
     model = build_bf16(args.shape, **overrides) if CUDA else build_bf16_cpu(args.shape, **overrides)
@@ -500,10 +512,12 @@ def main():
             report["bf16_grouped_projections"] = group_linear_projections(model)
             points = [(batch, False) for batch in args.batches]
             points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
+            uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
             for batch, compiled in points:
                 if left() < (100 if compiled else 20):
                     break
-                timed_step("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, compiled)
+                timed_step("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, compiled,
+                           logits=uncompiled)
             calls = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer)
                       if getattr(m, "index", 0) == 0] for layer in model.model.layers]
             for rows in args.rows if "linears" not in args.skip and left() > 30 else ():
@@ -573,16 +587,7 @@ def main():
                 break
             kernels.SPLIT_SUMS = sums
             name = "fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
-            kept = {}
-            row = timed_step("2bit", name, 2, batch, compiled, logits=kept)
-            if "logits" in kept and not compiled:
-                uncompiled[batch] = kept["logits"]
-            elif "logits" in kept and batch in uncompiled:
-                reference = uncompiled[batch]
-                row["logits_vs_uncompiled"] = {
-                    "relative_error": float((kept["logits"] - reference).norm() / reference.norm()),
-                    "argmax_agreement": float((kept["logits"].argmax(-1) == reference.argmax(-1)).float().mean())}
-                print("compiled against uncompiled logits", row["logits_vs_uncompiled"], flush=True)
+            timed_step("2bit", name, 2, batch, compiled, logits=uncompiled)
         kernels.SPLIT_SUMS = "kernel"
     save()
     print(tables(report))
