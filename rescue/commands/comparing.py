@@ -9,7 +9,7 @@ from pathlib import Path
 
 from inference.config import RescueConfig
 from inference.errors import RescueError
-from rescue.commands.common import warn_mismatches
+from rescue.commands.common import _load_for_precision, warn_mismatches
 
 
 def _check_methods(config: RescueConfig, methods) -> None:
@@ -40,7 +40,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
                                               measure_costs, modeled_costs, plot_comparison, rule_budget,
                                               tuned_rule, weight_bytes, write_comparison)
     from inference.evaluation.evaluate import run_controlled, run_method, summarize, write_evaluation
-    from inference.decoding.models import load_full_precision, load_quantized
+    from inference.decoding.models import load_quantized
     from inference.storage import folder_written_atomically
     from inference.tracking import stage_config, start_run
     from training.benchmarks import load_benchmark
@@ -84,8 +84,7 @@ def compare(config: RescueConfig, limit: int | None = None, methods=None, out: s
         models["2bit"], tokenizer = load_quantized(config.quantized_path, config.model.device, config.model.kernel,
                                                    config.model.dtype)
     if need_fp16:
-        models["fp16"], tokenizer = load_full_precision(config.model.fp16, config.model.dtype, config.model.device,
-                                                        config.model.fp16_grouped)
+        models["fp16"], tokenizer = _load_for_precision(config, "fp16")
     detector = folder = None
     if any(learned_budget(m, config) is not None or rule_budget(m) is not None for m in methods):
         from detector.artifact import load_detector
