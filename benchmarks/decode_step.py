@@ -20,6 +20,8 @@ In one process, for the shape's bf16 model and then its 2-bit twin (random weigh
   step with its projections grouped so (`group_2bit_projections`), uncompiled and compiled, compiled once with
   the split-K sums kernel and once with the sums left to torch (`kernels.SPLIT_SUMS`), each compiled step's
   logits against the uncompiled one's;
+- a token through `generate` (the step, the draw and the loop's bookkeeping) for the grouped bf16 and the
+  grouped 2-bit model at each batch size, greedy and sampled, the draw in the step's graph and after it;
 - the probe's overhead inside the 2-bit step, collection's tokens per second with capture and
   without, and that the windowed graphs choose the dynamic path's greedy tokens (embedded tiny-s).
 
@@ -332,6 +334,50 @@ def breakdown(model, spec: dict, bits: int, batch: int, context: int, steps: int
     return result
 
 
+def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler, draw_in_step: bool,
+                 tokens: tuple[int, int] = (16, 80), repeats: int = 2) -> float:
+    """Seconds per generated token through `generate` (the step, the draw, the loop's bookkeeping and its host
+    syncs) on a `decode` path, after a prompt of `context` random tokens: the difference between two runs of
+    `tokens` new tokens each (best of `repeats`), so that the prefill, the eager first step and the capture,
+    which both runs pay once, drop out. `draw_in_step`: `generate.DRAW_IN_STEP`."""
+    from inference.decoding import generate as generate_module
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(7))
+    ids, mask = ids.to(model.device), torch.ones(batch, context, dtype=torch.long, device=model.device)
+    kept = generate_module.DRAW_IN_STEP
+    generate_module.DRAW_IN_STEP = draw_in_step
+    try:
+        best = {}
+        for new in tokens:
+            for _ in range(repeats):
+                generator = torch.Generator(model.device).manual_seed(0)
+                sync()
+                began = time.perf_counter()
+                generate_module.generate(model, ids, mask, max_new_tokens=new + 1, eos_token_ids=[], pad_token_id=0,
+                                         sampler=sampler, generator=generator, decode=decode)
+                sync()
+                best[new] = min(best.get(new, float("inf")), time.perf_counter() - began)
+    finally:
+        generate_module.DRAW_IN_STEP = kept
+    return (best[tokens[1]] - best[tokens[0]]) / (tokens[1] - tokens[0])
+
+
+def loop_costs(model, batches, context: int, compiled_batches) -> dict:
+    """Per token through `generate` at each batch size (compiled where that batch's step was compiled in this
+    process, so that no new compile is timed): greedy, and sampled at Qwen3's thinking-mode settings with the
+    draw in the step and after it."""
+    result = {}
+    for batch in batches:
+        decode = "compiled" if batch in compiled_batches else "static"
+        row = {"decode": decode}
+        for name, sampler, in_step in (("greedy", Sampler(), True), ("sampled_in_step", Sampler(0.6, 20, 0.95), True),
+                                       ("sampled_after_step", Sampler(0.6, 20, 0.95), False)):
+            row[name] = loop_seconds(model, batch, context, decode, sampler, in_step)
+            print("loop", batch, name, f"{row[name] * 1e3:.3f} ms a token", flush=True)
+        result[batch] = row
+    return result
+
+
 def windowed_agreement(steps: int = 160, min_window: int = 16) -> dict:
     """Greedy tokens of windowed graph steps (a small `min_window`, so the window grows and the graph is
     captured again as it grows past the prompt) against the dynamic path, embedded tiny-s, a left-padded batch."""
@@ -379,7 +425,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out: window, breakdown, linears, "
                         "grouped, bf16-grouped, per-linear, gemlite, probe, collection, agreement, compile (every compiled step), "
                         "sums-torch (the compiled grouped 2-bit step with torch's split-K sums), 2bit (every 2-bit section), fused-compile "
-                        "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step)")
+                        "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step), "
+                        "loop (a token through generate, grouped bf16 and grouped 2-bit)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
@@ -410,7 +457,7 @@ def main():
               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
               "shape": args.shape, "spec": spec, "context": args.context, "max_decode_rows": args.max_decode_rows,
               "copy_bandwidth_bytes_per_s": bandwidth,
-              "steps": [], "breakdown": {}, "linears": {}, "errors": {}}
+              "steps": [], "breakdown": {}, "linears": {}, "errors": {}, "loop": {}}
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
 
     def save():
@@ -518,6 +565,10 @@ def main():
                     break
                 timed_step("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, compiled,
                            logits=uncompiled)
+            if "loop" not in args.skip and left() > 40:
+                compiled = [b for b in args.compile_batches if "compile" not in args.skip and CUDA]
+                guarded("bf16_grouped", lambda: loop_costs(model, args.batches, args.context, compiled),
+                        report["loop"])
             calls = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer)
                       if getattr(m, "index", 0) == 0] for layer in model.model.layers]
             for rows in args.rows if "linears" not in args.skip and left() > 30 else ():
@@ -589,6 +640,9 @@ def main():
             name = "fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
             timed_step("2bit", name, 2, batch, compiled, logits=uncompiled)
         kernels.SPLIT_SUMS = "kernel"
+        if "loop" not in args.skip and left() > 40:
+            compiled = [b for b in args.compile_batches if "compile" not in args.skip and CUDA]
+            guarded("2bit_grouped", lambda: loop_costs(model, args.batches, args.context, compiled), report["loop"])
     save()
     print(tables(report))
 
@@ -660,6 +714,14 @@ def tables(report: dict) -> str:
             continue
         lines.append(f"| {name} | {rows} | {value['seconds_per_layer'] * 1e6:.1f} | {value['floor_seconds'] * 1e6:.1f} "
                      f"| {value['seconds_per_layer'] / value['floor_seconds']:.2f} |")
+    loop = {name: rows for name, rows in report.get("loop", {}).items() if "error" not in rows}
+    if loop:
+        lines += ["", "| model | batch | path | greedy ms / token | sampled, draw in step | sampled, draw after |",
+                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+        for name, rows in loop.items():
+            for batch, row in rows.items():
+                lines.append(f"| {name} | {batch} | {row['decode']} | {row['greedy'] * ms:.3f} | "
+                             f"{row['sampled_in_step'] * ms:.3f} | {row['sampled_after_step'] * ms:.3f} |")
     per_linear = report.get("per_linear", {})
     if per_linear and "error" not in per_linear:
         rows_keys = [key for key in next(iter(per_linear.values())) if key.startswith("rows_")]

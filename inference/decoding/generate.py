@@ -103,6 +103,13 @@ class Generation:
     all it generated but the last token)."""
 
 
+DRAW_IN_STEP = True
+"""On the static paths, whether the step draws the next tokens itself (`StaticSteps`' sampler, in the CUDA graph
+on a GPU) rather than `generate` calling `Sampler.choose` on its logits after it: no sampling kernels launched
+from Python per step. The draws differ from `choose`'s for the same seed (inverse CDF against multinomial), so a
+seeded sampled run on a static path differs from the same run on the dynamic path. `benchmarks/decode_step.py`
+times both."""
+
 CANDIDATES_FROM_VOCAB = 8192
 """Vocabulary size from which top-k sampling first takes the candidates (`Sampler.choose`)."""
 TIE_MARGIN = 8
@@ -141,9 +148,7 @@ class Sampler:
         logits = logits.float()
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        vocab = logits.shape[-1]
-        few = 0 < self.top_k and self.top_k + TIE_MARGIN < vocab and vocab >= CANDIDATES_FROM_VOCAB
-        candidates = self.candidates(logits) if few else None
+        candidates = self.candidates(logits) if self._few(logits.shape[-1]) else None
         if candidates is not None:
             scores, indices = candidates
             picked = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)
@@ -152,22 +157,65 @@ class Sampler:
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
+    def draw(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`choose` without a host sync or a branch on values, so that a CUDA graph can hold it: one token per
+        row of `logits` (batch, vocab) by the inverse of the kept tokens' cumulative probabilities at
+        `uniforms` [batch] in [0, 1) (None when greedy), and per row whether that draw must be redone with
+        `choose` (None when it never must): a tie with the k-th score running past the candidates, which only
+        the whole vocabulary can resolve. Same kept tokens and probabilities as `choose`; a different draw
+        for the same seed."""
+        logits = logits.float()
+        if self.temperature == 0:
+            return logits.argmax(dim=-1), None
+        scores, indices, redo = self._draw_scores(logits)
+        return self._pick(scores, indices, uniforms), redo
+
+    def _draw_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What `draw` draws from: the warped scores of the candidates, their ids and the rows to redo, or the
+        warped scores of the whole vocabulary (ids and redo None)."""
+        if self._few(logits.shape[-1]):
+            return self._candidates(logits)
+        return self._warpers(None, logits), None, None
+
+    @staticmethod
+    def _pick(scores: torch.Tensor, indices: torch.Tensor | None, uniforms: torch.Tensor) -> torch.Tensor:
+        """Per row, the token whose share of the cumulative probability holds `uniforms` [rows]."""
+        probs = torch.softmax(scores, dim=-1)
+        cumulative = probs.cumsum(-1)
+        pick = (cumulative <= uniforms[:, None] * cumulative[:, -1:]).sum(-1, keepdim=True)
+        # u * total can round up to total: then the last kept token, never one of zero probability.
+        kept = probs > 0
+        last = (kept.shape[-1] - 1) - kept.flip(-1).int().argmax(-1, keepdim=True)
+        pick = torch.minimum(pick, last)
+        return (pick if indices is None else indices.gather(1, pick)).squeeze(1)
+
+    def _few(self, vocab: int) -> bool:
+        """Whether top-p and the draw run on the top_k + TIE_MARGIN highest scores only."""
+        return 0 < self.top_k and self.top_k + TIE_MARGIN < vocab and vocab >= CANDIDATES_FROM_VOCAB
+
     def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The warped scores of the top_k + TIE_MARGIN highest tokens and their ids ([batch, top_k + margin]
         each; removed ones at -inf), or None where a tie with the k-th score runs past them."""
+        values, indices, overflow = self._candidates(logits)
+        return None if bool(overflow.any()) else (values, indices)
+
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`candidates`' scores and ids, and per row whether a tie with the k-th score runs past them."""
         logits = logits.float()
         if self.temperature != 1.0:
             logits = self._warpers[0](None, logits)
         values, indices = logits.topk(min(self.top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
         kth = values[:, self.top_k - 1:self.top_k]
-        if values.shape[-1] < logits.shape[-1] and bool((values[:, -1:] >= kth).any()):
-            return None
+        if values.shape[-1] < logits.shape[-1]:
+            overflow = (values[:, -1:] >= kth).squeeze(1)
+        else:
+            overflow = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
         # TopKLogitsWarper's rule on the candidates: every score below the k-th is removed.
         values = values.masked_fill(values < kth, -float("inf"))
         for warper in self._warpers:
             if isinstance(warper, TopPLogitsWarper):
                 values = warper(None, values)
-        return values, indices
+        return values, indices, overflow
 
 
 def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
@@ -246,48 +294,54 @@ def generate(
     # Made inside the step (in the CUDA graph on the static path), for the hook to read.
     extras = {"top_prob": top_prob and hook is not None, "stack_dtype": stack_dtype}
     if decode in ("static", "compiled"):
+        drawn = {"sampler": sampler, "generator": generator} if DRAW_IN_STEP else {}
         steps = StaticSteps(model, watched, watched_ids, attention_mask.shape[1] + max_new_tokens, probe=probe,
-                            graph=device.type == "cuda", compile=decode == "compiled", **extras)
+                            graph=device.type == "cuda", compile=decode == "compiled", **extras, **drawn)
     else:
         steps = DynamicSteps(model, watched, watched_ids, probe=probe, **extras)
     eos = torch.tensor(list(eos_token_ids), device=device)
 
+    # The loop's bookkeeping stays on the device; the host waits once a step (whether any row is still live),
+    # twice when a drawn token may need redrawing, and a hook's step also for its rows.
     live = torch.ones(batch, dtype=torch.bool, device=device)
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # emitted EOS
+    halted = torch.zeros(batch, dtype=torch.bool, device=device)  # stopped by the hook
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    finish = [FINISH_BUDGET] * batch
+    pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
 
     outputs = steps.prefill(input_ids, attention_mask, positions, past=held)
     positions = positions[:, -1:]
     step = 0
     for step in range(max_new_tokens):
-        tokens = sampler.choose(outputs.logits, generator)
-        tokens = torch.where(live, tokens, torch.full_like(tokens, pad_token_id))
-
-        rows = live.nonzero().squeeze(1)
-        generated[rows, step] = tokens[rows]
-        lengths[rows] += 1
+        if outputs.tokens is None or outputs.redo is not None and bool(outputs.redo.any()):
+            tokens = sampler.choose(outputs.logits, generator)
+        else:
+            tokens = outputs.tokens
+        tokens = torch.where(live, tokens, pad)
+        generated[:, step] = tokens  # a finished row's column stays padding
+        lengths += live
+        hit_eos = live & torch.isin(tokens, eos)
         stopped = None
         if hook is not None:
+            rows = live.nonzero().squeeze(1)
             view = StepView(step, rows, tokens, outputs)
             stopped = hook(view)
             view.close()
-
-        hit_eos = live & torch.isin(tokens, eos)
-        for row in hit_eos.nonzero().squeeze(1).tolist():
-            finish[row] = FINISH_EOS
+        ended |= hit_eos
         live = live & ~hit_eos
         if stopped is not None:
-            stop_rows = rows[stopped.to(device=device, dtype=torch.bool)]
-            for row in stop_rows.tolist():
-                if live[row]:
-                    finish[row] = FINISH_STOPPED
-            live[stop_rows] = False
-        if not bool(live.any()) or step + 1 == max_new_tokens:
+            stop = torch.zeros_like(live)
+            stop[rows] = stopped.to(device=device, dtype=torch.bool)
+            halted |= stop & live
+            live = live & ~stop
+        if step + 1 == max_new_tokens or not bool(live.any()):
             break
         positions = positions + 1
         outputs = steps.step(tokens, positions)
 
+    finish = [FINISH_EOS if eos_row else FINISH_STOPPED if halted_row else FINISH_BUDGET
+              for eos_row, halted_row in zip(ended.tolist(), halted.tolist())]
     generated_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     prompt_lengths = attention_mask.sum(-1).tolist()
     caches = steps.row_caches([max(len(ids) - 1, 0) for ids in generated_ids]) if keep_cache else None

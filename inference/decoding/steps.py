@@ -60,7 +60,9 @@ class StepOutputs:
     layers' outputs there; `scores` the probe's output on `hidden` (None without a probe); `top_prob`
     [batch] float32, the softmax of the raw logits' largest value (None unless asked); `stacked`
     [batch, len(layers), hidden_size], `hidden` stacked in layer order and cast to the stack dtype
-    (None unless asked).
+    (None unless asked). `tokens` [batch], the next token of every row drawn inside the step, and `redo`
+    [batch] bool, the rows whose draw `Sampler.choose` must redo (None unless a static path was given a
+    sampler; `redo` also None when no draw can need it).
     """
 
     logits: torch.Tensor
@@ -68,6 +70,8 @@ class StepOutputs:
     scores: torch.Tensor | None = None
     top_prob: torch.Tensor | None = None
     stacked: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    redo: torch.Tensor | None = None
 
 
 def cache_argument(model) -> str:
@@ -183,6 +187,10 @@ class StaticSteps:
     attention's cost when the budget is long. The window is the least power of two (at least
     `min_window`, at most the cache) that holds every slot written so far; past `window_step` positions
     (WINDOW_STEP unless compiled; None: always doubling) the least multiple of `window_step` instead.
+
+    `sampler` (a `Sampler`): every step, the prefill's too, also draws each row's next token
+    (`Sampler.draw`, into `StepOutputs.tokens`), inside the graph on the decode path, from uniforms that
+    `generator` fills before each step; the caller then launches no sampling kernels of its own.
     Each new window is one more eager step and one more captured graph (the one before is dropped and
     its memory handed back, as is the batch before's when the next one starts):
     about 11 over a budget of 8,192. Doubling alone left late steps attending over up to twice the
@@ -194,8 +202,11 @@ class StaticSteps:
     def __init__(self, model, layers: list[int], layer_ids: list[int], max_length: int,
                  probe: StepProbe | None = None, graph: bool = False, compile: bool = False,
                  top_prob: bool = False, stack_dtype: torch.dtype | None = None, windowed: bool = True,
-                 min_window: int = MIN_WINDOW, window_step: int | None | str = "auto"):
+                 min_window: int = MIN_WINDOW, window_step: int | None | str = "auto", sampler=None,
+                 generator: torch.Generator | None = None):
         self.model, self.layers, self.layer_ids, self.probe = model, layers, layer_ids, probe
+        self.sampler, self.generator = sampler, generator
+        self._uniforms: torch.Tensor | None = None
         self.top_prob, self.stack_dtype = top_prob, stack_dtype
         if compile:
             max_length = -(-max_length // CACHE_BUCKET) * CACHE_BUCKET
@@ -229,7 +240,18 @@ class StaticSteps:
         logits, hidden, scores = step(self.model, input_ids, mask, positions, self.cache, tuple(self.layers),
                                       tuple(self.layer_ids), self.probe)
         # Outside torch.compile, so that `compiled` stores what `static` would store for the same states.
-        return _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
+        outputs = _step_outputs(logits, hidden, scores, self.layers, self.top_prob, self.stack_dtype)
+        if self.sampler is not None:
+            outputs.tokens, outputs.redo = self.sampler.draw(logits, self._uniforms)
+        return outputs
+
+    def _fill_uniforms(self, batch: int, device: torch.device) -> None:
+        """The uniforms of the next draw, written into the buffer the step (or its graph) reads."""
+        if self.sampler is None or self.sampler.temperature == 0:
+            return
+        if self._uniforms is None:
+            self._uniforms = torch.empty(batch, device=device)
+        self._uniforms.uniform_(0.0, 1.0, generator=self.generator)
 
     def prefill(self, input_ids, attention_mask, positions, past: "BatchPast | None" = None):
         """`attention_mask` covers `past`'s positions (written to the cache's first slots first), then
@@ -251,6 +273,7 @@ class StaticSteps:
         prefill_mask[:, 0, :, :held] = real[:, None, :held]
         prefill_mask[:, 0, :, held:prompt] = square
         self.mask = prefill_mask
+        self._fill_uniforms(batch, device)
         result = self._run(input_ids, positions)
         self.mask = torch.zeros(batch, 1, 1, self.max_length, dtype=torch.bool, device=device)
         self.mask[:, 0, 0, :prompt] = real
@@ -271,6 +294,7 @@ class StaticSteps:
         self.mask[:, 0, 0, slot] = True
         self._ids.copy_(tokens[:, None])
         self._positions.copy_(positions)
+        self._fill_uniforms(tokens.shape[0], tokens.device)
         self._steps += 1
         window = self.window_for(slot)
         if window != self.cache.window:  # a new window: new shapes, so warm up and capture again

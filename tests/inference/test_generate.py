@@ -166,6 +166,85 @@ def test_hook_can_stop_single_rows_while_the_rest_goes_on(model_and_tokenizer):
     assert result.generated_ids[0] == plain.generated_ids[0]
 
 
+def _grid_draws(sampler, logits, count):
+    """How often `Sampler.draw` picks each token of every row over `count` evenly spaced uniforms."""
+    rows, vocab = logits.shape
+    scores, indices, _ = sampler._draw_scores(logits.float())
+    uniforms = (torch.arange(count) + 0.5) / count
+    picked = sampler._pick(scores.repeat_interleave(count, 0),
+                           None if indices is None else indices.repeat_interleave(count, 0), uniforms.repeat(rows))
+    counts = torch.zeros(rows, vocab).scatter_add_(1, picked.view(rows, count), torch.ones(rows, count))
+    return counts / count
+
+
+@pytest.mark.parametrize("vocab,temperature,top_k,top_p", [(151_936, 0.6, 20, 0.95), (151_936, 1.0, 20, 1.0),
+                                                           (500, 0.7, 0, 0.9), (500, 1.0, 5, 0.5)])
+def test_the_steps_draw_keeps_the_warpers_distribution(vocab, temperature, top_k, top_p):
+    """The graph-safe draw (inverse CDF at given uniforms) lands on exactly the tokens the warpers keep, as
+    often as their probabilities say: on candidates (Qwen3's vocabulary with top-k) and on the whole vocabulary.
+    float32 scores, so that no two tie at the top-p boundary, where which one is dropped is arbitrary."""
+    sampler = Sampler(temperature, top_k, top_p)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, vocab, generator=generator) * 3
+    logits[1, :3] = torch.tensor([30.0, 29.0, 28.5])
+    full = torch.softmax(sampler._warpers(None, logits.clone()), dim=-1)
+    share = _grid_draws(sampler, logits, 20_000)
+    assert not bool(((share > 0) & (full == 0)).any())
+    torch.testing.assert_close(share, full, rtol=0, atol=2 / 20_000)
+    # A uniform just below 1 still lands on a kept token; no draw of these needs redoing.
+    tokens, redo = sampler.draw(logits, torch.full((3,), 1 - 2 ** -24))
+    assert bool((full.gather(1, tokens[:, None]) > 0).all())
+    assert redo is None if not sampler._few(vocab) else not bool(redo.any())
+
+
+def test_the_steps_draw_flags_a_tie_past_the_candidates_and_is_greedy_at_temperature_zero():
+    from inference.decoding.generate import TIE_MARGIN
+
+    logits = torch.randn(3, 151_936, generator=torch.Generator().manual_seed(1))
+    logits[1, :20 + TIE_MARGIN + 4] = 50.0  # more tokens tied at the k-th score than the candidates hold
+    tokens, redo = Sampler(0.6, 20, 0.95).draw(logits, torch.full((3,), 0.5))
+    assert redo.tolist() == [False, True, False]
+    assert Sampler(0.6, 20, 0.95).candidates(logits) is None  # `choose` takes the whole vocabulary then
+    greedy, none = Sampler().draw(logits, None)
+    assert torch.equal(greedy, logits.argmax(-1)) and none is None
+
+
+def test_the_static_path_draws_in_the_step_and_redoes_a_flagged_draw(model_and_tokenizer):
+    """On the static path the step draws the tokens (seeded runs repeat, other seeds differ); a draw the step
+    flags is chosen again by `Sampler.choose`, as the loop did before the draw moved into the step."""
+    from inference.decoding import generate as generate_module
+
+    model, tokenizer = model_and_tokenizer
+    enc = _batch(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"])
+    sampler = Sampler(temperature=1.0, top_k=20, top_p=0.95)
+    drawn = []
+
+    def run(seed, decode="static", chosen=sampler):
+        return generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=12, eos_token_ids=[],
+                        pad_token_id=tokenizer.pad_token_id, sampler=chosen, decode=decode,
+                        generator=torch.Generator().manual_seed(seed),
+                        hook=lambda view: drawn.append(view.outputs.tokens is not None)).generated_ids
+
+    assert run(1) == run(1) and run(1) != run(2)
+    assert all(drawn)
+
+    class Flagged(Sampler):
+        """Greedy through `choose`, while the step's draw is wrong and flagged on every row."""
+
+        def draw(self, logits, uniforms):
+            return torch.zeros(logits.shape[0], dtype=torch.long), torch.ones(logits.shape[0], dtype=torch.bool)
+
+    greedy = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=12, eos_token_ids=[],
+                      pad_token_id=tokenizer.pad_token_id, decode="dynamic").generated_ids
+    assert run(0, chosen=Flagged()) == greedy
+    generate_module.DRAW_IN_STEP = False
+    try:
+        drawn.clear()
+        assert run(0, chosen=Flagged()) == greedy and not any(drawn)
+    finally:
+        generate_module.DRAW_IN_STEP = True
+
+
 def test_static_path_chooses_the_tokens_and_states_of_the_dynamic_path(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     enc = _batch(tokenizer, ["What is 2 + 3?", "Start with 17. Add 8, multiply by 3.", "Add 1 and 1."])
