@@ -144,11 +144,18 @@ class InGraphProbe(torch.nn.Module):
         return torch.sigmoid(self.probe(torch.cat([states, self.ring.mean(dim=0)], dim=-1)))
 
 
+WARM_SECONDS = 0.5
+"""Seconds of replays before a step is timed (`step_latency`), so that the card runs at the clocks it keeps under
+load, not those of a card just back from idle."""
+
+
 def step_latency(model, batch: int, context: int, steps: int, probe=None, layers=(), compile: bool = False,
                  timings: dict | None = None, max_length: int | None = None, windowed: bool = True,
                  logits: dict | None = None) -> float:
     """Seconds per decode step: graph replays over a static cache holding `context` positions (with
-    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time).
+    `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time and the
+    time of the first `steps` replays, before the card has replayed for WARM_SECONDS: a step timed right
+    after a long compile, the card idle, ran 18% slower than the same step in `generate`, 2026-12-07).
     `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
     step attends over only the filled part of it (`StaticSteps`). The fed tokens are the same at every
     call of one batch size; `logits` gets the last step's logits (float32, on the CPU) under "logits"."""
@@ -176,6 +183,19 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     if timings is not None:
         timings["warm_up_seconds"] = time.perf_counter() - began
     replay = runner._graph.replay if runner.graph else lambda: runner._run(runner._ids, runner._positions, True)
+    began = time.perf_counter()
+    for _ in range(steps):
+        replay()
+    sync()
+    first = (time.perf_counter() - began) / steps
+    if timings is not None:
+        timings["first_replays_seconds"] = first
+    if device.type == "cuda":
+        until = time.perf_counter() + WARM_SECONDS
+        while time.perf_counter() < until:
+            for _ in range(8):
+                replay()
+            sync()
     began = time.perf_counter()
     for _ in range(steps):
         replay()

@@ -335,7 +335,7 @@ def breakdown(model, spec: dict, bits: int, batch: int, context: int, steps: int
 
 
 def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler, draw_in_step: bool,
-                 tokens: tuple[int, int] = (16, 80), repeats: int = 2) -> float:
+                 tokens: tuple[int, int] = (16, 112), repeats: int = 2) -> float:
     """Seconds per generated token through `generate` (the step, the draw, the loop's bookkeeping and its host
     syncs) on a `decode` path, after a prompt of `context` random tokens: the difference between two runs of
     `tokens` new tokens each (best of `repeats`), so that the prefill, the eager first step and the capture,
@@ -491,7 +491,7 @@ def main():
         row = step_row(precision, kernel, bits, batch, args.attention[0])
         kept = {}
         guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, compile=compiled,
-                                                     timings=row if compiled else None,
+                                                     timings=row,
                                                      logits=kept if logits is not None else None), row)
         report["steps"].append(row)
         if "logits" in kept and not compiled:
@@ -528,7 +528,7 @@ def main():
                 row = step_row(precision, kernel, bits, batch, attention, cache, windowed)
                 use_decode_attention(model, attention)
                 guarded("step_seconds", lambda: step_latency(model, batch, args.context, args.steps, max_length=cache,
-                                                             windowed=windowed), row)
+                                                             windowed=windowed, timings=row), row)
                 report["steps"].append(row)
             use_decode_attention(model, args.attention[0])
         compiles = [(batch, attention) for batch in args.compile_batches for attention in args.attention]
