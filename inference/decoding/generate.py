@@ -110,12 +110,6 @@ from Python per step. The draws differ from `choose`'s for the same seed (invers
 seeded sampled run on a static path differs from the same run on the dynamic path. `benchmarks/decode_step.py`
 times both."""
 
-TOPK_CHUNKS = 64
-"""The candidates of a row are taken in two rounds: the top ones of each of this many slices of the vocabulary,
-then the top ones of those (`_top`); 1 takes them in one `topk` over the row. One topk over a 151,936-score
-row is one slice for the GPU's top-k kernel, which then runs it in few blocks; 64 slices of 2,374 run in
-parallel. The values are the same either way; the order among scores tied exactly may differ."""
-
 CANDIDATES_FROM_VOCAB = 8192
 """Vocabulary size from which top-k sampling first takes the candidates (`Sampler.choose`)."""
 TIE_MARGIN = 8
@@ -210,7 +204,7 @@ class Sampler:
         logits = logits.float()
         if self.temperature != 1.0:
             logits = self._warpers[0](None, logits)
-        values, indices = _top(logits, min(self.top_k + TIE_MARGIN, logits.shape[-1]))
+        values, indices = logits.topk(min(self.top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
         kth = values[:, self.top_k - 1:self.top_k]
         if values.shape[-1] < logits.shape[-1]:
             overflow = (values[:, -1:] >= kth).squeeze(1)
@@ -222,21 +216,6 @@ class Sampler:
             if isinstance(warper, TopPLogitsWarper):
                 values = warper(None, values)
         return values, indices, overflow
-
-
-def _top(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logits.topk(count, dim=-1)` of a [rows, vocab] float tensor with no -inf in it, in TOPK_CHUNKS slices
-    first where each slice holds at least 4 * count scores."""
-    rows, vocab = logits.shape
-    if TOPK_CHUNKS <= 1 or vocab < 4 * count * TOPK_CHUNKS:
-        return logits.topk(count, dim=-1)
-    width = -(-vocab // TOPK_CHUNKS)
-    if width * TOPK_CHUNKS != vocab:
-        logits = torch.nn.functional.pad(logits, (0, width * TOPK_CHUNKS - vocab), value=-float("inf"))
-    values, indices = logits.view(rows, TOPK_CHUNKS, width).topk(count, dim=-1)
-    indices = indices + torch.arange(0, width * TOPK_CHUNKS, width, device=logits.device)[None, :, None]
-    values, picked = values.view(rows, -1).topk(count, dim=-1)
-    return values, indices.view(rows, -1).gather(1, picked)
 
 
 def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:

@@ -197,19 +197,6 @@ def test_the_steps_draw_keeps_the_warpers_distribution(vocab, temperature, top_k
     assert redo is None if not sampler._few(vocab) else not bool(redo.any())
 
 
-@pytest.mark.parametrize("vocab", [151_936, 151_900, 9_000])
-def test_candidates_taken_in_slices_are_the_rows_top_scores(vocab):
-    """The two-round top-k (slices of the vocabulary, then the slices' best) gives topk's values and ids, a vocabulary
-    that the slices do not divide included; too small a vocabulary takes one round."""
-    from inference.decoding.generate import _top
-
-    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(2)) * 3
-    logits[3, -30:] = 20.0 + torch.arange(30.0)  # the best scores in the last (padded) slice
-    values, indices = _top(logits, 28)
-    expected_values, expected_indices = logits.topk(28, dim=-1)
-    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
-
-
 def test_the_steps_draw_flags_a_tie_past_the_candidates_and_is_greedy_at_temperature_zero():
     from inference.decoding.generate import TIE_MARGIN
 
