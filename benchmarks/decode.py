@@ -185,24 +185,21 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     if timings is not None:
         timings["warm_up_seconds"] = time.perf_counter() - began
     replay = runner._graph.replay if runner.graph else lambda: runner._run(runner._ids, runner._positions, True)
-    began = time.perf_counter()
-    for _ in range(steps):
-        replay()
-    sync()
-    first = (time.perf_counter() - began) / steps
+
+    def per_replay() -> float:
+        began = time.perf_counter()
+        for _ in range(steps):
+            replay()
+        sync()
+        return (time.perf_counter() - began) / steps
+
+    first = per_replay()
     if timings is not None:
         timings["first_replays_seconds"] = first
-    if device.type == "cuda":
-        until = time.perf_counter() + WARM_SECONDS
-        while time.perf_counter() < until:
-            for _ in range(8):
-                replay()
-            sync()
-    began = time.perf_counter()
-    for _ in range(steps):
-        replay()
-    sync()
-    seconds = (time.perf_counter() - began) / steps
+    until = time.perf_counter() + (WARM_SECONDS if device.type == "cuda" else 0.0)
+    while time.perf_counter() < until:
+        per_replay()
+    seconds = per_replay()
     if logits is not None:
         logits["logits"] = out.logits.float().cpu()  # on the graph path, the tensor every replay rewrites
     del runner, out
