@@ -257,7 +257,8 @@ def generate(
     per step, so only when asked).
     `decode`: `dynamic` (HF's growing cache), `static` (a static cache; on CUDA each decode step is
     one CUDA-graph replay, see `inference/decoding/steps.py`) or `compiled` (`static` through torch.compile).
-    All choose the same greedy tokens.
+    All choose the same greedy tokens; a seeded sampled run draws other tokens on the static paths than on the
+    dynamic one, where the step draws them itself (`DRAW_IN_STEP`).
     `probe`: run on the step's layer states inside the step (in the graph on the static path); its
     output reaches the hook as `StepView.scores`.
     `stack_dtype`: also stack the `layers`' states of every row in this dtype inside the step
