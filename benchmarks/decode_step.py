@@ -504,6 +504,7 @@ def main():
             print("compiled against uncompiled logits", row["logits_vs_uncompiled"], flush=True)
         return row
 
+    compiling = [batch for batch in args.compile_batches if "compile" not in args.skip and CUDA]
     model = build_bf16(args.shape, **overrides) if CUDA else build_bf16_cpu(args.shape, **overrides)
     layer_bytes = {16: sum(k * n * 2 for k, n in linear_shapes(spec)),
                    2: decode_step_bytes(spec, 2, 128)["linears"] / spec["num_hidden_layers"]}
@@ -558,7 +559,7 @@ def main():
             # twin is quantized from the projections.
             report["bf16_grouped_projections"] = group_linear_projections(model)
             points = [(batch, False) for batch in args.batches]
-            points += [(batch, True) for batch in args.compile_batches if "compile" not in args.skip and CUDA]
+            points += [(batch, True) for batch in compiling]
             uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
             for batch, compiled in points:
                 if left() < (100 if compiled else 20):
@@ -566,8 +567,7 @@ def main():
                 timed_step("bf16", "cuBLAS grouped" + (" + compile" if compiled else ""), 16, batch, compiled,
                            logits=uncompiled)
             if "loop" not in args.skip and left() > 40:
-                compiled = [b for b in args.compile_batches if "compile" not in args.skip and CUDA]
-                guarded("bf16_grouped", lambda: loop_costs(model, args.batches, args.context, compiled),
+                guarded("bf16_grouped", lambda: loop_costs(model, args.batches, args.context, compiling),
                         report["loop"])
             calls = [[m.group if isinstance(m, GroupedMember) else m for m in layer_linears(layer)
                       if getattr(m, "index", 0) == 0] for layer in model.model.layers]
@@ -629,9 +629,8 @@ def main():
         # Compiled: with the split-K sums kernel (kernels.SPLIT_SUMS "kernel", the default), then with the sums
         # left to torch, which inductor may fuse into what reads each product ("auto").
         points = [(batch, False, "kernel") for batch in args.batches]
-        if "compile" not in args.skip and CUDA:
-            points += [(batch, True, "kernel") for batch in args.compile_batches]
-            points += [(batch, True, "auto") for batch in args.compile_batches if "sums-torch" not in args.skip]
+        points += [(batch, True, "kernel") for batch in compiling]
+        points += [(batch, True, "auto") for batch in compiling if "sums-torch" not in args.skip]
         uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
         for batch, compiled, sums in points:
             if left() < (100 if compiled else 20):
@@ -641,8 +640,7 @@ def main():
             timed_step("2bit", name, 2, batch, compiled, logits=uncompiled)
         kernels.SPLIT_SUMS = "kernel"
         if "loop" not in args.skip and left() > 40:
-            compiled = [b for b in args.compile_batches if "compile" not in args.skip and CUDA]
-            guarded("2bit_grouped", lambda: loop_costs(model, args.batches, args.context, compiled), report["loop"])
+            guarded("2bit_grouped", lambda: loop_costs(model, args.batches, args.context, compiling), report["loop"])
     save()
     print(tables(report))
 
