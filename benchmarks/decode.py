@@ -187,6 +187,10 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     replay = runner._graph.replay if runner.graph else lambda: runner._run(runner._ids, runner._positions, True)
 
     def per_replay() -> float:
+        # Each step writes the cache at its layers' running lengths, which the step (and its graph) advance:
+        # back to `context` first, so that every pass of `steps` steps fits the cache however many ran before.
+        for layer in runner.cache.layers:
+            layer.cumulative_length.fill_(context)
         began = time.perf_counter()
         for _ in range(steps):
             replay()
@@ -197,6 +201,7 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
     if timings is not None:
         timings["first_replays_seconds"] = first
     until = time.perf_counter() + (WARM_SECONDS if device.type == "cuda" else 0.0)
+    per_replay()  # at least one warm pass on every device, so that the CPU runs the same sequence
     while time.perf_counter() < until:
         per_replay()
     seconds = per_replay()
