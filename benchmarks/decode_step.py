@@ -335,18 +335,34 @@ def breakdown(model, spec: dict, bits: int, batch: int, context: int, steps: int
 
 
 def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler, draw_in_step: bool,
-                 tokens: tuple[int, int] = (16, 112), repeats: int = 2) -> float:
+                 tokens: tuple[int, int] = (16, 112), repeats: int = 2, counts: dict | None = None) -> float:
     """Seconds per generated token through `generate` (the step, the draw, the loop's bookkeeping and its host
     syncs) on a `decode` path, after a prompt of `context` random tokens: the difference between two runs of
     `tokens` new tokens each (best of `repeats`), so that the prefill, the eager first step and the capture,
-    which both runs pay once, drop out. `draw_in_step`: `generate.DRAW_IN_STEP`."""
+    which both runs pay once, drop out. `draw_in_step`: `generate.DRAW_IN_STEP`. `counts` gets the share of the
+    longer run's tokens drawn by `Sampler.choose` after the step (`choose_share`): with the draw in the step,
+    the draws redone because a tie with the k-th score ran past the candidates."""
     from inference.decoding import generate as generate_module
 
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(7))
     ids, mask = ids.to(model.device), torch.ones(batch, context, dtype=torch.long, device=model.device)
-    kept = generate_module.DRAW_IN_STEP
+    kept, choose = generate_module.DRAW_IN_STEP, Sampler.choose
     generate_module.DRAW_IN_STEP = draw_in_step
+    calls = [0]
+
+    def counted(self, logits, generator):
+        calls[0] += 1
+        return choose(self, logits, generator)
+
     try:
+        Sampler.choose = counted  # the benchmark's process only; restored below
+        calls[0] = 0
+        generate_module.generate(model, ids, mask, max_new_tokens=tokens[1] + 1, eos_token_ids=[], pad_token_id=0,
+                                 sampler=sampler, generator=torch.Generator(model.device).manual_seed(0),
+                                 decode=decode)
+        if counts is not None:
+            counts["choose_share"] = calls[0] / (tokens[1] + 1)
+        Sampler.choose = choose
         best = {}
         for new in tokens:
             for _ in range(repeats):
@@ -358,7 +374,7 @@ def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler,
                 sync()
                 best[new] = min(best.get(new, float("inf")), time.perf_counter() - began)
     finally:
-        generate_module.DRAW_IN_STEP = kept
+        generate_module.DRAW_IN_STEP, Sampler.choose = kept, choose
     return (best[tokens[1]] - best[tokens[0]]) / (tokens[1] - tokens[0])
 
 
@@ -372,8 +388,11 @@ def loop_costs(model, batches, context: int, compiled_batches) -> dict:
         row = {"decode": decode}
         for name, sampler, in_step in (("greedy", Sampler(), True), ("sampled_in_step", Sampler(0.6, 20, 0.95), True),
                                        ("sampled_after_step", Sampler(0.6, 20, 0.95), False)):
-            row[name] = loop_seconds(model, batch, context, decode, sampler, in_step)
-            print("loop", batch, name, f"{row[name] * 1e3:.3f} ms a token", flush=True)
+            counts = {}
+            row[name] = loop_seconds(model, batch, context, decode, sampler, in_step, counts=counts)
+            row[f"{name}_choose_share"] = counts["choose_share"]
+            print("loop", batch, name, f"{row[name] * 1e3:.3f} ms a token, {counts['choose_share']:.0%} of the tokens "
+                  "drawn by Sampler.choose", flush=True)
         result[batch] = row
     return result
 
@@ -676,17 +695,18 @@ def tables(report: dict) -> str:
     ms = 1e3
     lines = [f"{report['device']}, copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"{report['shape']}, context {report['context']}", "",
-             "| precision | kernel | attention | batch | cache | windowed | ms / step | floor ms | x floor |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| precision | kernel | attention | batch | cache | windowed | ms / step | floor ms | x floor | first replays ms |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in report["steps"]:
         seconds = r.get("step_seconds")
         if not isinstance(seconds, float):
             lines.append(f"| {r['precision']} | {r['kernel']} | {r.get('attention', 'hf')} | {r['batch']} | "
-                         f"{r['cache']} | {r['windowed']} | {seconds} | {r['floor_seconds'] * ms:.3f} | - |")
+                         f"{r['cache']} | {r['windowed']} | {seconds} | {r['floor_seconds'] * ms:.3f} | - | - |")
             continue
+        first = r.get("first_replays_seconds", float("nan"))
         lines.append(f"| {r['precision']} | {r['kernel']} | {r.get('attention', 'hf')} | {r['batch']} | "
                      f"{r['cache']} | {r['windowed']} | {seconds * ms:.3f} | {r['floor_seconds'] * ms:.3f} | "
-                     f"{seconds / r['floor_seconds']:.2f} |")
+                     f"{seconds / r['floor_seconds']:.2f} | {first * ms:.3f} |")
     lines += ["", "| step at | part | ms | floor ms | x floor | share of step |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for point, parts in report["breakdown"].items():
         if "error" in parts:
@@ -718,8 +738,10 @@ def tables(report: dict) -> str:
                   "| --- | ---: | --- | ---: | ---: | ---: |"]
         for name, rows in loop.items():
             for batch, row in rows.items():
+                redone = row.get("sampled_in_step_choose_share")
+                redone = f" ({redone:.0%} redrawn)" if redone is not None else ""
                 lines.append(f"| {name} | {batch} | {row['decode']} | {row['greedy'] * ms:.3f} | "
-                             f"{row['sampled_in_step'] * ms:.3f} | {row['sampled_after_step'] * ms:.3f} |")
+                             f"{row['sampled_in_step'] * ms:.3f}{redone} | {row['sampled_after_step'] * ms:.3f} |")
     per_linear = report.get("per_linear", {})
     if per_linear and "error" not in per_linear:
         rows_keys = [key for key in next(iter(per_linear.values())) if key.startswith("rows_")]
