@@ -96,6 +96,11 @@ True, out^T = W^T @ x^T with the unpacked W^T as wgmma's first operand, in regis
 touches shared memory, only x^T's (4 KB a tile). Laid out for 4 warps and tiles of 64 or 128 columns and 64 or
 128 rows of K (other tiles take the False path); with 8 warps Triton moves W^T through shared memory again."""
 
+ONE_ROW_DOT = False
+"""Whether one row also takes the tl.dot path, as a 16-row tile with 15 rows masked (experimental; False until
+timed on a GPU): with SWAP_AB, the tensor cores then do the multiply-adds that the one-row path does on the FMA
+units, and the per-tile sums need no layout conversion; the unpacking is the same."""
+
 SPLIT_SUMS_PATHS = ("kernel", "torch", "auto")
 SPLIT_SUMS = "kernel"
 """Who adds a split-K call's float32 partial sums: `kernel`, `_sum_splits_kernel` (one launch, the sums in a
@@ -401,7 +406,7 @@ def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = T
     """
     block_k = _block_k(K, group_size)
     k_tiles = _cdiv(K, block_k)
-    one_row = rows == 1
+    one_row = rows == 1 and not ONE_ROW_DOT
     if block_n is None:
         block_n = 128
         while block_n > 64 and _cdiv(N, block_n) * k_tiles < H100_SMS:

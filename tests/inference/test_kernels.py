@@ -349,13 +349,15 @@ def test_grouped_member_answers_only_the_input_its_group_ran(kernels):
     (256, 256, 64, None), (512, 160, 128, None), (208, 64, -1, None),
     (512, 384, 128, 128), (384, 208, 64, 128),
 ])
-@pytest.mark.parametrize("rows", [3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gptq2_matmul_swapped_operands_match(kernels, monkeypatch, in_features, out_features, group_size,
                                              block_n, rows, dtype):
     """SWAP_AB (out^T = W^T x^T; taken by 4-warp tiles of 16 rows, 64 or 128 columns, K tiles of 64 or 128) gives
-    the product, bias added, with one split or several, in the tile's column order."""
+    the product, bias added, with one split or several, in the tile's column order; ONE_ROW_DOT sends one row
+    through it too."""
     monkeypatch.setattr(kernels, "SWAP_AB", True)
+    monkeypatch.setattr(kernels, "ONE_ROW_DOT", True)
     if block_n is not None:
         planned = kernels.launch_plan
         monkeypatch.setattr(kernels, "launch_plan", lambda r, K, N, G: planned(r, K, N, G, block_n=block_n))
