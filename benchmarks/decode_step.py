@@ -218,36 +218,6 @@ class GemLiteA16W2(nn.Module):
         return self.linear(x)
 
 
-def swap_section(model, grouped: list[list], rows_list, floor_seconds: float, report: dict, guarded) -> None:
-    """The grouped 2-bit linears timed again with kernels.SWAP_AB (W^T as the MMA's first operand) and
-    kernels.ONE_ROW_DOT (one row through that path too) into report["linears"] (`fused-grouped-swap_rows{rows}`),
-    and one layer's linears' error against the float32 product both ways into report["swap_errors"]."""
-    def swapped(on: bool) -> None:
-        kernels.SWAP_AB = kernels.ONE_ROW_DOT = on
-
-    def errors() -> dict:
-        result = {}
-        for on in (False, True):
-            swapped(on)
-            try:
-                result["swapped" if on else "unswapped"] = relative_errors(
-                    model.model.layers[0], {"fused": layer_linears(model.model.layers[0])}, rows_list)["fused"]
-            finally:
-                swapped(False)
-        return result
-
-    guarded("swap_errors", errors)
-    for rows in rows_list:
-        def seconds() -> dict:
-            swapped(True)
-            try:
-                return {"seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
-                        "floor_seconds": floor_seconds}
-            finally:
-                swapped(False)
-        guarded(f"fused-grouped-swap_rows{rows}", seconds, report["linears"])
-
-
 def relative_errors(layer, kernels: dict, rows_list=(1, 16)) -> dict:
     """Each kernel's relative error against the float32 product with the dequantized weight, mean over a
     layer's linears (`kernels`: name -> the layer's seven callables in LINEAR_NAMES order)."""
@@ -475,7 +445,7 @@ def main():
                         "grouped, bf16-grouped, per-linear, gemlite, probe, collection, agreement, compile (every compiled step), "
                         "sums-torch (the compiled grouped 2-bit step with torch's split-K sums), 2bit (every 2-bit section), fused-compile "
                         "(the compiled 2-bit step with its projections apart), bf16-compile (the compiled bf16 step), "
-                        "swap (the grouped 2-bit linears again with kernels.SWAP_AB and ONE_ROW_DOT), loop (a token through generate, grouped bf16 and grouped 2-bit)")
+                        "loop (a token through generate, grouped bf16 and grouped 2-bit)")
     parser.add_argument("--attention", nargs="+", default=list(DECODE_ATTENTIONS), choices=DECODE_ATTENTIONS,
                         help="decode attention compared in the step and its breakdown: the project's grouped one "
                         "(inference/decoding/attention.py) and HF's SDPA function; the first is used elsewhere")
@@ -632,8 +602,6 @@ def main():
                 guarded(f"fused-grouped_rows{rows}", lambda: {
                     "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
                     "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
-            if "swap" not in args.skip:
-                swap_section(model, grouped, args.rows, layer_bytes[bits] / bandwidth, report, guarded)
             if "per-linear" not in args.skip:
                 guarded("per_linear", lambda: per_linear_seconds(linears, grouped, args.rows, model.dtype, bandwidth))
             del grouped

@@ -88,19 +88,6 @@ TARGET_PROGRAMS = 3 * H100_SMS
 eight on the Qwen3-8B shapes), so that each SM has loads in flight while it unpacks. Fewer SMs
 (smaller GPUs) just run more waves."""
 
-SWAP_AB = False
-"""How the tl.dot path multiplies (experimental; False until timed on a GPU): False, out = x @ W, W the second
-operand (on Hopper the 16- and 32-row tiles take mma.sync, W's tile going through shared memory, stored and
-loaded back with ldmatrix, every tile; the 64-row tile takes wgmma, which reads W's tile from shared memory);
-True, out^T = W^T @ x^T with the unpacked W^T as wgmma's first operand, in registers: the weight tile never
-touches shared memory, only x^T's (4 KB a tile). Laid out for 4 warps and tiles of 64 or 128 columns and 64 or
-128 rows of K (other tiles take the False path); with 8 warps Triton moves W^T through shared memory again."""
-
-ONE_ROW_DOT = False
-"""Whether one row also takes the tl.dot path, as a 16-row tile with 15 rows masked (experimental; False until
-timed on a GPU): with SWAP_AB, the tensor cores then do the multiply-adds that the one-row path does on the FMA
-units, and the per-tile sums need no layout conversion; the unpacking is the same."""
-
 SPLIT_SUMS_PATHS = ("kernel", "torch", "auto")
 SPLIT_SUMS = "kernel"
 """Who adds a split-K call's float32 partial sums: `kernel`, `_sum_splits_kernel` (one launch, the sums in a
@@ -129,7 +116,7 @@ def _gptq2_matmul_kernel(
     M, N, K, group_size, zeros_stride, split_k, top_exponent_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_OFFSETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr,
 ):
     """x[:M] @ W[:, n block] over the K tiles pid_k, pid_k + split_k, ... of this program.
 
@@ -149,31 +136,9 @@ def _gptq2_matmul_kernel(
     # [word row, code, column]: words are loaded as [BK/16, 1, BN], so the 16 codes of a word stay
     # in the registers of the thread that loaded it, and that load's layout (4 contiguous columns
     # per thread) is the layout of everything after it.
-    # SWAP_AB (BLOCK_M > 1, BLOCK_N and BLOCK_K >= 64): out^T [BN, BM] = W^T [BN, BK] @ x^T [BK, BM], so that
-    # W^T is wgmma's first operand, which Hopper takes from registers. Words are loaded as [E, D, B, C, A, 1]
-    # so that their coalesced load layout, broadcast over the 16 codes, is already wgmma's register layout
-    # of W^T for 4 warps (Triton converts between the two by renaming registers: no shared memory, no
-    # shuffles): lanes = C (k bits 1-2: lane bits 0-1) and B (row n % 8: lane bits 2-4); warps = D (n bits
-    # 4-5); registers = A (n bits 3 and 6: 4 adjacent columns, one vector load), E (a word-row bit) and the
-    # codes. For that the tile's rows n and k are permuted against memory: row n of W^T is column phys_n
-    # of the block, and k is mapped in x's load (below); the product does not depend on the order of k.
-    # (`_launch` passes SWAP_AB True only for such tiles.)
-    if SWAP_AB:
-        A: tl.constexpr = BLOCK_N // 32
-        E: tl.constexpr = BLOCK_K // 64
-        n = tl.arange(0, BLOCK_N)
-        phys_n = (BLOCK_N // 4) * ((n >> 4) & 3) + A * (n & 7) + ((n >> 3) & 1) + 2 * ((n >> 6) & 1)
-        cols = pid_n * BLOCK_N + phys_n
-        col_mask = cols < N
-        zero_shifts = 2 * (cols % 16)
-        word_rows = E * tl.arange(0, 4)[None, None, None, :, None, None] + tl.arange(0, E)[:, None, None, None, None, None]
-        cols3 = (pid_n * BLOCK_N + (BLOCK_N // 4) * tl.arange(0, 4)[None, :, None, None, None, None]
-                 + A * tl.arange(0, 8)[None, None, :, None, None, None] + tl.arange(0, A)[None, None, None, None, :, None])
-        fields = tl.arange(0, 16)[None, None, None, None, None, :]
-    else:
-        word_rows = tl.arange(0, BLOCK_K // 16)[:, None, None]
-        fields = tl.arange(0, 16)[None, :, None]  # code i of a word: row 16r + i, bits 2i and 2i + 1
-        cols3 = cols[None, None, :]
+    word_rows = tl.arange(0, BLOCK_K // 16)[:, None, None]
+    fields = tl.arange(0, 16)[None, :, None]  # code i of a word: row 16r + i, bits 2i and 2i + 1
+    cols3 = cols[None, None, :]
 
     # Code i becomes the float 2**e + q: bits (bias + e) << MANTISSA_BITS for 2**e, and q moved to
     # bit MANTISSA_BITS - e, where its unit is 1. e = 6, 4, 2 for i % 3 = 0, 1, 2, so codes
@@ -196,21 +161,6 @@ def _gptq2_matmul_kernel(
         x_ptrs = x_ptr + x_k
         x_ok = x_k < BLOCK_K  # every row of x exists (the one)
         acc = tl.full((BLOCK_K // 16, BLOCK_N), 0.0, dtype=tl.float32)
-    elif SWAP_AB:
-        # x^T [k, m] for the product, k in the order of W^T's columns: logical k = bits (e, i3, i2, i1, c, i0) of
-        # row 16 (E c + e) + i of the tile, loaded as [BK / 2, 2, BM] so that pairs (i0) are one load. Its sums
-        # over k come from x in its own order (xn [m, k - k0], the layout of SWAP_AB 0), where they stay in a warp.
-        rows = tl.arange(0, BLOCK_M)
-        kk = 2 * tl.arange(0, BLOCK_K // 2)
-        x_k = (16 * ((BLOCK_K // 64) * ((kk >> 1) & 3) + (kk >> 6)) + 8 * ((kk >> 5) & 1) + 4 * ((kk >> 4) & 1)
-               + 2 * ((kk >> 3) & 1))[:, None, None] + tl.arange(0, 2)[None, :, None]
-        x_ptrs = x_ptr + rows[None, None, :] * K + x_k
-        x_ok = rows[None, None, :] < M
-        xn_k = tl.arange(0, BLOCK_K)[None, :]
-        xn_ptrs = x_ptr + rows[:, None] * K + xn_k
-        xn_ok = rows[:, None] < M
-        xn_offsets = (1 << (6 - 2 * (xn_k % 16 % 3))).to(tl.float32)
-        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         rows = tl.arange(0, BLOCK_M)
         x_k = tl.arange(0, BLOCK_K)[None, :]
@@ -234,8 +184,6 @@ def _gptq2_matmul_kernel(
     zero_words = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols // 16,
                          mask=col_mask & (k0 < K), other=0)
     x = tl.load(x_ptrs + k0, mask=x_ok & (k0 + x_k < K), other=0.0, eviction_policy="evict_last")
-    if SWAP_AB:
-        xn = tl.load(xn_ptrs + k0, mask=xn_ok & (k0 + xn_k < K), other=0.0, eviction_policy="evict_last")
     for k0 in range(pid_k * BLOCK_K, K, step):
         k1 = k0 + step
         next_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
@@ -244,12 +192,9 @@ def _gptq2_matmul_kernel(
         next_zero_words = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols // 16,
                                   mask=col_mask & (k1 < K), other=0)
         next_x = tl.load(x_ptrs + k1, mask=x_ok & (k1 + x_k < K), other=0.0, eviction_policy="evict_last")
-        if SWAP_AB:
-            next_xn = tl.load(xn_ptrs + k1, mask=xn_ok & (k1 + xn_k < K), other=0.0, eviction_policy="evict_last")
 
         bits = (((words << left) >> right) & code_mask) | exponent_bits  # [BK/16, 16, BN]
-        if not SWAP_AB:
-            x32 = x.to(tl.float32)
+        x32 = x.to(tl.float32)
         if BLOCK_M == 1:
             # Sums over i stay in each thread's registers; acc keeps one sum per word row until the end.
             weights = bits.to(tl.float32, bitcast=True)
@@ -263,47 +208,24 @@ def _gptq2_matmul_kernel(
                 weights = bits.to(tl.int16).to(x.dtype, bitcast=True)
             if not FOLD_OFFSETS:
                 weights -= offsets.to(weights.dtype)
-            if SWAP_AB:
-                # [E, D, B, C, A1, A0, i3, i2, i1, i0] -> W^T [(A1, D, A0, B), (E, i3, i2, i1, C, i0)]
-                w10 = tl.reshape(weights, (BLOCK_K // 64, 4, 8, 4, BLOCK_N // 64, 2, 2, 2, 2, 2))
-                w_t = tl.reshape(tl.permute(w10, (4, 1, 5, 2, 0, 6, 7, 8, 3, 9)), (BLOCK_N, BLOCK_K))
-                dots = tl.dot(w_t, tl.reshape(x, (BLOCK_K, BLOCK_M)), input_precision=DOT_PRECISION)  # [BN, BM]
-            else:
-                # Row 16r + i of the tile is code i of word row r: the row order of W.
-                dots = tl.dot(x, tl.reshape(weights, (BLOCK_K, BLOCK_N)), input_precision=DOT_PRECISION)
+            # Row 16r + i of the tile is code i of word row r: the row order of W.
+            dots = tl.dot(x, tl.reshape(weights, (BLOCK_K, BLOCK_N)), input_precision=DOT_PRECISION)
         zero = ((zero_words >> zero_shifts) & 3).to(tl.float32)
-        if SWAP_AB:
-            xn32 = xn.to(tl.float32)
-            dots -= zero[:, None] * tl.reduce(xn32, 1, tl.standard._sum_combine)[None, :]
-            if FOLD_OFFSETS:
-                dots -= tl.reduce(xn32 * xn_offsets, 1, tl.standard._sum_combine)[None, :]
-            acc += scale.to(tl.float32)[:, None] * dots
-            xn = next_xn
-        else:
-            dots -= zero[None, :] * tl.reduce(x32, 1, tl.standard._sum_combine)[:, None]
-            if FOLD_OFFSETS:
-                dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
-            acc += scale.to(tl.float32)[None, :] * dots
+        dots -= zero[None, :] * tl.reduce(x32, 1, tl.standard._sum_combine)[:, None]
+        if FOLD_OFFSETS:
+            dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
+        acc += scale.to(tl.float32)[None, :] * dots
         words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
 
     if BLOCK_M == 1:
         acc = tl.reduce(acc, 0, tl.standard._sum_combine)[None, :]
-    if SWAP_AB:  # acc is out^T [BN, BM]
-        mask = (rows[None, :] < M) & col_mask[:, None]
-        out_offsets = rows[None, :] * N + cols[:, None]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
-    else:
-        mask = (rows[:, None] < M) & col_mask[None, :]
-        out_offsets = rows[:, None] * N + cols[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = (rows[:, None] < M) & col_mask[None, :]
     if split_k == 1:  # decided at compile time: Triton specializes integer arguments equal to 1
         if HAS_BIAS:
-            acc += bias
-        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(partial_ptr + pid_k * M * N + out_offsets, acc, mask=mask)
+        tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @_jit
@@ -406,7 +328,7 @@ def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = T
     """
     block_k = _block_k(K, group_size)
     k_tiles = _cdiv(K, block_k)
-    one_row = rows == 1 and not ONE_ROW_DOT
+    one_row = rows == 1
     if block_n is None:
         block_n = 128
         while block_n > 64 and _cdiv(N, block_n) * k_tiles < H100_SMS:
@@ -488,8 +410,6 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
         rows, N, K, group_size, qzeros.shape[1], split_k, (exponent_bias + 6) << mantissa_bits,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], MANTISSA_BITS=mantissa_bits,
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
-        SWAP_AB=(bool(SWAP_AB) and plan["block_m"] > 1 and plan["block_n"] >= 64 and plan["block_k"] >= 64
-                 and plan["num_warps"] == 4),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split_k == 1:

@@ -343,30 +343,3 @@ def test_grouped_member_answers_only_the_input_its_group_ran(kernels):
     expected = other @ dequantized(attention.k_proj.own.gptq)
     torch.testing.assert_close(attention.k_proj(other), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(attention.k_proj(x), x @ dequantized(attention.k_proj.own.gptq), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("in_features, out_features, group_size, block_n", [
-    (256, 256, 64, None), (512, 160, 128, None), (208, 64, -1, None),
-    (512, 384, 128, 128), (384, 208, 64, 128),
-])
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gptq2_matmul_swapped_operands_match(kernels, monkeypatch, in_features, out_features, group_size,
-                                             block_n, rows, dtype):
-    """SWAP_AB (out^T = W^T x^T; taken by 4-warp tiles of 16 rows, 64 or 128 columns, K tiles of 64 or 128) gives
-    the product, bias added, with one split or several, in the tile's column order; ONE_ROW_DOT sends one row
-    through it too."""
-    monkeypatch.setattr(kernels, "SWAP_AB", True)
-    monkeypatch.setattr(kernels, "ONE_ROW_DOT", True)
-    if block_n is not None:
-        planned = kernels.launch_plan
-        monkeypatch.setattr(kernels, "launch_plan", lambda r, K, N, G: planned(r, K, N, G, block_n=block_n))
-    module = random_2bit_linear(in_features, out_features, group_size, bias=True)
-    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-
-    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size, bias=module.bias)
-
-    expected = x.float() @ dequantized(module) + module.bias.float()
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fused.float(), expected, rtol=tolerance, atol=tolerance)
-
