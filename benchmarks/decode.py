@@ -154,10 +154,8 @@ def step_latency(model, batch: int, context: int, steps: int, probe=None, layers
                  logits: dict | None = None) -> float:
     """Seconds per decode step: graph replays over a static cache holding `context` positions (with
     `compile`, the step goes through torch.compile before capture; `timings` gets the warm-up time and the
-    time of the first `steps` replays, before the card has replayed for WARM_SECONDS: on one H100, 2026-12-07,
-    the compiled 2-bit Qwen3-8B step timed right after its compile took 3.170 ms a replay, while its greedy tokens
-    through `generate` took 2.588 ms each; whether the clocks of a card just back from idle explain it is what
-    the two figures will tell).
+    time of the first `steps` replays, before the card has replayed for WARM_SECONDS; on one H100, 2026-12-07, the
+    compiled 2-bit Qwen3-8B step's first replays after its compile took 3.224 ms each and the warm ones 3.202 ms).
     `max_length`: the cache's size (default: just past what the steps fill); `windowed`: whether the
     step attends over only the filled part of it (`StaticSteps`). The fed tokens are the same at every
     call of one batch size; `logits` gets the last step's logits (float32, on the CPU) under "logits"."""
