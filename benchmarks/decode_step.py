@@ -340,33 +340,26 @@ def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler,
     syncs) on a `decode` path, after a prompt of `context` random tokens: the difference between two runs of
     `tokens` new tokens each (best of `repeats`), so that the prefill, the eager first step and the capture,
     which both runs pay once, drop out. `draw_in_step`: `generate.DRAW_IN_STEP`. `counts` gets the share of the
-    longer run's tokens drawn by `Sampler.choose` after the step (`choose_share`): with the draw in the step,
-    the draws redone because a tie with the k-th score ran past the candidates."""
+    last timed run's tokens (one of the longer runs) drawn by `Sampler.choose` after the step (`choose_share`):
+    with the draw in the step, the draws redone because a tie with the k-th score ran past the candidates."""
     from inference.decoding import generate as generate_module
 
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(7))
     ids, mask = ids.to(model.device), torch.ones(batch, context, dtype=torch.long, device=model.device)
     kept, choose = generate_module.DRAW_IN_STEP, Sampler.choose
-    generate_module.DRAW_IN_STEP = draw_in_step
     calls = [0]
 
     def counted(self, logits, generator):
         calls[0] += 1
         return choose(self, logits, generator)
 
+    generate_module.DRAW_IN_STEP, Sampler.choose = draw_in_step, counted  # restored below
     try:
-        Sampler.choose = counted  # the benchmark's process only; restored below
-        calls[0] = 0
-        generate_module.generate(model, ids, mask, max_new_tokens=tokens[1] + 1, eos_token_ids=[], pad_token_id=0,
-                                 sampler=sampler, generator=torch.Generator(model.device).manual_seed(0),
-                                 decode=decode)
-        if counts is not None:
-            counts["choose_share"] = calls[0] / (tokens[1] + 1)
-        Sampler.choose = choose
         best = {}
         for new in tokens:
             for _ in range(repeats):
                 generator = torch.Generator(model.device).manual_seed(0)
+                calls[0] = 0
                 sync()
                 began = time.perf_counter()
                 generate_module.generate(model, ids, mask, max_new_tokens=new + 1, eos_token_ids=[], pad_token_id=0,
@@ -375,6 +368,8 @@ def loop_seconds(model, batch: int, context: int, decode: str, sampler: Sampler,
                 best[new] = min(best.get(new, float("inf")), time.perf_counter() - began)
     finally:
         generate_module.DRAW_IN_STEP, Sampler.choose = kept, choose
+    if counts is not None:
+        counts["choose_share"] = calls[0] / (tokens[-1] + 1)
     return (best[tokens[1]] - best[tokens[0]]) / (tokens[1] - tokens[0])
 
 
