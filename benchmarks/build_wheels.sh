@@ -52,5 +52,8 @@ while read -r requirement; do
     fi
 done < "$work/missing.txt"
 cp "$work"/gptqmodel-7.3.6-py3-none-any.whl "$out"/
+# GemLite 0.6.0: the library baseline benchmarks/decode_step.py times beside the fused kernel (benchmark only,
+# not a runtime dependency). Pure Python; what it imports (torch, triton, numpy) is in the image.
+pip wheel -q --no-deps gemlite==0.6.0 -w "$out"
 du -sh "$out"
 ls "$out"
