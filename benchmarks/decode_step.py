@@ -451,9 +451,6 @@ def main():
                         help="most rows the fused linears run through the kernel, up to kernels.MAX_ROWS (64) a call "
                         "(default inference.decoding.kernels.MAX_DECODE_ROWS; 16: more rows dequantize, as before "
                         "2026-12-02)")
-    parser.add_argument("--one-row-too", nargs="*", default=[], choices=kernels.ONE_ROW_PATHS,
-                        help="one-row paths of the fused kernel (kernels.ONE_ROW) to time beside the shipped one: the "
-                        "grouped 2-bit linears at one row and the grouped 2-bit steps at batch 1, compiled or not")
     parser.add_argument("--deadline", type=float, default=330.0, help="seconds after which optional sections are skipped")
     parser.add_argument("--out", default="decode-step.json")
     args = parser.parse_args()
@@ -600,12 +597,6 @@ def main():
                 guarded(f"fused-grouped_rows{rows}", lambda: {
                     "seconds_per_layer": linears_seconds(grouped, rows, model.dtype) / len(grouped),
                     "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
-            for path in [p for p in args.one_row_too if p != kernels.ONE_ROW] if 1 in args.rows else ():
-                shipped_one_row, kernels.ONE_ROW = kernels.ONE_ROW, path
-                guarded(f"fused-grouped one-row {path}_rows1", lambda: {
-                    "seconds_per_layer": linears_seconds(grouped, 1, model.dtype) / len(grouped),
-                    "floor_seconds": layer_bytes[bits] / bandwidth}, report["linears"])
-                kernels.ONE_ROW = shipped_one_row
             if "per-linear" not in args.skip:
                 guarded("per_linear", lambda: per_linear_seconds(linears, grouped, args.rows, model.dtype, bandwidth))
             del grouped
@@ -651,29 +642,19 @@ def main():
         report["grouped_projections"] = group_2bit_projections(model)
         # Compiled: with the split-K sums kernel (kernels.SPLIT_SUMS "kernel", the default), then with the sums
         # left to torch, which inductor may fuse into what reads each product ("auto").
-        # --one-row-too: the batch-1 steps again with the one-row tile multiplying the other way (kernels.ONE_ROW).
-        shipped_one_row = kernels.ONE_ROW
-        points = [(batch, False, "kernel", shipped_one_row) for batch in args.batches]
-        points += [(batch, True, "kernel", shipped_one_row) for batch in compiling]
-        points += [(batch, True, "auto", shipped_one_row) for batch in compiling if "sums-torch" not in args.skip]
-        others = [(1, compiled, "kernel", path) for path in args.one_row_too if path != shipped_one_row
-                  for compiled, batches in ((False, args.batches), (True, compiling)) if 1 in batches]
+        points = [(batch, False, "kernel") for batch in args.batches]
+        points += [(batch, True, "kernel") for batch in compiling]
+        points += [(batch, True, "auto") for batch in compiling if "sums-torch" not in args.skip]
         uncompiled = {}  # batch -> the uncompiled grouped step's logits, which the compiled ones are held to
-
-        def run_points(points):
-            for batch, compiled, sums, one_row in points:
-                if left() < (100 if compiled else 20):
-                    break
-                kernels.SPLIT_SUMS, kernels.ONE_ROW = sums, one_row
-                name = ("fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
-                        + (f", one-row {one_row}" if one_row != shipped_one_row else ""))
-                timed_step("2bit", name, 2, batch, compiled, logits=uncompiled)
-            kernels.SPLIT_SUMS, kernels.ONE_ROW = "kernel", shipped_one_row
-
-        run_points(points)
+        for batch, compiled, sums in points:
+            if left() < (100 if compiled else 20):
+                break
+            kernels.SPLIT_SUMS = sums
+            name = "fused grouped" + (" + compile" if compiled else "") + (", sums in torch" if sums == "auto" else "")
+            timed_step("2bit", name, 2, batch, compiled, logits=uncompiled)
+        kernels.SPLIT_SUMS = "kernel"
         if "loop" not in args.skip and left() > 40:
             guarded("2bit_grouped", lambda: loop_costs(model, args.batches, args.context, compiling), report["loop"])
-        run_points(others)  # after the shipped kernel's loop, which the README's table reports
     save()
     print(tables(report))
 

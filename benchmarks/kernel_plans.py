@@ -87,21 +87,15 @@ def seconds_per_call(x, buffers, out, plan: dict, repeats: int) -> float:
     return timed(lambda: run_plan(x, buffers, out, plan), repeats) / len(buffers)
 
 
-def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS),
-              one_row: tuple = (None,)) -> list[tuple[dict, dict]]:
+def plan_grid(rows: int, K: int, N: int, sms: int, grid: tuple = (PROGRAMS_PER_SM, BLOCK_N, WARPS)
+              ) -> list[tuple[dict, dict]]:
     """(choices, plan) for every point of `grid` (programs per SM, block_n, warps), the shipped plan first
-    (choices {}); at one row, for each of the `one_row` paths too (None: the shipped kernels.ONE_ROW), each
-    path's own default plan first."""
+    (choices {})."""
     plans = [({}, kernels.launch_plan(rows, K, N, GROUP))]
-    paths = [path for path in one_row if rows == 1 and path not in (None, kernels.ONE_ROW)]
-    plans += [({"one_row": path}, kernels.launch_plan(rows, K, N, GROUP, one_row=path)) for path in paths]
-    for path in [None, *paths]:
-        for per_sm, block_n, warps in itertools.product(*grid):
-            choices = {"programs_per_sm": per_sm, "block_n": block_n, "num_warps": warps}
-            if path:
-                choices["one_row"] = path
-            plans.append((choices, kernels.launch_plan(rows, K, N, GROUP, programs=per_sm * sms, block_n=block_n,
-                                                       num_warps=warps, one_row=path)))
+    for per_sm, block_n, warps in itertools.product(*grid):
+        choices = {"programs_per_sm": per_sm, "block_n": block_n, "num_warps": warps}
+        plans.append((choices, kernels.launch_plan(rows, K, N, GROUP, programs=per_sm * sms, block_n=block_n,
+                                                   num_warps=warps)))
     return plans
 
 
@@ -118,8 +112,6 @@ def main() -> None:
     parser.add_argument("--programs-per-sm", nargs="+", type=int, default=list(PROGRAMS_PER_SM))
     parser.add_argument("--block-n", nargs="+", type=int, default=list(BLOCK_N))
     parser.add_argument("--warps", nargs="+", type=int, default=list(WARPS))
-    parser.add_argument("--one-row", nargs="+", choices=kernels.ONE_ROW_PATHS, default=[kernels.ONE_ROW],
-                        help="one-row paths to time (kernels.ONE_ROW_PATHS); at 1 row each gets the grid")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=500.0, help="seconds after which no new call is timed")
     parser.add_argument("--out", default="kernel-plans.json")
@@ -153,9 +145,9 @@ def main() -> None:
             x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
             out = torch.empty(rows, N, device=device, dtype=x.dtype)
             results, reference = [], None
-            grid = plan_grid(rows, K, N, sms, (args.programs_per_sm, args.block_n, args.warps), tuple(args.one_row))
+            grid = plan_grid(rows, K, N, sms, (args.programs_per_sm, args.block_n, args.warps))
             if args.grid == "small":
-                grid = grid[:2 + len(args.one_row) - 1] if rows == 1 else grid[:2]
+                grid = grid[:2]
             for choices, plan in grid:
                 try:
                     kernels._launch(x, *buffers[0], None, out, GROUP, plan)
@@ -173,8 +165,7 @@ def main() -> None:
             measured = [r for r in results if "us" in r]
             shipped = results[0] if "us" in results[0] else None
             best = min(measured, key=lambda r: r["us"]) if measured else None
-            defaults = {r["choices"]["one_row"]: r for r in results if set(r["choices"]) == {"one_row"} and "us" in r}
-            entry[f"rows_{rows}"] = {"shipped": shipped, "best": best, "one_row_defaults": defaults, "plans": results}
+            entry[f"rows_{rows}"] = {"shipped": shipped, "best": best, "plans": results}
             if shipped and best:
                 print(f"{name:16s} rows {rows:3d}: floor {floor_us:7.2f} us, shipped {shipped['us']:8.2f} us "
                       f"({shipped['x_floor']:.2f}x), best {best['us']:8.2f} us ({best['x_floor']:.2f}x) "
@@ -204,12 +195,6 @@ def layer_summary(report: dict, rows_list) -> dict:
             best = sum(e["best"]["us"] for e in entries)
             summary[f"{label}, rows {rows}"] = {"floor_us": floor, "shipped_us": shipped, "best_us": best,
                                                 "shipped_x_floor": shipped / floor, "best_x_floor": best / floor}
-            for path in entries[0].get("one_row_defaults", {}):
-                if all(path in e.get("one_row_defaults", {}) for e in entries):
-                    us = sum(e["one_row_defaults"][path]["us"] for e in entries)
-                    summary[f"{label}, rows {rows}, one_row {path} (its default plan)"] = {
-                        "floor_us": floor, "shipped_us": us, "best_us": us,
-                        "shipped_x_floor": us / floor, "best_x_floor": us / floor}
     return summary
 
 

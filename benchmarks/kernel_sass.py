@@ -7,7 +7,7 @@ not by memory (its time is the same on an H100 and an H200), so the count of its
 thread multiplies per pass of the loop, says where its time goes and what a change saves, before a GPU times it.
 The signature is the one a bf16 Qwen3 call compiles to (pointers and K, N, group size multiples of 16).
 
-    python3 benchmarks/kernel_sass.py --one-row reduce chain --block-n 128 256 --out kernel-sass.json
+    python3 benchmarks/kernel_sass.py --block-n 128 256 --out kernel-sass.json
 
 Triton's version decides the code: the GPU machines of `docs/results.md` ran Triton 3.6, this counts with the
 installed one (3.8 in the CPU install of 2026-12).
@@ -36,16 +36,15 @@ DIVISIBLE = ("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "bias_ptr", "ou
 INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 
 
-def compile_sm90(one_row: str, block_n: int, block_k: int = 128):
+def compile_sm90(block_n: int, block_k: int = 128):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernels._gptq2_matmul_kernel
-    chain = one_row == "chain"
-    signature = {**SIGNATURE, "x_ptr": "*i32" if chain else "*bf16"}  # the chain reads bf16 x as int32 pairs
+    signature = dict(SIGNATURE)
     constants = {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "MANTISSA_BITS": 23, "DOT_PRECISION": "tf32",
-                 "FOLD_OFFSETS": True, "HAS_BIAS": False, "CHAIN": chain, "X_PAIRS": chain}
+                 "FOLD_OFFSETS": True, "HAS_BIAS": False}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
@@ -83,7 +82,6 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--one-row", nargs="+", default=list(kernels.ONE_ROW_PATHS), choices=kernels.ONE_ROW_PATHS)
     parser.add_argument("--block-n", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--out", default="kernel-sass.json")
     args = parser.parse_args()
@@ -92,21 +90,19 @@ def main() -> None:
     threads = 32 * kernels.WARPS[1]
     report = {"triton": triton.__version__, "target": "sm_90", "rows": 1, "block_k": 128, "threads": threads,
               "variants": []}
-    print("| one-row path | block_n | loop instructions | weights a thread | instructions a weight | registers | top opcodes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for one_row in args.one_row:
-        for block_n in args.block_n:
-            compiled = compile_sm90(one_row, block_n)
-            opcodes = loop_opcodes(compiled.asm["cubin"])
-            total = sum(opcodes.values())
-            weights = 128 * block_n // threads  # one K tile of 128 rows a pass
-            entry = {"one_row": one_row, "block_n": block_n, "loop_instructions": total,
-                     "weights_per_thread": weights, "instructions_per_weight": total / weights,
-                     "registers": registers(compiled.asm["cubin"]), "opcodes": dict(opcodes.most_common())}
-            report["variants"].append(entry)
-            top = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(8))
-            print(f"| {one_row} | {block_n} | {total} | {weights} | {total / weights:.2f} | {entry['registers']} | {top} |",
-                  flush=True)
+    print("| block_n | loop instructions | weights a thread | instructions a weight | registers | top opcodes |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    for block_n in args.block_n:
+        compiled = compile_sm90(block_n)
+        opcodes = loop_opcodes(compiled.asm["cubin"])
+        total = sum(opcodes.values())
+        weights = 128 * block_n // threads  # one K tile of 128 rows a pass
+        entry = {"block_n": block_n, "loop_instructions": total, "weights_per_thread": weights,
+                 "instructions_per_weight": total / weights, "registers": registers(compiled.asm["cubin"]),
+                 "opcodes": dict(opcodes.most_common())}
+        report["variants"].append(entry)
+        top = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(8))
+        print(f"| {block_n} | {total} | {weights} | {total / weights:.2f} | {entry['registers']} | {top} |", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 

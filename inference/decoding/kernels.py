@@ -98,12 +98,6 @@ the code compiles, so reruns agree bit for bit; the two orders differ by float32
 default until a GPU run of `benchmarks/decode_step.py` (which times the compiled grouped 2-bit step both
 ways) shows `auto` faster: on the CPU the torch path is tested in Triton's interpreter only, not compiled."""
 
-ONE_ROW_PATHS = ("reduce", "chain")
-ONE_ROW = "reduce"
-"""How the one-row tile multiplies (`launch_plan`'s `one_row`): `reduce`, the [BK/16, 16, BN] codes of a tile
-times x and summed over each word's 16 codes (tl.reduce); `chain`, a word's codes one at a time, each
-product added in an FMA chain per (word row, column)."""
-
 _FLOAT_BITS = {torch.float32: (23, 127), torch.float16: (10, 15), torch.bfloat16: (7, 127)}
 """Mantissa bits and exponent bias of each x dtype, for building 2**e + q directly as float bits."""
 
@@ -122,7 +116,7 @@ def _gptq2_matmul_kernel(
     M, N, K, group_size, zeros_stride, split_k, top_exponent_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_OFFSETS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CHAIN: tl.constexpr, X_PAIRS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """x[:M] @ W[:, n block] over the K tiles pid_k, pid_k + split_k, ... of this program.
 
@@ -158,195 +152,80 @@ def _gptq2_matmul_kernel(
     exponent_bits = top_exponent_bits - ((6 - exponent) << MANTISSA_BITS)
     offsets = (1 << exponent).to(tl.float32)  # 2**e of each code, [1, 16, 1]
 
-    if BLOCK_M == 1 and CHAIN:
-        # One row, a word's 16 codes taken one at a time (unrolled): code i of a [BK/16, BN/2] tile of words
-        # becomes weights with one shift per three codes and one LOP3 (its shift, mask and exponent bits are
-        # constants), times x[k0 + 16r + i] of its word row r, added in an FMA chain per (word row, column).
-        # No sum across a word's codes in registers and no layout of x's own; x's sums per word row (for the
-        # zero points and the 2**e offsets) add up beside the chains, one partial sum per e. Each x value a
-        # thread loads serves the two halves of the program's columns, so that its cost is spread over twice
-        # the weights (Triton gives a thread 4 columns of a tile, whatever the tile's width).
-        HALF: tl.constexpr = BLOCK_N // 2
+    # x[m, k0 + x_k] for the tile at k0: one row as [r, i] with k - k0 = 16r + i (loaded in 2D: a
+    # 3D load would be a layout anchor that Triton may prefer over the words' for the product; it
+    # did, and spilled), or [m, k - k0] for tl.dot.
+    if BLOCK_M == 1:
         rows = tl.arange(0, 1)
-        chain_rows = tl.arange(0, BLOCK_K // 16)
-        x_rows_ptrs = x_ptr + (8 if X_PAIRS else 16) * chain_rows
-        step = split_k * BLOCK_K
-        k0 = pid_k * BLOCK_K
-        cols_a = pid_n * BLOCK_N + 0 + tl.arange(0, HALF)
-        cols_b = pid_n * BLOCK_N + HALF + tl.arange(0, HALF)
-        col_mask_a = cols_a < N
-        col_mask_b = cols_b < N
-        zero_shifts_a = 2 * (cols_a % 16)
-        zero_shifts_b = 2 * (cols_b % 16)
-        words_ptrs_a = qweight_ptr + chain_rows[:, None] * N + cols_a[None, :]
-        words_ptrs_b = qweight_ptr + chain_rows[:, None] * N + cols_b[None, :]
-        acc_a = tl.full((BLOCK_K // 16, HALF), 0.0, dtype=tl.float32)
-        acc_b = tl.full((BLOCK_K // 16, HALF), 0.0, dtype=tl.float32)
-        words_a = tl.load(words_ptrs_a + (k0 // 16) * N, mask=(k0 + 16 * chain_rows[:, None] < K) & col_mask_a[None, :],
-                  other=0, eviction_policy="evict_first")
-        words_b = tl.load(words_ptrs_b + (k0 // 16) * N, mask=(k0 + 16 * chain_rows[:, None] < K) & col_mask_b[None, :],
-                  other=0, eviction_policy="evict_first")
-        scale_a = tl.load(scales_ptr + (k0 // group_size) * N + cols_a, mask=col_mask_a & (k0 < K), other=0.0)
-        scale_b = tl.load(scales_ptr + (k0 // group_size) * N + cols_b, mask=col_mask_b & (k0 < K), other=0.0)
-        zero_words_a = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols_a // 16,
-                       mask=col_mask_a & (k0 < K), other=0)
-        zero_words_b = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols_b // 16,
-                       mask=col_mask_b & (k0 < K), other=0)
-        for k0 in range(pid_k * BLOCK_K, K, step):
-            k1 = k0 + step
-            next_words_a = tl.load(words_ptrs_a + (k1 // 16) * N, mask=(k1 + 16 * chain_rows[:, None] < K) & col_mask_a[None, :],
-                       other=0, eviction_policy="evict_first")
-            next_words_b = tl.load(words_ptrs_b + (k1 // 16) * N, mask=(k1 + 16 * chain_rows[:, None] < K) & col_mask_b[None, :],
-                       other=0, eviction_policy="evict_first")
-            next_scale_a = tl.load(scales_ptr + (k1 // group_size) * N + cols_a, mask=col_mask_a & (k1 < K), other=0.0)
-            next_scale_b = tl.load(scales_ptr + (k1 // group_size) * N + cols_b, mask=col_mask_b & (k1 < K), other=0.0)
-            next_zero_words_a = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols_a // 16,
-                            mask=col_mask_a & (k1 < K), other=0)
-            next_zero_words_b = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols_b // 16,
-                            mask=col_mask_b & (k1 < K), other=0)
-            x_ok = k0 + 16 * chain_rows < K
-            dots_a = tl.full((BLOCK_K // 16, HALF), 0.0, dtype=tl.float32)
-            dots_b = tl.full((BLOCK_K // 16, HALF), 0.0, dtype=tl.float32)
-            sums_6 = tl.full((BLOCK_K // 16,), 0.0, dtype=tl.float32)  # x of the codes with e = 6, 4, 2
-            sums_4 = tl.full((BLOCK_K // 16,), 0.0, dtype=tl.float32)
-            sums_2 = tl.full((BLOCK_K // 16,), 0.0, dtype=tl.float32)
-            for i in tl.static_range(16):
-                code_exponent = 6 - 2 * (i % 3)
-                code_shift = (MANTISSA_BITS - code_exponent) - 2 * i
-                code_mask_i = 3 << (MANTISSA_BITS - code_exponent)
-                exponent_bits_i = top_exponent_bits - ((6 - code_exponent) << MANTISSA_BITS)
-                if X_PAIRS:  # x is bf16 read as int32 pairs: x[k] and x[k + 1] are one pair's low and high halves
-                    if i % 2 == 0:
-                        x_pair = tl.load(x_rows_ptrs + (k0 + i) // 2, mask=x_ok, other=0)
-                        x_i = (x_pair << 16).to(tl.float32, bitcast=True)
-                    else:
-                        x_i = (x_pair & -65536).to(tl.float32, bitcast=True)
-                else:
-                    x_i = tl.load(x_rows_ptrs + (k0 + i), mask=x_ok, other=0.0).to(tl.float32)
-                if code_shift >= 0:
-                    moved_a = words_a << code_shift
-                else:
-                    moved_a = words_a >> (-code_shift)
-                weight_a = ((moved_a & code_mask_i) | exponent_bits_i).to(tl.float32, bitcast=True)
-                if not FOLD_OFFSETS:
-                    weight_a -= 1 << code_exponent
-                dots_a += x_i[:, None] * weight_a
-                if code_shift >= 0:
-                    moved_b = words_b << code_shift
-                else:
-                    moved_b = words_b >> (-code_shift)
-                weight_b = ((moved_b & code_mask_i) | exponent_bits_i).to(tl.float32, bitcast=True)
-                if not FOLD_OFFSETS:
-                    weight_b -= 1 << code_exponent
-                dots_b += x_i[:, None] * weight_b
-                if code_exponent == 6:
-                    sums_6 += x_i
-                elif code_exponent == 4:
-                    sums_4 += x_i
-                else:
-                    sums_2 += x_i
-            sums = (sums_6 + sums_4 + sums_2)[:, None]
-            if FOLD_OFFSETS:
-                offset_sums = (64.0 * sums_6 + 16.0 * sums_4 + 4.0 * sums_2)[:, None]
-            else:
-                offset_sums = tl.full((BLOCK_K // 16, 1), 0.0, dtype=tl.float32)
-            zero_a = ((zero_words_a >> zero_shifts_a) & 3).to(tl.float32)
-            acc_a += scale_a.to(tl.float32)[None, :] * (dots_a - (zero_a[None, :] * sums + offset_sums))
-            words_a, scale_a, zero_words_a = next_words_a, next_scale_a, next_zero_words_a
-            zero_b = ((zero_words_b >> zero_shifts_b) & 3).to(tl.float32)
-            acc_b += scale_b.to(tl.float32)[None, :] * (dots_b - (zero_b[None, :] * sums + offset_sums))
-            words_b, scale_b, zero_words_b = next_words_b, next_scale_b, next_zero_words_b
-        total_a = tl.reduce(acc_a, 0, tl.standard._sum_combine)[None, :]
-        mask_a = (rows[:, None] < M) & col_mask_a[None, :]
-        if split_k == 1:
-            if HAS_BIAS:
-                total_a += tl.load(bias_ptr + cols_a, mask=col_mask_a, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * N + cols_a[None, :], total_a.to(out_ptr.dtype.element_ty), mask=mask_a)
-        else:
-            tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols_a[None, :], total_a, mask=mask_a)
-        total_b = tl.reduce(acc_b, 0, tl.standard._sum_combine)[None, :]
-        mask_b = (rows[:, None] < M) & col_mask_b[None, :]
-        if split_k == 1:
-            if HAS_BIAS:
-                total_b += tl.load(bias_ptr + cols_b, mask=col_mask_b, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * N + cols_b[None, :], total_b.to(out_ptr.dtype.element_ty), mask=mask_b)
-        else:
-            tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols_b[None, :], total_b, mask=mask_b)
+        x_k = 16 * tl.arange(0, BLOCK_K // 16)[:, None] + tl.arange(0, 16)[None, :]
+        x_ptrs = x_ptr + x_k
+        x_ok = x_k < BLOCK_K  # every row of x exists (the one)
+        acc = tl.full((BLOCK_K // 16, BLOCK_N), 0.0, dtype=tl.float32)
     else:
-        # x[m, k0 + x_k] for the tile at k0: one row as [r, i] with k - k0 = 16r + i (loaded in 2D: a
-        # 3D load would be a layout anchor that Triton may prefer over the words' for the product; it
-        # did, and spilled), or [m, k - k0] for tl.dot.
+        rows = tl.arange(0, BLOCK_M)
+        x_k = tl.arange(0, BLOCK_K)[None, :]
+        x_ptrs = x_ptr + rows[:, None] * K + x_k
+        x_ok = rows[:, None] < M
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    x_offsets = (1 << (6 - 2 * (x_k % 16 % 3))).to(tl.float32)  # 2**e of each x_k
+    words_ptrs = qweight_ptr + word_rows * N + cols3
+
+    # The loads of a program's next tile are issued before its current tile is unpacked, so memory
+    # and arithmetic overlap within the program (Triton's own pipelining, num_stages, only stages
+    # loads that feed tl.dot, and slowed the tl.dot path down here). Loading two tiles ahead was
+    # slower (3-14% at one row, 1-33% at 16, one H100, `benchmarks/kernel_plans.py` at commit
+    # fe5832a). Each word is needed by this program only, x by every N block: the cache hints say
+    # so. Tiles past K load nothing.
+    k0 = pid_k * BLOCK_K
+    step = split_k * BLOCK_K
+    words = tl.load(words_ptrs + (k0 // 16) * N, mask=(k0 + 16 * word_rows < K) & (cols3 < N), other=0,
+                    eviction_policy="evict_first")
+    scale = tl.load(scales_ptr + (k0 // group_size) * N + cols, mask=col_mask & (k0 < K), other=0.0)
+    zero_words = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols // 16,
+                         mask=col_mask & (k0 < K), other=0)
+    x = tl.load(x_ptrs + k0, mask=x_ok & (k0 + x_k < K), other=0.0, eviction_policy="evict_last")
+    for k0 in range(pid_k * BLOCK_K, K, step):
+        k1 = k0 + step
+        next_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
+                             eviction_policy="evict_first")
+        next_scale = tl.load(scales_ptr + (k1 // group_size) * N + cols, mask=col_mask & (k1 < K), other=0.0)
+        next_zero_words = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols // 16,
+                                  mask=col_mask & (k1 < K), other=0)
+        next_x = tl.load(x_ptrs + k1, mask=x_ok & (k1 + x_k < K), other=0.0, eviction_policy="evict_last")
+
+        bits = (((words << left) >> right) & code_mask) | exponent_bits  # [BK/16, 16, BN]
+        x32 = x.to(tl.float32)
         if BLOCK_M == 1:
-            rows = tl.arange(0, 1)
-            x_k = 16 * tl.arange(0, BLOCK_K // 16)[:, None] + tl.arange(0, 16)[None, :]
-            x_ptrs = x_ptr + x_k
-            x_ok = x_k < BLOCK_K  # every row of x exists (the one)
-            acc = tl.full((BLOCK_K // 16, BLOCK_N), 0.0, dtype=tl.float32)
+            # Sums over i stay in each thread's registers; acc keeps one sum per word row until the end.
+            weights = bits.to(tl.float32, bitcast=True)
+            if not FOLD_OFFSETS:
+                weights -= offsets
+            dots = tl.reduce(x32[:, :, None] * weights, 1, tl.standard._sum_combine)  # [BK/16, BN]
         else:
-            rows = tl.arange(0, BLOCK_M)
-            x_k = tl.arange(0, BLOCK_K)[None, :]
-            x_ptrs = x_ptr + rows[:, None] * K + x_k
-            x_ok = rows[:, None] < M
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        x_offsets = (1 << (6 - 2 * (x_k % 16 % 3))).to(tl.float32)  # 2**e of each x_k
-        words_ptrs = qweight_ptr + word_rows * N + cols3
-
-        # The loads of a program's next tile are issued before its current tile is unpacked, so memory
-        # and arithmetic overlap within the program (Triton's own pipelining, num_stages, only stages
-        # loads that feed tl.dot, and slowed the tl.dot path down here). Loading two tiles ahead was
-        # slower (3-14% at one row, 1-33% at 16, one H100, `benchmarks/kernel_plans.py` at commit
-        # fe5832a). Each word is needed by this program only, x by every N block: the cache hints say
-        # so. Tiles past K load nothing.
-        k0 = pid_k * BLOCK_K
-        step = split_k * BLOCK_K
-        words = tl.load(words_ptrs + (k0 // 16) * N, mask=(k0 + 16 * word_rows < K) & (cols3 < N), other=0,
-                        eviction_policy="evict_first")
-        scale = tl.load(scales_ptr + (k0 // group_size) * N + cols, mask=col_mask & (k0 < K), other=0.0)
-        zero_words = tl.load(qzeros_ptr + (k0 // group_size) * zeros_stride + cols // 16,
-                             mask=col_mask & (k0 < K), other=0)
-        x = tl.load(x_ptrs + k0, mask=x_ok & (k0 + x_k < K), other=0.0, eviction_policy="evict_last")
-        for k0 in range(pid_k * BLOCK_K, K, step):
-            k1 = k0 + step
-            next_words = tl.load(words_ptrs + (k1 // 16) * N, mask=(k1 + 16 * word_rows < K) & (cols3 < N), other=0,
-                                 eviction_policy="evict_first")
-            next_scale = tl.load(scales_ptr + (k1 // group_size) * N + cols, mask=col_mask & (k1 < K), other=0.0)
-            next_zero_words = tl.load(qzeros_ptr + (k1 // group_size) * zeros_stride + cols // 16,
-                                      mask=col_mask & (k1 < K), other=0)
-            next_x = tl.load(x_ptrs + k1, mask=x_ok & (k1 + x_k < K), other=0.0, eviction_policy="evict_last")
-
-            bits = (((words << left) >> right) & code_mask) | exponent_bits  # [BK/16, 16, BN]
-            x32 = x.to(tl.float32)
-            if BLOCK_M == 1:
-                # Sums over i stay in each thread's registers; acc keeps one sum per word row until the end.
+            if MANTISSA_BITS == 23:
                 weights = bits.to(tl.float32, bitcast=True)
-                if not FOLD_OFFSETS:
-                    weights -= offsets
-                dots = tl.reduce(x32[:, :, None] * weights, 1, tl.standard._sum_combine)  # [BK/16, BN]
             else:
-                if MANTISSA_BITS == 23:
-                    weights = bits.to(tl.float32, bitcast=True)
-                else:
-                    weights = bits.to(tl.int16).to(x.dtype, bitcast=True)
-                if not FOLD_OFFSETS:
-                    weights -= offsets.to(weights.dtype)
-                # Row 16r + i of the tile is code i of word row r: the row order of W.
-                dots = tl.dot(x, tl.reshape(weights, (BLOCK_K, BLOCK_N)), input_precision=DOT_PRECISION)
-            zero = ((zero_words >> zero_shifts) & 3).to(tl.float32)
-            dots -= zero[None, :] * tl.reduce(x32, 1, tl.standard._sum_combine)[:, None]
-            if FOLD_OFFSETS:
-                dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
-            acc += scale.to(tl.float32)[None, :] * dots
-            words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
+                weights = bits.to(tl.int16).to(x.dtype, bitcast=True)
+            if not FOLD_OFFSETS:
+                weights -= offsets.to(weights.dtype)
+            # Row 16r + i of the tile is code i of word row r: the row order of W.
+            dots = tl.dot(x, tl.reshape(weights, (BLOCK_K, BLOCK_N)), input_precision=DOT_PRECISION)
+        zero = ((zero_words >> zero_shifts) & 3).to(tl.float32)
+        dots -= zero[None, :] * tl.reduce(x32, 1, tl.standard._sum_combine)[:, None]
+        if FOLD_OFFSETS:
+            dots -= tl.reduce(x32 * x_offsets, 1, tl.standard._sum_combine)[:, None]
+        acc += scale.to(tl.float32)[None, :] * dots
+        words, scale, zero_words, x = next_words, next_scale, next_zero_words, next_x
 
-        if BLOCK_M == 1:
-            acc = tl.reduce(acc, 0, tl.standard._sum_combine)[None, :]
-        mask = (rows[:, None] < M) & col_mask[None, :]
-        if split_k == 1:  # decided at compile time: Triton specializes integer arguments equal to 1
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
+    if BLOCK_M == 1:
+        acc = tl.reduce(acc, 0, tl.standard._sum_combine)[None, :]
+    mask = (rows[:, None] < M) & col_mask[None, :]
+    if split_k == 1:  # decided at compile time: Triton specializes integer arguments equal to 1
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @_jit
@@ -422,7 +301,7 @@ def _block_k(K: int, group_size: int) -> int:
 
 
 def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = TARGET_PROGRAMS,
-                block_n: int | None = None, num_warps: int | None = None, one_row: str | None = None) -> dict:
+                block_n: int | None = None, num_warps: int | None = None) -> dict:
     """Block sizes, split-K, warps, stages and grid of `gptq2_matmul` for `rows` rows of x [rows, K]
     and a [K, N] weight in groups of `group_size` rows: arithmetic on the shape alone.
 
@@ -447,22 +326,19 @@ def launch_plan(rows: int, K: int, N: int, group_size: int, *, programs: int = T
     Qwen3-8B shapes) no point of its grid beat these choices by more than 0.5% for a layer's linears at
     one row, 3.5% at 16 rows.
     """
-    one_row = one_row or ONE_ROW
-    if one_row not in ONE_ROW_PATHS:
-        raise ValueError(f"launch_plan: one_row must be one of {', '.join(ONE_ROW_PATHS)}, got {one_row!r}")
     block_k = _block_k(K, group_size)
     k_tiles = _cdiv(K, block_k)
-    chain = rows == 1 and one_row == "chain"  # two halves of block_n, each as wide as the reduce path's tile
+    one_row = rows == 1
     if block_n is None:
-        block_n = 256 if chain else 128
-        while block_n > (128 if chain else 64) and _cdiv(N, block_n) * k_tiles < H100_SMS:
+        block_n = 128
+        while block_n > 64 and _cdiv(N, block_n) * k_tiles < H100_SMS:
             block_n //= 2
     block_n = min(block_n, max(16, 1 << (N - 1).bit_length()))  # tiny layers (tests): no wider than N
     n_blocks = _cdiv(N, block_n)
     split_k = max(1, min(k_tiles, programs // n_blocks))
     split_k = _cdiv(k_tiles, _cdiv(k_tiles, split_k))
-    block_m = 1 if rows == 1 else max(16, 1 << (rows - 1).bit_length())  # rows <= MAX_ROWS, a power of two
-    return {"block_m": block_m, "block_n": block_n, "block_k": block_k, "one_row": one_row,
+    block_m = 1 if one_row else max(16, 1 << (rows - 1).bit_length())  # rows <= MAX_ROWS, a power of two
+    return {"block_m": block_m, "block_n": block_n, "block_k": block_k,
             "split_k": split_k, "num_warps": num_warps or WARPS.get(block_m, 4), "num_stages": 1,
             "grid": (n_blocks, split_k)}
 
@@ -529,14 +405,11 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     # models; 16-bit x: the cheaper folded offsets, far more accurate than x's own rounding.
     exact = x.dtype == torch.float32
     partial = out if split_k == 1 else torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device)
-    chain = plan["block_m"] == 1 and plan.get("one_row", ONE_ROW) == "chain"
-    pairs = chain and x.dtype == torch.bfloat16  # the chain reads bf16 x as int32 pairs (K is a multiple of 16)
     _gptq2_matmul_kernel[plan["grid"]](
-        x.view(torch.int32) if pairs else x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, partial,
         rows, N, K, group_size, qzeros.shape[1], split_k, (exponent_bias + 6) << mantissa_bits,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], MANTISSA_BITS=mantissa_bits,
         DOT_PRECISION="ieee" if exact else "tf32", FOLD_OFFSETS=not exact, HAS_BIAS=bias is not None,
-        CHAIN=chain, X_PAIRS=pairs,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split_k == 1:

@@ -91,51 +91,11 @@ def test_gptq2_matmul_matches_dequantized_weight(kernels, in_features, out_featu
     torch.testing.assert_close(fused.float(), expected, rtol=tolerance, atol=tolerance)
 
 
-one_row_paths = pytest.mark.parametrize("one_row", ["reduce", "chain"])
-
-
 @shapes
-@one_row_paths
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gptq2_matmul_one_row_paths_match_dequantized_weight(kernels, monkeypatch, in_features, out_features,
-                                                              group_size, one_row, dtype):
-    """Both ways the one-row tile multiplies (kernels.ONE_ROW), exact in float32 and folded in fp16."""
-    monkeypatch.setattr(kernels, "ONE_ROW", one_row)
-    module = random_2bit_linear(in_features, out_features, group_size)
-    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-
-    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
-
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fused.float(), x.float() @ dequantized(module), rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("out_features", [16, 160, 288])  # one half of the chain's columns empty; a part; several blocks
-def test_gptq2_matmul_chain_takes_both_halves_of_its_columns(kernels, monkeypatch, out_features):
-    """The chain path's program covers block_n columns as two halves: each half's columns, masks and stores."""
-    monkeypatch.setattr(kernels, "ONE_ROW", "chain")
-    module = random_2bit_linear(256, out_features, group_size=128)
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
-    plan = kernels.launch_plan(1, 256, out_features, 128)
-    assert plan["one_row"] == "chain" and plan["grid"][0] == -(-out_features // plan["block_n"])
-
-    fused = kernels.gptq2_matmul(x, module.qweight, module.qzeros, module.scales, module.group_size)
-
-    torch.testing.assert_close(fused, x @ dequantized(module), rtol=1e-4, atol=1e-4)
-
-
-def test_launch_plan_refuses_an_unknown_one_row_path(kernels):
-    with pytest.raises(ValueError, match="one_row must be one of reduce, chain, got 'tree'"):
-        kernels.launch_plan(1, 4096, 4096, 128, one_row="tree")
-
-
-@shapes
-@one_row_paths
-def test_gptq2_matmul_one_row_in_bfloat16(kernels, monkeypatch, in_features, out_features, group_size, one_row):
+def test_gptq2_matmul_one_row_in_bfloat16(kernels, in_features, out_features, group_size):
     """bf16 on the one-row path only: the interpreter's tl.dot multiplies bf16 bit patterns as
     integers, so the tl.dot path meets bf16 on a GPU alone. The interpreter also truncates float32 to
     bf16 rather than rounding it, hence one bf16 ulp of tolerance."""
-    monkeypatch.setattr(kernels, "ONE_ROW", one_row)
     module = random_2bit_linear(in_features, out_features, group_size)
     x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
@@ -145,15 +105,13 @@ def test_gptq2_matmul_one_row_in_bfloat16(kernels, monkeypatch, in_features, out
     torch.testing.assert_close(fused.float(), x.float() @ dequantized(module), rtol=2**-7, atol=1e-2)
 
 
-@pytest.mark.parametrize("rows, one_row", [(1, "reduce"), (1, "chain"), (5, "reduce")])
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("split_k, sums", [(1, "kernel"), (3, "kernel"), (3, "auto"), (3, "torch")])
-def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, one_row,
-                                                                           split_k, sums):
+def test_gptq2_matmul_covers_every_k_tile_and_adds_bias_whatever_the_split(kernels, monkeypatch, rows, split_k, sums):
     """One split walking all 8 K tiles and writing the output itself, bias included, or 3 splits
     taking 3, 3 and 2 of them, which the second kernel adds up with the bias (or torch does: SPLIT_SUMS
     "torch"; "auto" leaves them to torch only while torch.compile traces, so here to the kernel)."""
     module = random_2bit_linear(512, 160, group_size=64, bias=True)
-    monkeypatch.setattr(kernels, "ONE_ROW", one_row)
     split_k_ways(kernels, monkeypatch, split_k)
     monkeypatch.setattr(kernels, "SPLIT_SUMS", sums)
     if split_k == 1 or sums == "torch":
