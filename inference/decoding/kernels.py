@@ -37,7 +37,9 @@ arithmetic, is what costs, and each layer is too small to fill an H100 without c
   That is one shift per three weights, one logic op and one FMA (or a tensor-core MAC) per weight.
   The result is W's exact product in float32: unlike TorchLinear's forward, W is never rounded to
   the scales' or x's dtype (the difference is that rounding, about 2**-9 of a bf16 weight).
-- One row (batch-1 decoding) multiplies on the FMA units, summing over K in registers; 2..64 rows
+- One row (batch-1 decoding) multiplies on the FMA units, summing over K in registers (compiled for sm_90, its
+  K loop issues 4.06 instructions a weight, `benchmarks/kernel_sass.py`; an unrolled variant with FMA chains and
+  3.55 was slower on an H200, docs/results.md "The one-row tile's instructions"); 2..64 rows
   go through tl.dot, as one tile of 16, 32 or 64 rows (masked), so that each weight tile is read and
   unpacked once for the whole batch.
 - A layer's few thousand 4 KB tiles are too little work per column block to keep HBM busy with
