@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.decoding import kernels  # noqa: E402
@@ -33,20 +37,15 @@ SIGNATURE = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "sca
              "group_size": "i32", "zeros_stride": "i32", "split_k": "i32", "top_exponent_bits": "i32"}
 DIVISIBLE = ("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "bias_ptr", "out_ptr", "partial_ptr", "N", "K",
              "group_size", "zeros_stride")
+BLOCK_K = 128  # the K tile of every Qwen3 call at group 128 (`kernels._block_k`)
 INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 
 
-def compile_sm90(block_n: int, block_k: int = 128):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def compile_sm90(block_n: int):
     fn = kernels._gptq2_matmul_kernel
-    signature = dict(SIGNATURE)
-    constants = {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "MANTISSA_BITS": 23, "DOT_PRECISION": "tf32",
+    constants = {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "MANTISSA_BITS": 23, "DOT_PRECISION": "tf32",
                  "FOLD_OFFSETS": True, "HAS_BIAS": False}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(fn=fn, signature=signature,
+    source = ASTSource(fn=fn, signature={**SIGNATURE, **{name: "constexpr" for name in constants}},
                        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in DIVISIBLE})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -54,7 +53,7 @@ def compile_sm90(block_n: int, block_k: int = 128):
 
 
 def cuobjdump(cubin: bytes, option: str) -> str:
-    tool = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -85,10 +84,8 @@ def main() -> None:
     parser.add_argument("--block-n", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--out", default="kernel-sass.json")
     args = parser.parse_args()
-    import triton
-
     threads = 32 * kernels.WARPS[1]
-    report = {"triton": triton.__version__, "target": "sm_90", "rows": 1, "block_k": 128, "threads": threads,
+    report = {"triton": triton.__version__, "target": "sm_90", "rows": 1, "block_k": BLOCK_K, "threads": threads,
               "variants": []}
     print("| block_n | loop instructions | weights a thread | instructions a weight | registers | top opcodes |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
@@ -96,7 +93,7 @@ def main() -> None:
         compiled = compile_sm90(block_n)
         opcodes = loop_opcodes(compiled.asm["cubin"])
         total = sum(opcodes.values())
-        weights = 128 * block_n // threads  # one K tile of 128 rows a pass
+        weights = BLOCK_K * block_n // threads  # one K tile a pass
         entry = {"block_n": block_n, "loop_instructions": total, "weights_per_thread": weights,
                  "instructions_per_weight": total / weights, "registers": registers(compiled.asm["cubin"]),
                  "opcodes": dict(opcodes.most_common())}
